@@ -1,0 +1,18 @@
+# The README's two commands: `make serve` (the server on the bundled model) and `make test`.
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test test-fast setup
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+serve: setup
+	$(PYTHON) -m unigemma.cli serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(PYTHON) -m pytest -q -m "not gpu"
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not gpu and not slow"
