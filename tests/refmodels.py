@@ -1,0 +1,80 @@
+"""Tiny reference models (HF transformers 5.24.0, test-only) saved in the published checkpoint format.
+
+Weights are randomised with non-trivial norms and layer scalars so that every term of the forward matters.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+IMG, AUD, VID, BOI, EOI, BOA, EOA = 100, 101, 102, 103, 104, 105, 106
+
+BASE_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, sliding_window=8, final_logit_softcapping=30.0)
+
+# name → (text_config overrides, top-level overrides, with vision/audio)
+CONFIGS = {
+    # k_eq_v full layers with their own head_dim and a single KV head; softcap on; tied
+    "keqv": (dict(global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True), {}, True),
+    # KV sharing + double-wide MLP on the reuse layers; softcap off; untied LM head
+    "kvshare": (dict(num_hidden_layers=8, num_kv_shared_layers=3,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                  "full_attention", "sliding_attention", "sliding_attention", "full_attention"], use_double_wide_mlp=True,
+                     final_logit_softcapping=None, global_head_dim=32, tie_word_embeddings=False),
+                dict(tie_word_embeddings=False), True),
+    # no k_eq_v: full layers keep v_proj and num_key_value_heads (num_global_key_value_heads is ignored)
+    "plainfull": (dict(global_head_dim=24, num_global_key_value_heads=1, attention_k_eq_v=False,
+                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                                    "full_attention", "full_attention"]), {}, True),
+    # different RoPE parameters and a wider window
+    "rope": (dict(sliding_window=16, global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=2,
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+                                   "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5,
+                                                      "rope_theta": 20000.0}}), {}, True),
+    # no bidirectional vision attention (purely causal images)
+    "causalvision": (dict(use_bidirectional_attention=None, global_head_dim=32), {}, True),
+    # text only, no vision/audio sub-configs
+    "textonly": (dict(global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1), {}, False),
+}
+
+
+def reference_config(name: str):
+    from transformers import Gemma4UnifiedConfig
+
+    text_over, top_over, mm = CONFIGS[name]
+    text = {**BASE_TEXT, **copy.deepcopy(text_over)}
+    kw = dict(text_config=text, image_token_id=IMG, audio_token_id=AUD, video_token_id=VID, boi_token_id=BOI,
+              eoi_token_id=EOI, boa_token_id=BOA, eoa_token_index=EOA, **top_over)
+    if mm:
+        kw["vision_config"] = dict(mm_embed_dim=48, output_proj_dims=48, mm_posemb_size=40)
+        kw["audio_config"] = dict()
+    return Gemma4UnifiedConfig(**kw)
+
+
+def randomize(model, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "_ln" in n:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "pos_embedding" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / max(1, p.shape[-1]) ** 0.5) * 1.5)
+        for n, b in model.named_buffers():
+            if n.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+
+
+def make_reference(name: str, path: Path, seed: int = 0, max_shard_size: str = "60KB"):
+    """Build, randomise and save a reference model; returns it (eval, float32)."""
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ref = Gemma4UnifiedForConditionalGeneration(reference_config(name)).eval()
+    randomize(ref, seed)
+    ref.save_pretrained(str(path), max_shard_size=max_shard_size)
+    return ref

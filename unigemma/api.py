@@ -1,0 +1,105 @@
+"""The public Python API (DESIGN.md §4): `unigemma.load(...)` → `LLM`.
+
+`LLM` ties a checkpoint's pieces together: `.config`, `.tokenizer`, `.model` (inputs → logits). Generation and chat
+are added by the engine and inputs layers; this module only loads and wires.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import build_model
+from .config import AssistantConfig
+
+
+def demo_model_path() -> Path:
+    """Folder of the bundled demo model (unigemma/demo/model)."""
+    return Path(__file__).resolve().parent / "demo" / "model"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not valid (accepted: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available on this machine")
+    return dev
+
+
+class LLM:
+    """A loaded checkpoint: `.config`, `.tokenizer`, `.model`, and (optionally) `.drafter`."""
+
+    def __init__(self, model, config, tokenizer, path: Path, device: torch.device, drafter=None):
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.path = path
+        self.device = device
+        self.drafter = drafter
+        self.generation_config = _read_generation_config(path)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.generation_config.get("eos_token_id", self.config.text.eos_token_id)
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return ids
+
+    def __repr__(self) -> str:
+        return f"LLM(path={str(self.path)!r}, device={self.device}, dtype={next(self.model.parameters()).dtype})"
+
+
+def _read_generation_config(path: Path) -> dict:
+    import json
+
+    f = path / "generation_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: invalid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize: str | None = None,
+         drafter: str | Path | None = None, progress=None) -> LLM:
+    """Load a gemma4_unified checkpoint folder (None: the bundled demo model)."""
+    from .inputs.tokenizer import Tokenizer
+
+    if path is None:
+        path = demo_model_path()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no bundled demo model at {path}: this build of unigemma does not ship one yet; pass the folder "
+                "of a gemma4_unified checkpoint (config.json, safetensors, tokenizer.json)")
+    path = Path(path)
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize={quantize!r} is not supported (accepted: None, 'int8', 'int4')")
+    if quantize is not None:
+        raise ValueError("weight quantization is not available in this build yet (tracked as issue 6)")
+    dev = resolve_device(device)
+    model, cfg = build_model(path, dtype=dtype, device=dev, progress=progress)
+    if isinstance(cfg, AssistantConfig):
+        raise ValueError(f"{path} holds an MTP drafter (gemma4_unified_assistant); pass it as drafter=..., and the "
+                         "target model's folder as the path")
+    tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    draft = None
+    if drafter is not None:
+        draft, dcfg = build_model(Path(drafter), dtype=next(model.parameters()).dtype, device=dev)
+        if not isinstance(dcfg, AssistantConfig):
+            raise ValueError(f"drafter {drafter} is a {dcfg.model_type} checkpoint, not gemma4_unified_assistant")
+        if dcfg.backbone_hidden_size != cfg.text.hidden_size:
+            raise ValueError(f"drafter backbone_hidden_size {dcfg.backbone_hidden_size} != target hidden_size "
+                             f"{cfg.text.hidden_size}")
+    return LLM(model, cfg, tok, path, dev, draft)

@@ -1,0 +1,229 @@
+"""Checkpoint folders: find safetensors (single file or sharded index), build on the meta device, assign tensors.
+
+Loading never unpickles (safetensors only) and never materialises the model twice: modules are built on the
+`meta` device (no memory), then each tensor is read from its memory-mapped shard, cast to the requested dtype,
+moved to the requested device, and assigned in place of the meta parameter. Peak host memory stays near the
+model's own size.
+
+Name map (spec/unified-model.md §12): the on-disk names written by transformers are the module names here; the
+in-memory spellings of the reference (`model.embed_vision.patch_*`, `...multimodal_embedder.embedding_projection`)
+and text-only checkpoints (`model.*` instead of `model.language_model.*`) are accepted too.
+
+Errors name the file and the tensor: missing, unexpected or wrongly shaped tensors, truncated or corrupt files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import AssistantConfig, UnifiedConfig, load_config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete or its tensors do not match the config."""
+
+
+_VISION_PARTS = ("patch_ln1", "patch_dense", "patch_ln2", "pos_embedding", "pos_norm")
+
+
+def canonical_name(key: str, text_only: bool = False) -> str:
+    """Map any accepted spelling of a tensor name to this package's module path."""
+    if text_only and key.startswith("model.") and not key.startswith("model.language_model."):
+        return "model.language_model." + key[len("model."):]
+    if key.startswith("model.embed_vision.multimodal_embedder."):
+        return "model.embed_vision." + key[len("model.embed_vision.multimodal_embedder."):]
+    for part in _VISION_PARTS:
+        if key.startswith(f"model.embed_vision.{part}"):
+            return "model.vision_embedder." + key[len("model.embed_vision."):]
+    return key
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in index order; clear errors when none are usable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected a directory with config.json and "
+                              "model.safetensors or model.safetensors.index.json)")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            wm = data["weight_map"]
+            assert isinstance(wm, dict)
+        except (json.JSONDecodeError, KeyError, AssertionError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object): {e}") from None
+        files = []
+        for name in dict.fromkeys(wm.values()):
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {path}")
+            files.append(f)
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise CheckpointError(f"{path}: only pickle weights (.bin/.pt) found; unigemma loads safetensors only "
+                              "(never unpickles). Convert with safetensors first.")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    """Yield (file, name, loader) for every tensor, opening each shard memory-mapped; errors name the file."""
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device=device)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
+        with handle as sf:
+            for name in sf.keys():
+                def load(sf=sf, name=name, f=f):
+                    try:
+                        return sf.get_tensor(name)
+                    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                        raise CheckpointError(f"{f}: tensor {name!r} cannot be read: {e}") from None
+                yield f, name, load
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not supported (accepted: float32, bfloat16, float16 or a torch.dtype)")
+    return table[dtype]
+
+
+def checkpoint_dtype(path: Path, cfg_raw: dict) -> torch.dtype:
+    name = cfg_raw.get("dtype") or cfg_raw.get("torch_dtype") or (cfg_raw.get("text_config") or {}).get("dtype")
+    try:
+        return _resolve_dtype(name) or torch.float32
+    except ValueError:
+        return torch.float32
+
+
+def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device: torch.device,
+              text_only: bool = False, tied: tuple[str, str] | None = None,
+              transform: Callable[[str, torch.Tensor, nn.Module], nn.Module | None] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> None:
+    """Assign every checkpoint tensor to `model` (built on the meta device).
+
+    tied: (alias, source) parameter names that share storage (e.g. ("lm_head.weight", embed weight)); the alias
+    may be absent from the files. transform(name, tensor, module) may replace the owning Linear (quantize-on-load).
+    """
+    files = weight_files(path)
+    expected = dict(model.named_parameters(remove_duplicate=False))
+    expected.update(dict(model.named_buffers(remove_duplicate=False)))
+    seen: dict[str, Path] = {}
+    total = len(expected)
+    for f, raw_name, load in iter_tensors(files, device="cpu"):
+        name = canonical_name(raw_name, text_only)
+        if name not in expected:
+            raise CheckpointError(f"{f}: unexpected tensor {raw_name!r} (no such parameter in a "
+                                  f"{type(model).__name__} built from this config.json)")
+        if name in seen:
+            raise CheckpointError(f"{f}: tensor {raw_name!r} appears twice (also in {seen[name]})")
+        t = load()
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{f}: tensor {raw_name!r} has shape {tuple(t.shape)}, but config.json implies "
+                                  f"{tuple(want.shape)}")
+        if t.is_floating_point():
+            t = t.to(dtype)
+        t = t.to(device)
+        _assign(model, name, t, transform)
+        seen[name] = f
+        if progress is not None:
+            progress(len(seen), total)
+    missing = [n for n in expected if n not in seen and not (tied and n == tied[0])]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{more}")
+    if tied is not None:
+        alias, source = tied
+        mod_name, _, attr = alias.rpartition(".")
+        src_mod, _, src_attr = source.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(src_mod), src_attr))
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, transform=None) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if transform is not None:
+        replaced = transform(name, tensor, mod)
+        if replaced is not None:
+            parent_name, _, child = mod_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, replaced)
+            return
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = tensor
+    else:  # pragma: no cover - guarded by the `expected` check
+        raise CheckpointError(f"cannot place tensor {name!r}")
+
+
+def build_model(path: str | Path, dtype=None, device: str | torch.device = "cpu", progress=None, transform=None):
+    """(model, config) for the checkpoint at `path`: a `Gemma4Unified` or an MTP drafter, in eval mode."""
+    from .model.assistant import Gemma4Assistant
+    from .model.unified import Gemma4Unified
+
+    path = Path(path)
+    cfg = load_config(path)
+    torch_dtype = _resolve_dtype(dtype) or checkpoint_dtype(path, cfg.raw)
+    device = torch.device(device)
+    with torch.device("meta"):
+        if isinstance(cfg, AssistantConfig):
+            model = Gemma4Assistant(cfg)
+            tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.tie_word_embeddings else None
+            text_only = False
+        else:
+            model = Gemma4Unified(cfg)
+            tied = ("lm_head.weight", "model.language_model.embed_tokens.weight") if cfg.tie_word_embeddings else None
+            text_only = cfg.is_text_only
+    load_into(model, path, dtype=torch_dtype, device=device, text_only=text_only, tied=tied,
+              transform=transform, progress=progress)
+    model.eval()
+    return model, cfg
+
+
+def save_model(model: nn.Module, path: str | Path, config_dict: dict, max_shard_bytes: int = 2 << 30,
+               skip: tuple[str, ...] = ("lm_head.weight",), metadata: dict | None = None) -> None:
+    """Write config.json and safetensors shards (+ index when more than one) in the published layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", True)
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k in skip)}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v.detach().contiguous().cpu()
+        size += nbytes
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+    else:
+        wm = {}
+        for i, sh in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(sh, str(path / name), metadata=meta)
+            wm.update({k: name for k in sh})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=2), encoding="utf-8")
+    (path / "config.json").write_text(json.dumps(config_dict, indent=2), encoding="utf-8")

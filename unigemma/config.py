@@ -1,0 +1,419 @@
+"""Configs: dataclasses built from a checkpoint's `config.json`, validated at load.
+
+Three model types are understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1):
+  gemma4_unified            the multimodal model: text decoder + optional vision / audio embedders
+  gemma4_unified_text       the text decoder alone (`Gemma4UnifiedForCausalLM` checkpoints)
+  gemma4_unified_assistant  the MTP drafter
+
+Only fields that change what the model computes are kept. Defaults are the reference's *code* defaults (not the
+12B values), because a config.json written by transformers omits nothing but a hand-written one may.
+Inconsistent configs raise `ConfigError` (a ValueError) naming the field and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+_LAYER_TYPES = (SLIDING, FULL)
+_ROPE_TYPES = ("default", "proportional")
+
+
+class ConfigError(ValueError):
+    """A config.json field is missing, malformed or inconsistent."""
+
+
+def _check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _int(d: dict, key: str, default: Any, where: str, minimum: int | None = None) -> int:
+    v = d.get(key, default)
+    _check(isinstance(v, int) and not isinstance(v, bool), where,
+           f"field {key!r} must be an integer, got {v!r}")
+    if minimum is not None:
+        _check(v >= minimum, where, f"field {key!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def _float(d: dict, key: str, default: Any, where: str) -> float:
+    v = d.get(key, default)
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool), where,
+           f"field {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+@dataclass
+class RopeParams:
+    rope_type: str = "default"
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0
+    factor: float = 1.0
+
+
+@dataclass
+class TextConfig:
+    """The decoder (`gemma4_unified_text`). Per-layer geometry lives in `layer_head_dim` / `layer_kv_heads`."""
+
+    vocab_size: int = 262_144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    layer_types: list[str] = field(default_factory=list)
+    layer_head_dim: list[int] = field(default_factory=list)
+    layer_kv_heads: list[int] = field(default_factory=list)
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    rope_parameters: dict[str, RopeParams] = field(default_factory=dict)
+    sliding_window: int = 1024
+    final_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = True
+    use_bidirectional_attention: str | None = "vision"
+    rms_norm_eps: float = 1e-6
+    hidden_activation: str = "gelu_pytorch_tanh"
+    attention_bias: bool = False
+    max_position_embeddings: int = 262_144
+    pad_token_id: int = 0
+    bos_token_id: int | None = 2
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+
+    # --- derived ----------------------------------------------------------------------------------
+    @property
+    def kv_sharing_modes(self) -> list[str | None]:
+        """Per layer: None, "store" (last non-reuse layer of its type) or "reuse" (reads the store layer's K/V)."""
+        n, shared = self.num_hidden_layers, self.num_kv_shared_layers
+        if shared == n:
+            return ["reuse"] * n
+        first = n - shared
+        modes: list[str | None] = [None if i < first else "reuse" for i in range(n)]
+        for t in set(self.layer_types):
+            idx = max(i for i in range(first) if self.layer_types[i] == t)
+            modes[idx] = "store"
+        return modes
+
+    def store_layer(self, layer_type: str) -> int:
+        """Index of the layer whose K/V reuse layers (and MTP drafters) read for `layer_type`."""
+        modes = self.kv_sharing_modes
+        return max(i for i, t in enumerate(self.layer_types) if t == layer_type and modes[i] == "store")
+
+    def layer_intermediate_size(self, i: int) -> int:
+        double = self.use_double_wide_mlp and self.kv_sharing_modes[i] == "reuse"
+        return self.intermediate_size * (2 if double else 1)
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    # --- parsing ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "text_config") -> "TextConfig":
+        _check(isinstance(d, dict), where, f"must be an object, got {type(d).__name__}")
+        c = cls()
+        c.vocab_size = _int(d, "vocab_size", c.vocab_size, where, 1)
+        c.hidden_size = _int(d, "hidden_size", c.hidden_size, where, 1)
+        c.intermediate_size = _int(d, "intermediate_size", c.intermediate_size, where, 1)
+        c.num_hidden_layers = _int(d, "num_hidden_layers", c.num_hidden_layers, where, 1)
+        c.num_attention_heads = _int(d, "num_attention_heads", c.num_attention_heads, where, 1)
+        c.num_key_value_heads = _int(d, "num_key_value_heads", c.num_key_value_heads, where, 1)
+        c.head_dim = _int(d, "head_dim", c.head_dim, where, 2)
+        c.sliding_window = _int(d, "sliding_window", c.sliding_window, where, 1)
+        c.num_kv_shared_layers = _int(d, "num_kv_shared_layers", 0, where, 0) if d.get(
+            "num_kv_shared_layers") is not None else 0
+        c.attention_k_eq_v = bool(d.get("attention_k_eq_v", False))
+        c.use_double_wide_mlp = bool(d.get("use_double_wide_mlp", False))
+        c.tie_word_embeddings = bool(d.get("tie_word_embeddings", True))
+        c.attention_bias = bool(d.get("attention_bias", False))
+        c.rms_norm_eps = _float(d, "rms_norm_eps", 1e-6, where)
+        c.max_position_embeddings = _int(d, "max_position_embeddings", c.max_position_embeddings, where, 1)
+        c.pad_token_id = d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0
+        c.bos_token_id = d.get("bos_token_id", 2)
+        eos = d.get("eos_token_id", 1)
+        c.eos_token_id = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+        cap = d.get("final_logit_softcapping")
+        _check(cap is None or (isinstance(cap, (int, float)) and cap > 0), where,
+               f"field 'final_logit_softcapping' must be null or a positive number, got {cap!r}")
+        c.final_logit_softcapping = None if cap is None else float(cap)
+
+        act = d.get("hidden_activation", "gelu_pytorch_tanh")
+        _check(act in ("gelu_pytorch_tanh",), where,
+               f"field 'hidden_activation' = {act!r} is not supported (accepted: 'gelu_pytorch_tanh')")
+        c.hidden_activation = act
+
+        bidi = d.get("use_bidirectional_attention", "vision")
+        _check(bidi in ("vision", None), where,
+               f"field 'use_bidirectional_attention' = {bidi!r} is not supported for generation "
+               "(accepted: 'vision' or null; 'all' turns the decoder into a non-causal encoder)")
+        c.use_bidirectional_attention = bidi
+        _check(not c.attention_bias, where, "field 'attention_bias' = true is not supported (accepted: false)")
+
+        # Layer types: explicit list, or the 5:1 rule; the last layer is always full (as the reference forces).
+        lt = d.get("layer_types")
+        if lt is None:
+            lt = [SLIDING if (i + 1) % 6 else FULL for i in range(c.num_hidden_layers)]
+        _check(isinstance(lt, list) and len(lt) == c.num_hidden_layers, where,
+               f"field 'layer_types' must list one type per layer ({c.num_hidden_layers}), got "
+               f"{len(lt) if isinstance(lt, list) else lt!r}")
+        for i, t in enumerate(lt):
+            _check(t in _LAYER_TYPES, where, f"layer_types[{i}] = {t!r}; accepted: {list(_LAYER_TYPES)}")
+        lt = list(lt)
+        lt[-1] = FULL
+        c.layer_types = lt
+
+        # Per-layer geometry. transformers writes a sparse `per_layer_config`; the published 12B config has
+        # `global_head_dim` / `num_global_key_value_heads` instead. The kv-head override only applies with k_eq_v.
+        head = [c.head_dim] * c.num_hidden_layers
+        kvh = [c.num_key_value_heads] * c.num_hidden_layers
+        plc = d.get("per_layer_config")
+        if plc is not None:
+            _check(isinstance(plc, dict), where, "field 'per_layer_config' must be an object {layer index: {...}}")
+            for k, ov in plc.items():
+                _check(str(k).isdigit() and int(k) < c.num_hidden_layers, where,
+                       f"per_layer_config key {k!r} is not a layer index < {c.num_hidden_layers}")
+                _check(isinstance(ov, dict), where, f"per_layer_config[{k}] must be an object")
+                if ov.get("head_dim") is not None:
+                    head[int(k)] = _int(ov, "head_dim", None, f"{where}.per_layer_config[{k}]", 2)
+                if ov.get("num_key_value_heads") is not None:
+                    kvh[int(k)] = _int(ov, "num_key_value_heads", None, f"{where}.per_layer_config[{k}]", 1)
+        else:
+            g_head = d.get("global_head_dim")
+            g_head = 512 if g_head is None else g_head
+            _check(isinstance(g_head, int) and g_head >= 2, where, f"field 'global_head_dim' must be an integer >= 2")
+            g_kv = d.get("num_global_key_value_heads")
+            for i, t in enumerate(lt):
+                if t == FULL:
+                    head[i] = g_head
+                    if c.attention_k_eq_v and g_kv is not None:
+                        kvh[i] = int(g_kv)
+        for i in range(c.num_hidden_layers):
+            _check(c.num_attention_heads % kvh[i] == 0, where,
+                   f"layer {i}: num_attention_heads ({c.num_attention_heads}) must be a multiple of its "
+                   f"key/value heads ({kvh[i]})")
+            _check(head[i] % 2 == 0, where, f"layer {i}: head_dim {head[i]} must be even (RoPE rotates pairs)")
+        c.layer_head_dim, c.layer_kv_heads = head, kvh
+
+        _check(c.num_kv_shared_layers <= c.num_hidden_layers, where,
+               f"num_kv_shared_layers ({c.num_kv_shared_layers}) exceeds num_hidden_layers ({c.num_hidden_layers})")
+        if 0 < c.num_kv_shared_layers < c.num_hidden_layers:
+            first = c.num_hidden_layers - c.num_kv_shared_layers
+            _check(set(lt[:first]) == set(lt), where,
+                   f"num_kv_shared_layers={c.num_kv_shared_layers}: the shared layers use a layer type that no "
+                   f"earlier layer produces (types before layer {first}: {sorted(set(lt[:first]))})")
+            # A reuse layer reads its store layer's K/V, so their geometries must agree.
+            for i in range(first, c.num_hidden_layers):
+                s = c.store_layer(lt[i])
+                _check(head[i] == head[s], where,
+                       f"layer {i} reuses layer {s}'s K/V but its head_dim {head[i]} != {head[s]}")
+                kvh[i] = kvh[s]
+
+        rp = d.get("rope_parameters")
+        defaults = {SLIDING: RopeParams("default", 10_000.0), FULL: RopeParams("proportional", 1_000_000.0, 0.25)}
+        if rp is None:
+            c.rope_parameters = defaults
+        else:
+            _check(isinstance(rp, dict), where, "field 'rope_parameters' must be an object keyed by layer type")
+            c.rope_parameters = {}
+            for t in _LAYER_TYPES:
+                p = rp.get(t)
+                if p is None:
+                    c.rope_parameters[t] = defaults[t]
+                    continue
+                _check(isinstance(p, dict), where, f"rope_parameters[{t!r}] must be an object")
+                rt = p.get("rope_type", "default")
+                _check(rt in _ROPE_TYPES, where,
+                       f"rope_parameters[{t!r}].rope_type = {rt!r}; accepted: {list(_ROPE_TYPES)}")
+                prf = float(p.get("partial_rotary_factor", 1.0 if rt == "default" else 1.0))
+                _check(0.0 < prf <= 1.0, where, f"rope_parameters[{t!r}].partial_rotary_factor must be in (0, 1]")
+                _check(rt == "proportional" or prf == 1.0, where,
+                       f"rope_parameters[{t!r}]: partial_rotary_factor needs rope_type 'proportional'")
+                c.rope_parameters[t] = RopeParams(rt, float(p.get("rope_theta", 10_000.0)), prf,
+                                                  float(p.get("factor", 1.0) or 1.0))
+        return c
+
+
+@dataclass
+class VisionConfig:
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120
+    rms_norm_eps: float = 1e-6
+    output_proj_dims: int = 3840
+
+    @property
+    def model_patch_size(self) -> int:
+        return self.patch_size * self.pooling_kernel_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.model_patch_size ** 2 * 3
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionConfig":
+        _check(isinstance(d, dict), where, "must be an object")
+        c = cls()
+        c.patch_size = _int(d, "patch_size", c.patch_size, where, 1)
+        c.pooling_kernel_size = _int(d, "pooling_kernel_size", c.pooling_kernel_size, where, 1)
+        c.mm_embed_dim = _int(d, "mm_embed_dim", c.mm_embed_dim, where, 1)
+        c.mm_posemb_size = _int(d, "mm_posemb_size", c.mm_posemb_size, where, 1)
+        c.rms_norm_eps = _float(d, "rms_norm_eps", 1e-6, where)
+        c.output_proj_dims = _int(d, "output_proj_dims", c.output_proj_dims, where, 1)
+        _check(c.output_proj_dims == c.mm_embed_dim, where,
+               f"output_proj_dims ({c.output_proj_dims}) must equal mm_embed_dim ({c.mm_embed_dim}): the final "
+               "projection reads the patch embedding")
+        return c
+
+
+@dataclass
+class AudioConfig:
+    audio_embed_dim: int = 640
+    rms_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "audio_config") -> "AudioConfig":
+        _check(isinstance(d, dict), where, "must be an object")
+        c = cls()
+        c.audio_embed_dim = _int(d, "audio_embed_dim", d.get("hidden_size", 640), where, 1)
+        c.rms_norm_eps = _float(d, "rms_norm_eps", 1e-6, where)
+        return c
+
+
+@dataclass
+class UnifiedConfig:
+    """`gemma4_unified` (multimodal) or `gemma4_unified_text` (text only: vision/audio None)."""
+
+    model_type: str
+    text: TextConfig
+    vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
+    image_token_id: int = 258_880
+    audio_token_id: int = 258_881
+    video_token_id: int = 258_884
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+    boa_token_id: int = 256_000
+    eoa_token_id: int = 258_883
+    tie_word_embeddings: bool = True
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_text_only(self) -> bool:
+        return self.model_type == "gemma4_unified_text"
+
+    @property
+    def placeholder_ids(self) -> tuple[int, int, int]:
+        return self.image_token_id, self.video_token_id, self.audio_token_id
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "UnifiedConfig":
+        mt = d.get("model_type")
+        if mt == "gemma4_unified_text":
+            text = TextConfig.from_dict(d, where)
+            return cls(model_type=mt, text=text, tie_word_embeddings=text.tie_word_embeddings, raw=d)
+        _check(mt == "gemma4_unified", where,
+               f"model_type {mt!r} is not supported (accepted: 'gemma4_unified', 'gemma4_unified_text', "
+               "'gemma4_unified_assistant')")
+        tc = d.get("text_config")
+        text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config")
+        c = cls(model_type=mt, text=text, raw=d)
+        if d.get("vision_config") is not None:
+            c.vision = VisionConfig.from_dict(d["vision_config"], f"{where}: vision_config")
+        if d.get("audio_config") is not None:
+            c.audio = AudioConfig.from_dict(d["audio_config"], f"{where}: audio_config")
+        for name, key in (("image_token_id", "image_token_id"), ("audio_token_id", "audio_token_id"),
+                          ("video_token_id", "video_token_id"), ("boi_token_id", "boi_token_id"),
+                          ("eoi_token_id", "eoi_token_id"), ("boa_token_id", "boa_token_id"),
+                          ("eoa_token_id", "eoa_token_index")):
+            if d.get(key) is not None:
+                setattr(c, name, _int(d, key, None, where, 0))
+        c.tie_word_embeddings = bool(d.get("tie_word_embeddings", text.tie_word_embeddings))
+        text.tie_word_embeddings = c.tie_word_embeddings
+        if c.vision is not None:
+            _check(c.vision.output_proj_dims == c.vision.mm_embed_dim, where, "vision dims inconsistent")
+        return c
+
+
+@dataclass
+class AssistantConfig:
+    """`gemma4_unified_assistant`: the MTP drafter. Every decoder layer reuses the target's K/V."""
+
+    text: TextConfig
+    backbone_hidden_size: int = 3840
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    tie_word_embeddings: bool = True
+    model_type: str = "gemma4_unified_assistant"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "AssistantConfig":
+        _check(d.get("model_type") == "gemma4_unified_assistant", where,
+               f"model_type {d.get('model_type')!r} is not an MTP drafter (accepted: 'gemma4_unified_assistant')")
+        tc = dict(d.get("text_config") or {})
+        # The drafter has no K/V of its own: every layer is a reuse layer (the reference sets this on build).
+        if not tc.get("num_kv_shared_layers"):
+            tc["num_kv_shared_layers"] = tc.get("num_hidden_layers", TextConfig.num_hidden_layers)
+        text = TextConfig.from_dict(tc, f"{where}: text_config")
+        c = cls(text=text, raw=d)
+        c.backbone_hidden_size = _int(d, "backbone_hidden_size", 3840, where, 1)
+        c.use_ordered_embeddings = bool(d.get("use_ordered_embeddings", False))
+        c.num_centroids = _int(d, "num_centroids", 2048, where, 1)
+        c.centroid_intermediate_top_k = _int(d, "centroid_intermediate_top_k", 32, where, 1)
+        c.tie_word_embeddings = bool(d.get("tie_word_embeddings", True))
+        if c.use_ordered_embeddings:
+            _check(text.vocab_size % c.num_centroids == 0, where,
+                   f"vocab_size ({text.vocab_size}) must be divisible by num_centroids ({c.num_centroids})")
+            _check(c.centroid_intermediate_top_k <= c.num_centroids, where,
+                   "centroid_intermediate_top_k must be <= num_centroids")
+        return c
+
+
+def read_config_json(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "config.json" if path.is_dir() else path
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no config.json (a checkpoint folder needs config.json beside its weights)")
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{f}: must hold a JSON object")
+    return d
+
+
+def load_config(path: str | Path) -> UnifiedConfig | AssistantConfig:
+    """Parse `path/config.json` (or a config file) into the dataclass for its model_type."""
+    f = Path(path)
+    d = read_config_json(f)
+    where = str(f / "config.json" if f.is_dir() else f)
+    if d.get("model_type") == "gemma4_unified_assistant":
+        return AssistantConfig.from_dict(d, where)
+    return UnifiedConfig.from_dict(d, where)
+
+
+def gemma4_12b_config() -> UnifiedConfig:
+    """The published 12B geometry (spec/unified-model.md §2–3), for `inspect` and benchmarks."""
+    return UnifiedConfig.from_dict({
+        "model_type": "gemma4_unified",
+        "text_config": {
+            "model_type": "gemma4_unified_text", "vocab_size": 262144, "hidden_size": 3840,
+            "intermediate_size": 15360, "num_hidden_layers": 48, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 256, "global_head_dim": 512, "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True, "sliding_window": 1024, "final_logit_softcapping": 30.0,
+            "max_position_embeddings": 262144, "eos_token_id": [1, 106],
+        },
+        "vision_config": {"model_type": "gemma4_unified_vision"},
+        "audio_config": {"model_type": "gemma4_unified_audio"},
+    }, "gemma4-12b")

@@ -1,0 +1,168 @@
+"""`unigemma inspect`: architecture, parameters by component, weight bytes, KV-cache bytes — from config alone.
+
+Parameters are counted on a meta-device build of the real modules (exact, instant, no memory), so the figures
+cannot drift from the model code. Weight bytes come from the safetensors headers when the folder has weights,
+otherwise from the requested / checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from .config import FULL, SLIDING, AssistantConfig, UnifiedConfig, gemma4_12b_config, load_config
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CONTEXTS = {"8K": 8192, "32K": 32768, "128K": 131072, "256K": 262144}
+
+
+def _component(name: str) -> str:
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return "embeddings"
+    if "vision_embedder" in name or "embed_vision" in name:
+        return "vision"
+    if "embed_audio" in name:
+        return "audio"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if "projection" in name or "masked_embedding" in name:
+        return "drafter_head"
+    return "norms"
+
+
+def count_parameters(cfg: UnifiedConfig | AssistantConfig) -> dict[str, int]:
+    from .model.assistant import Gemma4Assistant
+    from .model.unified import Gemma4Unified
+
+    with torch.device("meta"):
+        model = Gemma4Assistant(cfg) if isinstance(cfg, AssistantConfig) else Gemma4Unified(cfg)
+    out: dict[str, int] = {}
+    for name, p in model.named_parameters():  # tied parameters are yielded once
+        c = _component(name)
+        out[c] = out.get(c, 0) + p.numel()
+    return out
+
+
+def safetensors_bytes(path: Path) -> dict[str, int] | None:
+    """Bytes per dtype, read from the safetensors headers only (no tensor data is touched)."""
+    from .checkpoint import CheckpointError, weight_files
+
+    try:
+        files = weight_files(path)
+    except CheckpointError:
+        return None
+    out: dict[str, int] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            a, b = v["data_offsets"]
+            out[v["dtype"]] = out.get(v["dtype"], 0) + (b - a)
+    return out
+
+
+def kv_bytes(cfg, context: int, bytes_per_el: float = 2.0) -> int:
+    """KV-cache bytes for one sequence of `context` tokens; sliding layers hold at most sliding_window tokens."""
+    t = cfg.text
+    total = 0.0
+    for i, (lt, mode) in enumerate(zip(t.layer_types, t.kv_sharing_modes)):
+        if mode == "reuse":
+            continue
+        per_tok = 2 * t.layer_kv_heads[i] * t.layer_head_dim[i] * bytes_per_el
+        total += per_tok * (min(context, t.sliding_window) if lt == SLIDING else context)
+    return int(total)
+
+
+def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = None, dtype: str = "bfloat16") -> dict:
+    t = cfg.text
+    params = count_parameters(cfg)
+    total = sum(params.values())
+    el = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    on_disk = safetensors_bytes(path) if path is not None else None
+    weight_bytes = sum(on_disk.values()) if on_disk else total * el
+    n_full = t.layer_types.count(FULL)
+    per_token = {lt: sum(2 * t.layer_kv_heads[i] * t.layer_head_dim[i] * el
+                         for i, (x, m) in enumerate(zip(t.layer_types, t.kv_sharing_modes)) if x == lt and m != "reuse")
+                 for lt in (SLIDING, FULL)}
+    info = {
+        "model_type": cfg.model_type,
+        "path": str(path) if path else None,
+        "layers": t.num_hidden_layers,
+        "sliding_layers": t.num_hidden_layers - n_full,
+        "full_layers": n_full,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "heads": t.num_attention_heads,
+        "kv_heads": {"sliding": t.num_key_value_heads,
+                     "full": t.layer_kv_heads[t.layer_types.index(FULL)]},
+        "head_dim": {"sliding": t.head_dim, "full": t.layer_head_dim[t.layer_types.index(FULL)]},
+        "attention_k_eq_v": t.attention_k_eq_v,
+        "num_kv_shared_layers": t.num_kv_shared_layers,
+        "sliding_window": t.sliding_window,
+        "vocab_size": t.vocab_size,
+        "final_logit_softcapping": t.final_logit_softcapping,
+        "vision": getattr(cfg, "vision", None) is not None,
+        "audio": getattr(cfg, "audio", None) is not None,
+        "parameters": total,
+        "parameters_by_component": params,
+        "dtype": dtype if not on_disk else None,
+        "weight_bytes": int(weight_bytes),
+        "weight_bytes_by_dtype": on_disk or {dtype: int(weight_bytes)},
+        "kv_bytes_per_token": {"sliding": per_token[SLIDING], "full": per_token[FULL],
+                               "note": "sliding layers hold at most sliding_window tokens"},
+        "kv_bytes_at_context": {k: kv_bytes(cfg, n, el) for k, n in CONTEXTS.items()},
+    }
+    return info
+
+
+def resolve(target: str | None) -> tuple[UnifiedConfig | AssistantConfig, Path | None]:
+    """A checkpoint folder, a config.json file, or the name `gemma4-12b` (published geometry, no weights)."""
+    if target in ("gemma4-12b", "12b", "gemma-4-12b"):
+        return gemma4_12b_config(), None
+    if target is None:
+        from .api import demo_model_path
+
+        target = str(demo_model_path())
+    p = Path(target)
+    cfg = load_config(p)
+    return cfg, (p if p.is_dir() else None)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def format_report(info: dict) -> str:
+    lines = [
+        f"model_type     {info['model_type']}" + (f"   ({info['path']})" if info["path"] else ""),
+        f"layers         {info['layers']} ({info['sliding_layers']} sliding, {info['full_layers']} full), "
+        f"window {info['sliding_window']}",
+        f"hidden         {info['hidden_size']}, MLP {info['intermediate_size']}, heads {info['heads']}, "
+        f"kv heads {info['kv_heads']['sliding']}/{info['kv_heads']['full']} (sliding/full), "
+        f"head dim {info['head_dim']['sliding']}/{info['head_dim']['full']}",
+        f"k_eq_v         {info['attention_k_eq_v']}, kv-shared layers {info['num_kv_shared_layers']}, "
+        f"vocab {info['vocab_size']}, softcap {info['final_logit_softcapping']}",
+        f"vision/audio   {info['vision']}/{info['audio']}",
+        f"parameters     {info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)",
+    ]
+    for k, v in sorted(info["parameters_by_component"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k:<13}{v:>16,}")
+    lines.append(f"weights        {human(info['weight_bytes'])}  "
+                 + ", ".join(f"{k}: {human(v)}" for k, v in info["weight_bytes_by_dtype"].items()))
+    kv = info["kv_bytes_per_token"]
+    lines.append(f"KV per token   sliding {human(kv['sliding'])} (bounded by the window), full {human(kv['full'])}")
+    lines.append("KV at context  " + ", ".join(f"{k}: {human(v)}" for k, v in info["kv_bytes_at_context"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Attention for sliding and full layers, with k_eq_v, KV sharing, and the masks (spec/unified-model.md §4, §11).
+
+Masks are boolean "may attend" tensors built once per forward per layer type (`AttentionPlan`), from absolute
+positions:
+
+    sliding:  visible = valid_k ∧ ((k ≤ q ∧ k > q − W) ∨ same_vision_block(q, k))
+    full:     visible = valid_k ∧ ( k ≤ q                ∨ same_vision_block(q, k))
+
+Vision blocks (each image / each video frame: a maximal run of image or video placeholders) see themselves
+bidirectionally, on both layer types, as the reference's plain forward does (spec §11.2, path 1). Block ids are
+derived from the placeholder token ids, so callers need not pass token-type ids.
+
+With a cache the keys come from it: full layers read entries [0, kv_len) after writing this step's keys; sliding
+layers either write first and read the ring (short steps: decode, verification) or read the ring as it was and
+concatenate this chunk's keys (long prefill chunks, which would overwrite keys still needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FULL, SLIDING, TextConfig
+from .cache import EMPTY, KVCache
+from .layers import RMSNorm, apply_rope
+
+
+def vision_block_ids(is_vision: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool → (B, T) int64: index of the contiguous vision run a token belongs to, −1 for other tokens."""
+    prev = torch.zeros_like(is_vision)
+    prev[:, 1:] = is_vision[:, :-1]
+    starts = is_vision & ~prev
+    ids = torch.cumsum(starts.long(), dim=1) - 1
+    return torch.where(is_vision, ids, torch.full_like(ids, -1))
+
+
+def _ensure_nonempty(visible: torch.Tensor) -> torch.Tensor:
+    # A query with no visible key (a padding position) would produce NaN that then leaks through 0·NaN in later
+    # layers; let such rows see every key: their outputs are ignored anyway.
+    empty = ~visible.any(dim=-1, keepdim=True)
+    return visible | empty
+
+
+@dataclass
+class AttentionPlan:
+    """Everything the layers of one forward share: rope tables, masks, cache write indices, shared K/V."""
+
+    cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    masks: dict[str, torch.Tensor]                 # type → (B, 1, T, S) bool
+    cache: KVCache | None = None
+    rows: torch.Tensor | None = None               # (B, T) cache slot of each token
+    full_index: torch.Tensor | None = None         # (B, T) write index in full layers
+    ring_index: torch.Tensor | None = None         # (B, T) write index in the ring
+    sliding_write_first: bool = True
+    slots: torch.Tensor | None = None
+    kv_len: int = 0
+    shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype,
+               block_ids: torch.Tensor | None, key_valid: torch.Tensor | None = None,
+               cache: KVCache | None = None, slots: torch.Tensor | None = None,
+               kv_len: int | None = None) -> AttentionPlan:
+    """positions: (B, T) absolute positions, −1 marks padding tokens (cache mode only).
+
+    Without a cache the keys are this call's tokens (key_valid = the 2-D attention mask). With a cache, key
+    validity comes from positions; `slots` maps batch rows to cache slots (None: rows 0..B−1).
+    """
+    B, T = positions.shape
+    dev = positions.device
+    types = sorted(set(config.layer_types))
+    cos_sin = {t: rope(positions.clamp(min=0), t, dtype) for t in types}
+    W = config.sliding_window
+    q = positions[:, :, None]  # (B, T, 1)
+    same_block = None
+    if block_ids is not None and T > 1 and bool((block_ids >= 0).any()):
+        same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
+
+    if cache is None:
+        k = positions[:, None, :]
+        valid = torch.ones(B, 1, T, dtype=torch.bool, device=dev) if key_valid is None else key_valid.bool()[:, None, :]
+        causal = k <= q
+        masks = {}
+        for t in types:
+            vis = causal & (k > q - W) if t == SLIDING else causal
+            if same_block is not None:
+                vis = vis | same_block
+            masks[t] = _ensure_nonempty(vis & valid)[:, None]
+        return AttentionPlan(cos_sin, masks)
+
+    # ---- cached forward ----
+    real = positions >= 0
+    if slots is None:
+        row_of = torch.arange(B, device=dev)
+    else:
+        row_of = slots.to(dev)
+    rows = row_of[:, None].expand(B, T)
+    full_index = torch.where(real, positions, torch.full_like(positions, cache.max_len))
+    if kv_len is None:
+        kv_len = int(positions.max()) + 1
+    if kv_len > cache.max_len:
+        raise ValueError(f"position {kv_len - 1} is beyond the cache's context of {cache.max_len} tokens")
+    masks: dict[str, torch.Tensor] = {}
+    plan = AttentionPlan(cos_sin, masks, cache, rows, full_index, None, True, slots, kv_len)
+
+    if FULL in types:
+        kpos = torch.arange(kv_len, device=dev)[None, None, :]
+        vis = kpos <= q
+        if same_block is not None:
+            cols = torch.where(real, positions, torch.zeros_like(positions)).clamp(max=kv_len - 1)
+            overlay = torch.zeros(B, T, kv_len, dtype=torch.bool, device=dev)
+            overlay.scatter_(2, cols[:, None, :].expand(B, T, T), same_block & real[:, None, :])
+            vis = vis | overlay
+        masks[FULL] = _ensure_nonempty(vis & real[:, :, None])[:, None]
+
+    if SLIDING in types:
+        R = cache.ring
+        # Only the last R real tokens of a row reach the ring (earlier ones would collide on the same entry).
+        row_last = positions.max(dim=1, keepdim=True).values
+        to_ring = real & (positions > row_last - R)
+        ring_index = torch.where(to_ring, positions % R, torch.full_like(positions, R))
+        plan.ring_index = ring_index
+        write_first = T <= cache.spare + 1
+        plan.sliding_write_first = write_first
+        ring_pos = cache.ring_positions(slots, B)
+        if write_first:
+            # Record this step's positions first (other rows' entries are untouched), then mask from the ring alone.
+            cache.ring_pos[rows, ring_index] = torch.where(to_ring, positions, torch.full_like(positions, EMPTY))
+            cache.ring_pos[:, R] = EMPTY
+            kpos = cache.ring_positions(slots, B)[:, None, :]  # (B, 1, R+1)
+            cols = ring_index
+        else:
+            # Ring entries at positions >= this chunk's first position are stale (rolled back): hide them.
+            start = torch.where(real, positions, torch.full_like(positions, 2 ** 40)).min(dim=1, keepdim=True).values
+            old = torch.where(ring_pos < start, ring_pos, torch.full_like(ring_pos, EMPTY))
+            kpos = torch.cat([old, torch.where(real, positions, torch.full_like(positions, EMPTY))], dim=1)[:, None, :]
+            cols = torch.arange(T, device=dev)[None, :].expand(B, T) + (R + 1)
+        vis = (kpos <= q) & (kpos > q - W)
+        if same_block is not None:
+            overlay = torch.zeros(B, T, kpos.shape[-1], dtype=torch.bool, device=dev)
+            overlay.scatter_(2, cols[:, None, :].expand(B, T, T), same_block & real[:, None, :])
+            vis = vis | overlay
+        masks[SLIDING] = _ensure_nonempty(vis & real[:, :, None])[:, None]
+    return plan
+
+
+def finish_plan(plan: AttentionPlan) -> None:
+    """After all layers ran: record the ring positions written by a concatenating (long-chunk) forward."""
+    if plan.cache is not None and plan.ring_index is not None and not plan.sliding_write_first:
+        c = plan.cache
+        pos = torch.where(plan.ring_index < c.ring, plan.full_index, torch.full_like(plan.full_index, EMPTY))
+        c.ring_pos[plan.rows, plan.ring_index] = pos
+        c.ring_pos[:, c.ring] = EMPTY
+
+
+class Attention(nn.Module):
+    """q/k/v projections → per-head RMSNorm → RoPE (q, k) → cache → softmax(q·kᵀ · 1.0 + mask) · v → o_proj.
+
+    k_eq_v (full layers with `attention_k_eq_v`): no v_proj; V starts from the raw K projection and gets only the
+    weightless v_norm (no RoPE). Reuse layers (KV sharing) have only q_proj / q_norm / o_proj and attend to the
+    K/V their store layer produced in the same forward.
+    """
+
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        self.head_dim = config.layer_head_dim[layer_idx]
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.layer_kv_heads[layer_idx]
+        mode = config.kv_sharing_modes[layer_idx]
+        self.is_reuse = mode == "reuse"
+        self.is_store = mode == "store"
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        if not self.is_reuse:
+            self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+            k_eq_v = config.attention_k_eq_v and self.layer_type == FULL
+            self.v_proj = None if k_eq_v else nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin = plan.cos_sin[self.layer_type]
+        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, d)
+
+        if self.is_reuse:
+            k, v = plan.shared[self.layer_type]
+        else:
+            k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+            v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+            k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # (B, KV, T, d)
+            v = self.v_norm(v_raw).transpose(1, 2)
+            k, v = self._through_cache(k, v, plan)
+            if self.is_store:
+                plan.shared[self.layer_type] = (k, v)
+
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        group = self.num_heads // k.shape[1]
+        if group > 1:  # GQA: each KV head serves `group` consecutive query heads
+            k = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.masks[self.layer_type], scale=1.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    def _through_cache(self, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
+        cache = plan.cache
+        if cache is None:
+            return k, v
+        B = k.shape[0]
+        if self.layer_type == FULL:
+            cache.write(self.layer_idx, plan.rows, plan.full_index, k, v)
+            return cache.full_kv(self.layer_idx, plan.slots, B, plan.kv_len)
+        if plan.sliding_write_first:
+            cache.write(self.layer_idx, plan.rows, plan.ring_index, k, v)
+            return cache.ring_kv(self.layer_idx, plan.slots, B)
+        rk, rv = cache.ring_kv(self.layer_idx, plan.slots, B)
+        k_all = torch.cat([rk.to(k.dtype), k], dim=2)
+        v_all = torch.cat([rv.to(v.dtype), v], dim=2)
+        cache.write(self.layer_idx, plan.rows, plan.ring_index, k, v)
+        return k_all, v_all
