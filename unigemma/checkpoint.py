@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -75,20 +74,68 @@ def weight_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
-    """Yield (file, name, loader) for every tensor, opening each shard memory-mapped; errors name the file."""
-    for f in files:
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_name] = getattr(torch, _attr)
+
+
+def read_header(f: Path) -> tuple[dict, int]:
+    """Parse and validate a safetensors header: (entries, data start). Truncation and corruption are errors here,
+    before any tensor is read."""
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{f}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size or n > 100 << 20:
+            raise CheckpointError(f"{f}: corrupt safetensors header (declared length {n}, file size {size})")
         try:
-            handle = safe_open(str(f), framework="pt", device=device)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from None
-        with handle as sf:
-            for name in sf.keys():
-                def load(sf=sf, name=name, f=f):
-                    try:
-                        return sf.get_tensor(name)
-                    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                        raise CheckpointError(f"{f}: tensor {name!r} cannot be read: {e}") from None
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: corrupt safetensors header (not an object)")
+    start = 8 + n
+    entries = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[e["dtype"]]
+            shape = [int(x) for x in e["shape"]]
+            a, b = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry: {e!r}") from None
+        numel = 1
+        for x in shape:
+            numel *= x
+        if b - a != numel * torch.empty((), dtype=dtype).element_size() or a < 0:
+            raise CheckpointError(f"{f}: tensor {name!r}: byte range {a}..{b} does not match shape {shape}")
+        if start + b > size:
+            raise CheckpointError(f"{f}: truncated: tensor {name!r} ends at byte {start + b}, file has {size}")
+        entries[name] = (dtype, shape, a, b)
+    return entries, start
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    """Yield (file, name, loader) for every tensor. Headers of ALL files are validated first, so a truncated last
+    shard fails before anything is loaded. Tensors are read with plain file reads into fresh tensors (not
+    memory-mapped), so the page cache is not charged to the process: peak memory ≈ the model itself."""
+    headers = [(f, *read_header(f)) for f in files]
+    for f, entries, start in headers:
+        with open(f, "rb") as fh:
+            for name, (dtype, shape, a, b) in entries.items():
+                def load(fh=fh, dtype=dtype, shape=shape, a=a, b=b, name=name, f=f):
+                    t = torch.empty(shape, dtype=dtype)
+                    buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+                    fh.seek(start + a)
+                    if buf is not None and fh.readinto(memoryview(buf)) != b - a:
+                        raise CheckpointError(f"{f}: tensor {name!r} cannot be read completely (truncated?)")
+                    return t
                 yield f, name, load
 
 
@@ -124,7 +171,7 @@ def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device:
     expected.update(dict(model.named_buffers(remove_duplicate=False)))
     seen: dict[str, Path] = {}
     total = len(expected)
-    for f, raw_name, load in iter_tensors(files, device="cpu"):
+    for f, raw_name, load in iter_tensors(files):
         name = canonical_name(raw_name, text_only)
         if name not in expected:
             raise CheckpointError(f"{f}: unexpected tensor {raw_name!r} (no such parameter in a "

@@ -123,7 +123,7 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
         to_ring = real & (positions > row_last - R)
         ring_index = torch.where(to_ring, positions % R, torch.full_like(positions, R))
         plan.ring_index = ring_index
-        write_first = T <= cache.spare + 1
+        write_first = T <= cache.spare
         plan.sliding_write_first = write_first
         ring_pos = cache.ring_positions(slots, B)
         if write_first:

@@ -7,7 +7,7 @@
     reuse layers    nothing (they read the K/V of their "store" layer in the same forward)
 
 R = sliding_window − 1 + spare. A sliding layer needs the W − 1 keys before a query; the `spare` extra entries let a
-decode or verification step of up to spare + 1 tokens be written *before* attending (no concatenation), and let
+decode or verification step of up to `spare` tokens be written *before* attending (no concatenation), and let
 speculative decoding roll back up to `spare` tokens without losing keys that are still inside the window.
 The last entry of each axis (index max_len or R) is a scratch slot that absorbs writes of padding tokens.
 
