@@ -9,7 +9,7 @@ setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 serve: setup
-	$(PYTHON) -m unigemma.cli serve --host $(HOST) --port $(PORT)
+	PYTHON=$(PYTHON) HOST=$(HOST) PORT=$(PORT) bash scripts/serve.sh
 
 test: setup
 	$(PYTHON) -m pytest -q -m "not gpu"
