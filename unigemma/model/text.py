@@ -51,11 +51,16 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self._embed_scale: dict[torch.dtype, float] = {}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
         # √H is rounded to the weight dtype before the multiply (bf16: 62.0 for H = 3840), as the reference does.
-        return self.embed_tokens(ids) * torch.tensor(self.config.embed_scale, dtype=w.dtype, device=w.device)
+        # A Python float (exactly that rounded value) keeps the step free of host→device copies (CUDA graphs).
+        scale = self._embed_scale.get(w.dtype)
+        if scale is None:
+            scale = self._embed_scale[w.dtype] = float(torch.tensor(self.config.embed_scale, dtype=w.dtype))
+        return self.embed_tokens(ids) * scale
 
     def make_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None, spare: int = 32) -> KVCache:
