@@ -21,6 +21,11 @@ from unigemma.engine.constraints import (
 from unigemma.inputs.tokenizer import Tokenizer
 from unigemma.testing import write_tiny_tokenizer
 
+try:  # the project's own wire-format decoder, when present: it must read our outputs with no repairs
+    from unigemma.inputs.wire import parse_wire_arguments
+except ImportError:  # written in parallel with this module; the local parser below covers the format alone
+    parse_wire_arguments = None
+
 _CORPUS = [
     '{"name": "Alice", "age": 30, "tags": ["a", "b"], "ok": true, "x": null}',
     '{"user": {"id": 12, "email": "bob@example.com"}, "items": [1, 2.5, -3], "price": 19.99}',
@@ -229,6 +234,9 @@ def _parse_calls(text: str) -> list[tuple[str, dict]]:
     for m in re.finditer(r"<\|tool_call>call:([^{]+)", text):
         args, end = _parse_wire(text, m.end())
         assert text.startswith("<tool_call|>", end), text
+        if parse_wire_arguments is not None:
+            warnings: list[str] = []
+            assert parse_wire_arguments(text[m.end():end], warnings) == args and not warnings, (text, warnings)
         calls.append((m.group(1), args))
     return calls
 
