@@ -79,8 +79,9 @@ def bandwidth(device) -> float:
 class GraphDecoder:
     """The decode step (B tokens at known positions → next greedy tokens) captured once in a CUDA graph."""
 
-    def __init__(self, model, cache, batch: int, kv_len: int, first_ids, first_pos):
+    def __init__(self, model, cache, batch: int, kv_len: int, first_ids, first_pos, compiled=None):
         self.model, self.cache, self.kv_len = model, cache, kv_len
+        self.fn = compiled
         dev = next(model.parameters()).device
         # Warm-up and capture run real steps: they must write the K/V the first real step writes anyway
         # (same token at the same position), never garbage over the prompt's entries.
@@ -99,6 +100,8 @@ class GraphDecoder:
                 self.out = self._step()
 
     def _step(self):
+        if self.fn is not None:
+            return self.fn(self.ids, self.pos)
         return self.model.run(self.ids, position_ids=self.pos, cache=self.cache, kv_len=self.kv_len).logits[:, -1].argmax(-1)
 
     def __call__(self, ids, pos):
@@ -110,8 +113,15 @@ class GraphDecoder:
         return self.out
 
 
+def compiled_step(model, cache, kv_len):
+    """The decode step compiled by inductor (fuses norms, RoPE, masks and softcap into few kernels)."""
+    def step(ids, pos):
+        return model.run(ids, position_ids=pos, cache=cache, kv_len=kv_len).logits[:, -1].argmax(-1)
+    return torch.compile(step, fullgraph=False, dynamic=False)
+
+
 @torch.inference_mode()
-def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1):
+def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1, compile: bool = False):
     cache = model.make_cache(slots=batch, max_len=max_len)
     dev = prompt.device
     P = prompt.shape[1]
@@ -119,8 +129,9 @@ def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1):
         model.run(prompt, position_ids=torch.arange(P, device=dev)[None], cache=cache,
                   slots=torch.tensor([b], device=dev), logits_to_keep=1)
     tok = torch.full((batch, 1), 7, dtype=torch.long, device=dev)
-    dec = GraphDecoder(model, cache, batch, max_len, tok, torch.full((batch, 1), P, dtype=torch.long, device=dev)) \
-        if graph else None
+    fn = compiled_step(model, cache, max_len) if compile else None
+    dec = GraphDecoder(model, cache, batch, max_len, tok, torch.full((batch, 1), P, dtype=torch.long, device=dev),
+                       fn) if (graph or compile) else None
     out = []
     sync()
     t = time.perf_counter()
@@ -146,6 +157,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--compile", action="store_true", help="also measure the inductor-compiled decode step")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     DEVICE_NAME = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -182,6 +194,14 @@ def main():
         same = int((toks_eager == toks_graph).all().item())
         emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph", value=same, unit="bool",
              config=name, new_tokens=args.new_tokens)
+        if args.compile:
+            t0 = time.perf_counter()
+            dt, toks_comp = decode_run(model, prompt, args.new_tokens, max_len, graph=True, compile=True)
+            emit(bench="decode", impl="unigemma-compiled", metric="tokens_per_s", value=args.new_tokens / dt,
+                 unit="tok/s", batch=1, config=name, cuda_graph=True, compile_s=time.perf_counter() - t0 - dt,
+                 fraction_of_limit=(args.new_tokens / dt) / limit_tps)
+            emit(bench="correctness", impl="unigemma-compiled", metric="greedy_matches_eager_tokens",
+                 value=(toks_eager == toks_comp).float().mean().item(), unit="fraction", config=name)
         for b in [int(x) for x in args.batches.split(",") if int(x) > 1]:
             bp = prompt.expand(b, -1)[:1]
             dt, _ = decode_run(model, bp, args.new_tokens, max_len, graph=True, batch=b)
