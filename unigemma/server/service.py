@@ -1,0 +1,912 @@
+"""The server's logic: OpenAI request → prompt ids + media tensors → engine requests → OpenAI response.
+
+This is the only module that knows both shapes: the HTTP side (pydantic requests from protocol.py, OpenAI
+response dicts and SSE chunks) and the engine side (token ids, tensors, SamplingParams, token events)::
+
+    ChatCompletionRequest
+      │ messages ─► ChatTemplate.render (sandboxed; tools, enable_thinking) ─► prompt text
+      │ media parts ─► server/media.py (policy) ─► ImageFeatures / audio segments / VideoFeatures
+      │ prompt text: each <|image|> / <|audio|> / <|video|> expanded to BOI + N soft tokens + EOI ─► token ids
+      │ response_format / forced tools ─► llguidance grammar (engine/constraints.py)
+      ▼
+    EngineRequest × n ──► engine (continuous batching) ──► StepOutput stream per choice
+      │ text deltas ─► ResponseParser (reasoning / content / tool calls)
+      ▼
+    chat.completion dict, or chat.completion.chunk dicts for SSE
+
+`BatchingEngine` is a small continuous-batching engine (one KV cache with a slot per running sequence, prefill
+one request at a time, batched decode of all running ones, prefix reuse of a finished slot's cache) that
+runs in one worker thread. It is the stand-in until the engine package's scheduler lands; the service talks
+to it only through `submit(EngineRequest) -> RequestHandle` and `stats()`.
+
+What this module does not do: HTTP (routing, auth, limits, SSE framing: server/app.py), fetching media
+(server/media.py), the model forward (model/), sampling maths (engine/sampling.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import torch
+
+from unigemma.engine.sampling import PenaltyState, Sampler, SamplingParams, make_generator
+from unigemma.engine.stopping import StopChecker
+from unigemma.inputs.media import MediaError
+from unigemma.outputs.detokenize import IncrementalDetokenizer
+
+from . import media as server_media
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest
+
+AUDIO, IMAGE, VIDEO = "<|audio|>", "<|image|>", "<|video|>"
+_PLACEHOLDER_RE = re.compile(re.escape(IMAGE) + "|" + re.escape(AUDIO) + "|" + re.escape(VIDEO))
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "unigemma"
+    api_key: str | None = None
+    max_concurrency: int = 8         # sequences decoded together (engine slots)
+    max_queue: int = 64              # sequences waiting for a slot; past it: 429
+    max_model_len: int | None = None  # context per sequence (None: the model's, capped at 8192)
+    max_body_bytes: int = 32 * 1024 * 1024
+    media_root: Path | None = None
+    allow_remote_media: bool = False
+    remote_timeout_s: float = 10.0
+    max_media_bytes: int = server_media.DEFAULT_MAX_MEDIA_BYTES
+    default_max_tokens: int | None = None  # None: until the context is full
+
+    def media_policy(self) -> server_media.MediaPolicy:
+        return server_media.MediaPolicy(media_root=self.media_root, allow_remote=self.allow_remote_media,
+                                        remote_timeout_s=self.remote_timeout_s, max_bytes=self.max_media_bytes)
+
+
+# --- engine side ---------------------------------------------------------------------------------------------
+
+@dataclass
+class EngineRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    media: dict[str, Any] = field(default_factory=dict)   # model.run keyword tensors
+    constraint: Any = None                                 # engine.constraints.CompiledGrammar or None
+    reusable_prefix: int | None = None                     # tokens before the first media token (prefix reuse)
+    skip_special_tokens: bool = False
+
+
+@dataclass
+class StepOutput:
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+
+
+class RequestHandle:
+    """One engine request as the async side sees it: an async iterator of StepOutput, and `cancel()`."""
+
+    def __init__(self, engine: "BatchingEngine", req: EngineRequest, loop: asyncio.AbstractEventLoop):
+        self.id = uuid.uuid4().hex
+        self.engine = engine
+        self.req = req
+        self.loop = loop
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.cancelled = False
+        self.cached_tokens = 0
+        self.num_generated = 0
+        self.done = False
+
+    def _emit(self, out: StepOutput) -> None:  # worker thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.cancelled = True
+            self.engine.wake()
+
+    def __aiter__(self) -> AsyncIterator[StepOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[StepOutput]:
+        while True:
+            out = await self.queue.get()
+            yield out
+            if out.finished:
+                self.done = True
+                return
+
+
+@dataclass
+class _Seq:
+    handle: RequestHandle
+    slot: int
+    tokens: list[int]                 # prompt + generated
+    prompt_len: int
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    generator: torch.Generator | None
+    constraint_state: Any = None
+
+
+class BatchingEngine:
+    """Continuous batching over one KV cache with `max_slots` sequences, in a worker thread.
+
+    Each loop: drop cancelled sequences (their slot is free at once), admit waiting requests into free slots
+    (one prefill each, reusing the longest cached prefix of a free slot), then one batched decode step for all
+    running sequences. Tokens go through stop checking and detokenization here, so a finished sequence frees
+    its slot in the same step.
+    """
+
+    def __init__(self, llm, max_slots: int, max_model_len: int, eos_token_ids: list[int]):
+        self.llm = llm
+        self.model = llm.model
+        self.tokenizer = llm.tokenizer
+        self.max_slots = max_slots
+        self.max_model_len = max_model_len
+        self.eos_token_ids = list(eos_token_ids)
+        self.device = next(self.model.parameters()).device
+        self.cache = self.model.make_cache(max_slots, max_model_len)
+        self.vocab_tok = len(self.tokenizer)
+        self.sampler = Sampler()
+        self.free: list[int] = list(range(max_slots))
+        self.slot_tokens: dict[int, list[int]] = {s: [] for s in range(max_slots)}  # K/V each free slot holds
+        self.pending: collections.deque[RequestHandle] = collections.deque()
+        self.running: list[_Seq] = []
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        # counters read by /metrics
+        self.prompt_tokens_total = 0
+        self.cached_tokens_total = 0
+        self.generated_tokens_total = 0
+
+    # --- control (any thread) ----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="unigemma-engine", daemon=True)
+            self.thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel everything in flight (each stream ends with finish_reason "abort") and stop the worker."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
+
+    def submit(self, req: EngineRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        if len(req.prompt_ids) >= self.max_model_len:
+            raise APIError(400, f"the prompt is {len(req.prompt_ids)} tokens, but this server's context is "
+                                f"{self.max_model_len} tokens; shorten the prompt", param="messages",
+                           code="context_length_exceeded")
+        h = RequestHandle(self, req, loop)
+        with self.cv:
+            if self.stopping:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self.pending.append(h)
+            self.cv.notify_all()
+        return h
+
+    def stats(self) -> dict[str, float]:
+        used = sum(len(s.tokens) for s in self.running)
+        return {"running": len(self.running), "queued": len(self.pending),
+                "kv_used_tokens": used, "kv_capacity_tokens": self.max_slots * self.max_model_len,
+                "free_slots": len(self.free)}
+
+    # --- worker --------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self.stopping and not self.pending and not self.running:
+                    self.cv.wait(timeout=1.0)
+                if self.stopping:
+                    break
+                admit = []
+                while self.pending and (self.free or self.pending[0].cancelled):
+                    h = self.pending.popleft()
+                    if h.cancelled:
+                        h.done = True
+                        h._emit(StepOutput(-1, "", finished=True, finish_reason="abort"))
+                        continue
+                    admit.append(h)
+                    if len(admit) >= len(self.free):
+                        break
+            self._drop_cancelled()
+            for h in admit:
+                self._prefill(h)
+            if self.running:
+                try:
+                    self._decode()
+                except Exception as e:  # a bug: fail the running requests, keep serving
+                    for s in list(self.running):
+                        self._finish(s, StepOutput(-1, "", finished=True, finish_reason="error",
+                                                   error=f"{type(e).__name__}: {e}"))
+        # shutdown: end every stream
+        for s in list(self.running):
+            self._finish(s, StepOutput(-1, "", finished=True, finish_reason="abort"))
+        while self.pending:
+            self.pending.popleft()._emit(StepOutput(-1, "", finished=True, finish_reason="abort"))
+
+    def _drop_cancelled(self) -> None:
+        for s in [s for s in self.running if s.handle.cancelled]:
+            self._finish(s, StepOutput(-1, "", finished=True, finish_reason="abort"))
+
+    def _take_slot(self, prompt: list[int], reusable: int) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with `prompt`, and that length."""
+        limit = min(reusable, len(prompt) - 1)  # at least one token must run to give logits
+        best, best_len = self.free[0], 0
+        for slot in self.free:
+            have = self.slot_tokens[slot]
+            n = 0
+            for a, b in zip(have[:limit], prompt[:limit]):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        self.free.remove(best)
+        if best_len:
+            self.cache.truncate(best, best_len)
+            if not self.cache.ring_view_ok(best, best_len):  # the sliding ring already moved past the prefix
+                best_len = 0
+        if not best_len:
+            self.cache.reset_slot(best)
+        self.slot_tokens[best] = []
+        return best, best_len
+
+    def _prefill(self, h: RequestHandle) -> None:
+        req = h.req
+        prompt = req.prompt_ids
+        reusable = len(prompt) if req.reusable_prefix is None else req.reusable_prefix
+        slot, cached = self._take_slot(prompt, reusable)
+        h.cached_tokens = cached
+        seq = _Seq(h, slot, list(prompt), len(prompt),
+                   IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens, prompt_ids=prompt),
+                   StopChecker.from_params(req.params, self.eos_token_ids, self.max_model_len, len(prompt)),
+                   make_generator(req.params.seed, self.device) if req.params.seed is not None else None,
+                   req.constraint.new_state() if req.constraint is not None else None)
+        try:
+            ids = torch.tensor([prompt[cached:]], device=self.device)
+            pos = torch.arange(cached, len(prompt), device=self.device)[None]
+            out = self.model.run(ids, position_ids=pos, cache=self.cache,
+                                 slots=torch.tensor([slot], device=self.device), logits_to_keep=1, **req.media)
+        except ValueError as e:  # a request the model cannot take (e.g. media on a text-only checkpoint)
+            self.free.append(slot)
+            h.done = True
+            h._emit(StepOutput(-1, "", finished=True, finish_reason="error", error=str(e)))
+            return
+        self.prompt_tokens_total += len(prompt)
+        self.cached_tokens_total += cached
+        self.running.append(seq)
+        self._sample_and_emit([seq], out.logits[:, -1])
+
+    def _decode(self) -> None:
+        seqs = list(self.running)
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
+        pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        out = self.model.run(ids, position_ids=pos, cache=self.cache, slots=slots, logits_to_keep=1)
+        self._sample_and_emit(seqs, out.logits[:, -1])
+
+    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        logits = logits.float()
+        if logits.shape[-1] > self.vocab_tok:  # padded embedding rows have no text: never sample them
+            logits[:, self.vocab_tok:] = float("-inf")
+        states = [s.constraint_state for s in seqs]
+        if any(st is not None for st in states):
+            from unigemma.engine.constraints import apply_masks
+            apply_masks(logits, states)
+        params = [s.handle.req.params for s in seqs]
+        penalties = None
+        if any(p.uses_penalties for p in params):
+            penalties = PenaltyState.from_token_ids([s.tokens[:s.prompt_len] for s in seqs],
+                                                    [s.tokens[s.prompt_len:] for s in seqs],
+                                                    logits.shape[-1], logits.device)
+        res = self.sampler(logits, params, penalties, generators=[s.generator for s in seqs])
+        for s, (tok, lp, top) in zip(seqs, res.tolist(params)):
+            s.tokens.append(tok)
+            s.handle.num_generated += 1
+            self.generated_tokens_total += 1
+            if s.constraint_state is not None:
+                s.constraint_state.advance(tok)
+            text = s.detok.add(tok)
+            r = s.stop.step(tok, text)
+            out = StepOutput(tok, r.text, lp, top, r.finished, r.finish_reason, r.stop_reason)
+            if r.finished:
+                if r.finish_reason == "length":
+                    out.text += s.detok.finish()
+                self._finish(s, out)
+            elif s.handle.cancelled:
+                self._finish(s, StepOutput(tok, r.text, lp, top, True, "abort"))
+            else:
+                s.handle._emit(out)
+
+    def _finish(self, s: _Seq, out: StepOutput) -> None:
+        self.running.remove(s)
+        # the cache holds K/V of every token fed so far: all but the last sampled one
+        self.slot_tokens[s.slot] = s.tokens[:-1] if len(s.tokens) > s.prompt_len else []
+        if s.handle.req.media:
+            # media soft tokens are not identified by their ids: never reuse past the first one
+            cut = s.handle.req.reusable_prefix or 0
+            self.slot_tokens[s.slot] = self.slot_tokens[s.slot][:cut]
+        self.free.append(s.slot)
+        s.handle.done = True
+        s.handle._emit(out)
+
+
+# --- the service: HTTP shapes ↔ engine shapes ------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    prompt_text: str
+    prompt_ids: list[int]
+    media: dict[str, Any]
+    reusable_prefix: int
+    start_state: str = "content"
+    tool_names: list[str] = field(default_factory=list)
+    constraint: Any = None
+
+
+class Observer:
+    """Hooks the app uses for metrics; the default does nothing."""
+
+    def first_token(self, seconds: float) -> None: ...
+    def inter_token(self, seconds: float) -> None: ...
+    def finished(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None: ...
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class Service:
+    def __init__(self, llm, settings: ServerSettings, observer: Observer | None = None):
+        if llm.tokenizer is None:
+            raise ValueError(f"{llm.path} has no tokenizer.json: the server needs the checkpoint's tokenizer")
+        self.llm = llm
+        self.settings = settings
+        self.tok = llm.tokenizer
+        self.observer = observer or Observer()
+        self.policy = settings.media_policy()
+        self.created = _now()
+        ctx = getattr(llm.config.text, "max_position_embeddings", None) or 8192
+        self.max_model_len = settings.max_model_len or min(ctx, 8192)
+        eos = list(llm.eos_token_ids)
+        # a turn ends at <turn|> or <|tool_response>, whatever generation_config says (chat-format.md §4-§6)
+        for name in ("eot_token", "str_token", "eos_token"):
+            tid = self.tok.special_ids.get(name)
+            if tid is not None and tid not in eos:
+                eos.append(tid)
+        self.eos_ids = eos
+        self._template = None
+        self.engine = BatchingEngine(llm, settings.max_concurrency, self.max_model_len, eos)
+        self.in_flight = 0
+
+    # --- lifecycle / admission -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.engine.start()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def admit(self, n: int) -> None:
+        """Reserve room for n sequences or raise 429: running + queued stays within slots + queue."""
+        cap = self.settings.max_concurrency + self.settings.max_queue
+        if self.in_flight + n > cap:
+            raise APIError(429, f"the server is busy ({self.in_flight} sequences in flight, limit {cap}); retry "
+                                "shortly", type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        self.in_flight += n
+
+    def release(self, n: int) -> None:
+        self.in_flight -= n
+
+    @property
+    def template(self):
+        if self._template is None:
+            from unigemma.inputs.template import ChatTemplate
+            self._template = (ChatTemplate.from_tokenizer(self.tok) if self.tok.chat_template
+                              else ChatTemplate.bundled(self.tok.specials))
+        return self._template
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
+        """Render, load media, expand placeholders, tokenize, build the grammar. Blocking: run in a thread."""
+        from unigemma.outputs.parser import start_state_for_prompt
+
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        images, audios, videos = [], [], []
+        for i, m in enumerate(req.messages):
+            if not isinstance(m.content, list):
+                continue
+            for j, part in enumerate(m.content):
+                where = f"messages[{i}].content[{j}]"
+                try:
+                    if part.type == "image_url":
+                        images.append(self._image(part, req, where))
+                    elif part.type == "input_audio":
+                        audios.append(server_media.load_audio(part.input_audio.data, part.input_audio.format,
+                                                              self.policy, what=where))
+                    elif part.type == "video_url":
+                        self._needs("vision_config", where)
+                        videos.append(server_media.load_video(part.video_url.url, self.policy, what=where))
+                except (MediaError, ValueError) as e:
+                    raise APIError(400, str(e), param=where, code="invalid_media") from None
+                if part.type == "video_url":  # the template knows the part as `video`
+                    messages[i]["content"][j] = {"type": "video"}
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools and req.tool_choice != "none" \
+            else None
+        kwargs = dict(req.chat_template_kwargs or {})
+        kwargs.pop("enable_thinking", None)
+        thinking = req.enable_thinking
+        try:
+            from unigemma.inputs.template import normalize_messages
+            text = self.template.render(normalize_messages(messages), tools=tools, add_generation_prompt=True,
+                                        enable_thinking=thinking, **kwargs)
+        except ValueError as e:
+            raise APIError(400, f"messages could not be rendered: {e}", param="messages") from None
+        ids, media, first_media = self._expand(text, images, audios, videos)
+        start = start_state_for_prompt(text)
+        prep = Prepared(text, ids, media, first_media, start, [t["function"]["name"] for t in tools or []])
+        prep.constraint = self._constraint(req, tools, thinking, start == "reasoning")
+        return prep
+
+    def _needs(self, sub: str, where: str) -> None:
+        if getattr(self.llm.config, sub.replace("_config", ""), None) is None:
+            kind = "images or video" if sub == "vision_config" else "audio"
+            raise MediaError(f"{where}: this model has no {sub} and cannot take {kind}")
+
+    def _image(self, part, req: ChatCompletionRequest, where: str):
+        from unigemma.inputs.image import budget_for_detail, check_budget
+
+        self._needs("vision_config", where)
+        if part.image_url.max_soft_tokens is not None:
+            budget = check_budget(part.image_url.max_soft_tokens)
+        elif req.max_soft_tokens is not None:
+            budget = check_budget(req.max_soft_tokens)
+        else:
+            budget = budget_for_detail(part.image_url.detail)
+        return server_media.load_image(part.image_url.url, budget, self.policy, what=where)
+
+    def _expand(self, text: str, images: list, audios: list, videos: list):
+        """Replace each placeholder with its BOI/BOA + soft tokens + EOI/EOA run; build the media tensors."""
+        sp = self.tok.specials
+        pieces, counts = [], {IMAGE: 0, AUDIO: 0, VIDEO: 0}
+        segments: list = []
+        last = 0
+        first_media: int | None = None
+        for m in _PLACEHOLDER_RE.finditer(text):
+            pieces.append(text[last:m.start()])
+            if first_media is None:
+                first_media = len("".join(pieces))
+            kind = m.group(0)
+            k = counts[kind]
+            counts[kind] += 1
+            if kind == IMAGE:
+                if k >= len(images):
+                    raise APIError(400, "the chat template produced more image placeholders than images given")
+                pieces.append(sp["boi_token"] + sp["image_token"] * images[k].num_tokens + sp["eoi_token"])
+            elif kind == AUDIO:
+                if k >= len(audios):
+                    raise APIError(400, "the chat template produced more audio placeholders than clips given")
+                from unigemma.inputs.audio import num_audio_tokens
+                for seg in audios[k]:
+                    segments.append(seg)
+                    pieces.append(sp["boa_token"] + sp["audio_token"] * num_audio_tokens(seg.size) + sp["eoa_token"])
+            else:
+                if k >= len(videos):
+                    raise APIError(400, "the chat template produced more video placeholders than videos given")
+                v = videos[k]
+                frames = [f"{ts} " + sp["boi_token"] + sp["video_token"] * v.num_tokens_per_frame + sp["eoi_token"]
+                          for ts in v.timestamps]
+                pieces.append(" ".join(frames))
+            last = m.end()
+        pieces.append(text[last:])
+        for kind, given in ((IMAGE, images), (AUDIO, audios), (VIDEO, videos)):
+            if counts[kind] != len(given):
+                raise APIError(400, f"{len(given)} {kind} items were given but the chat template placed "
+                                    f"{counts[kind]}; the template must render every media part")
+        full = "".join(pieces)
+        ids = self.tok.encode(full, add_bos=False)
+        reusable = len(self.tok.encode(full[:first_media], add_bos=False)) if first_media is not None else len(ids)
+        media: dict[str, Any] = {}
+        dev = self.engine.device
+        dtype = next(self.llm.model.parameters()).dtype
+        if images:
+            from unigemma.inputs.image import pad_rows
+            slots = max(f.pixel_values.shape[0] for f in images)
+            padded = [pad_rows(f.pixel_values, f.position_ids, slots) for f in images]
+            media["pixel_values"] = torch.stack([v for v, _ in padded]).to(dev, dtype)
+            media["image_position_ids"] = torch.stack([p for _, p in padded]).to(dev)
+        if segments:
+            from unigemma.inputs.audio import batch_audio
+            feats, mask = batch_audio(segments)
+            media["input_features"] = feats.to(dev, dtype)
+            media["input_features_mask"] = mask.to(dev)
+        if videos:
+            from unigemma.inputs.video import batch_videos
+            values, pos, nf = batch_videos(videos)
+            media["pixel_values_videos"] = values.to(dev, dtype)
+            media["video_position_ids"] = pos.to(dev)
+            media["num_frames_per_video"] = torch.tensor(nf)
+        if len(ids) >= self.max_model_len:
+            raise APIError(400, f"the prompt is {len(ids)} tokens, but this server's context is "
+                                f"{self.max_model_len} tokens; shorten the prompt", param="messages",
+                           code="context_length_exceeded")
+        return ids, media, min(reusable, len(ids))
+
+    def _constraint(self, req: ChatCompletionRequest, tools, thinking: bool, thinking_open: bool):
+        if req.response_format is None and req.tool_choice not in ("required",) \
+                and not hasattr(req.tool_choice, "function"):
+            return None
+        from unigemma.engine.constraints import compile_constraint, spec_from_openai
+
+        rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+        choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+        try:
+            spec = spec_from_openai(rf, tools, choice, req.parallel_tool_calls, thinking, thinking_open)
+            return compile_constraint(spec, self.tok) if spec is not None else None
+        except ValueError as e:
+            param = "response_format" if rf and choice in (None, "auto", "none") else "tool_choice"
+            raise APIError(400, str(e), param=param) from None
+
+    def sampling(self, req, max_tokens: int | None, logprobs: bool, top_logprobs: int, seed_offset: int):
+        seed = req.seed + seed_offset if req.seed is not None else None
+        temperature = 1.0 if req.temperature is None else req.temperature
+        try:
+            return SamplingParams(
+                temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=req.top_k or 0, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
+                presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()}, seed=seed,
+                max_tokens=max_tokens or self.settings.default_max_tokens, stop=req.stop_list(),
+                stop_token_ids=req.stop_token_ids or [], logprobs=logprobs, top_logprobs=top_logprobs,
+                ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    def _check_bias(self, params: SamplingParams) -> None:
+        vocab = self.llm.config.text.vocab_size
+        for tid in params.logit_bias:
+            if tid >= vocab:
+                raise APIError(400, f"logit_bias token id {tid} is out of range (vocabulary: 0..{vocab - 1})",
+                               param="logit_bias")
+
+    # --- running -------------------------------------------------------------------------------------------
+    def _submit(self, prep_ids, media, reusable, constraint, params, skip_special=False) -> RequestHandle:
+        req = EngineRequest(prep_ids, params, media, constraint, reusable, skip_special)
+        return self.engine.submit(req, asyncio.get_running_loop())
+
+    def _token_text(self, tid: int) -> str:
+        return self.tok.decode([tid], skip_special_tokens=False)
+
+    def _lp_entry(self, tid: int, lp: float, top: list[tuple[int, float]]) -> dict:
+        t = self._token_text(tid)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+                "top_logprobs": [{"token": (x := self._token_text(i)), "logprob": v, "bytes": list(x.encode())}
+                                 for i, v in top]}
+
+    async def _steps(self, h: RequestHandle) -> AsyncIterator[StepOutput]:
+        """StepOutputs of one handle with timing hooks; cancels the engine request if the consumer goes away."""
+        t0 = time.perf_counter()
+        last = None
+        try:
+            async for out in h:
+                now = time.perf_counter()
+                if out.token_id >= 0:
+                    if last is None:
+                        self.observer.first_token(now - t0)
+                    else:
+                        self.observer.inter_token(now - last)
+                    last = now
+                if out.error is not None:
+                    raise APIError(400, out.error)
+                yield out
+        finally:
+            h.cancel()
+
+    def _stop_text(self, out: StepOutput) -> str:
+        # a stop *token* ends the turn; the parser wants to see which one (tool_response vs turn end)
+        return self._token_text(out.stop_reason) if isinstance(out.stop_reason, int) else ""
+
+    def chat_handles(self, req: ChatCompletionRequest, prep: Prepared) -> list[RequestHandle]:
+        handles = []
+        try:
+            for i in range(req.n):
+                params = self.sampling(req, req.token_limit, req.logprobs, req.top_logprobs or 0, i)
+                self._check_bias(params)
+                handles.append(self._submit(prep.prompt_ids, prep.media, prep.reusable_prefix, prep.constraint,
+                                            params))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
+    def _parser(self, prep: Prepared):
+        from unigemma.outputs.parser import ResponseParser
+        return ResponseParser(prep.start_state, tool_names=prep.tool_names)
+
+    async def chat(self, req: ChatCompletionRequest, prep: Prepared) -> dict:
+        from unigemma.outputs.parser import collect
+
+        handles = self.chat_handles(req, prep)
+
+        async def one(i: int, h: RequestHandle) -> tuple[dict, int]:
+            parser = self._parser(prep)
+            events, lps, reason, n = [], [], None, 0
+            async for out in self._steps(h):
+                if out.token_id >= 0:
+                    n += 1  # the stop token counts as generated, as it does for OpenAI and vLLM
+                    if out.logprob is not None and not (out.finished and isinstance(out.stop_reason, int)):
+                        lps.append(self._lp_entry(out.token_id, out.logprob, out.top))
+                events += parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
+                reason = out.finish_reason
+            events += parser.finish()
+            parsed = collect(events, parser.stopped_by)
+            finish = "tool_calls" if parsed.tool_calls else ("length" if reason == "length" else "stop")
+            msg: dict[str, Any] = {"role": "assistant", "content": parsed.content if not parsed.tool_calls
+                                   else (parsed.content or None)}
+            if parsed.reasoning:
+                msg["reasoning_content"] = parsed.reasoning
+            if parsed.tool_calls:
+                msg["tool_calls"] = parsed.tool_calls
+            choice = {"index": i, "message": msg, "finish_reason": finish,
+                      "logprobs": {"content": lps} if req.logprobs else None}
+            return choice, n
+
+        try:
+            results = await asyncio.gather(*(one(i, h) for i, h in enumerate(handles)))
+        finally:
+            for h in handles:
+                h.cancel()
+        completion = sum(n for _, n in results)
+        usage = self._usage(len(prep.prompt_ids), completion, handles[0].cached_tokens)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
+                "model": self.settings.model_name, "choices": [c for c, _ in results], "usage": usage,
+                "system_fingerprint": None}
+
+    def _usage(self, prompt: int, completion: int, cached: int) -> dict:
+        self.observer.finished(prompt, completion, cached)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def chat_stream(self, req: ChatCompletionRequest, prep: Prepared) -> AsyncIterator[dict]:
+        """chat.completion.chunk dicts; choices of n > 1 interleave as their tokens arrive. The engine requests
+        are made here, before the response starts, so that refusals still get their own status code."""
+        return self._chat_stream(req, prep, self.chat_handles(req, prep))
+
+    async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
+                           handles: list[RequestHandle]) -> AsyncIterator[dict]:
+        from unigemma.outputs.parser import (ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallStart)
+
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
+        queue: asyncio.Queue = asyncio.Queue()
+        counts = [0] * len(handles)
+
+        def chunk(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": self.settings.model_name,
+                    "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                                 "logprobs": {"content": logprobs} if logprobs is not None else None}]}
+
+        async def one(i: int, h: RequestHandle) -> None:
+            try:
+                parser = self._parser(prep)
+                await queue.put(chunk(i, {"role": "assistant", "content": ""}))
+                reason, called = None, False
+                async for out in self._steps(h):
+                    if out.token_id >= 0:
+                        counts[i] += 1
+                    events = parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
+                    if out.finished:
+                        events += parser.finish()
+                        reason = out.finish_reason
+                    lps = None
+                    if req.logprobs and out.logprob is not None and not (out.finished and
+                                                                         isinstance(out.stop_reason, int)):
+                        lps = [self._lp_entry(out.token_id, out.logprob, out.top)]
+                    deltas = []
+                    for ev in events:
+                        if isinstance(ev, ContentDelta):
+                            deltas.append({"content": ev.text})
+                        elif isinstance(ev, ReasoningDelta):
+                            deltas.append({"reasoning_content": ev.text})
+                        elif isinstance(ev, ToolCallStart):
+                            called = True
+                            deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
+                                                           "function": {"name": ev.name, "arguments": ""}}]})
+                        elif isinstance(ev, ToolCallArgsDelta):
+                            deltas.append({"tool_calls": [{"index": ev.index,
+                                                           "function": {"arguments": ev.json_text}}]})
+                    if not deltas and lps:
+                        deltas.append({})
+                    for k, d in enumerate(deltas):
+                        await queue.put(chunk(i, d, logprobs=lps if k == 0 else None))
+                finish = "tool_calls" if called else ("length" if reason == "length" else "stop")
+                await queue.put(chunk(i, {}, finish))
+            except APIError as e:
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(one(i, h)) for i, h in enumerate(handles)]
+        try:
+            live = len(tasks)
+            while live:
+                item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield {"id": cid, "object": "chat.completion.chunk", "created": created,
+                       "model": self.settings.model_name, "choices": [],
+                       "usage": self._usage(len(prep.prompt_ids), sum(counts), handles[0].cached_tokens)}
+            else:
+                self.observer.finished(len(prep.prompt_ids), sum(counts), handles[0].cached_tokens)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for h in handles:
+                h.cancel()
+
+    # --- legacy completions --------------------------------------------------------------------------------
+    def prepare_completion(self, req: CompletionRequest) -> list[list[int]]:
+        out = []
+        vocab = self.llm.config.text.vocab_size
+        for p in req.prompts():
+            ids = self.tok.encode(p, add_bos=True) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab - 1}]", param="prompt")
+            if len(ids) >= self.max_model_len:
+                raise APIError(400, f"the prompt is {len(ids)} tokens, but this server's context is "
+                                    f"{self.max_model_len} tokens; shorten the prompt", param="prompt",
+                               code="context_length_exceeded")
+            out.append(ids)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+        return out
+
+    def completion_handles(self, req: CompletionRequest, prompts: list[list[int]]) -> list[tuple[int, RequestHandle]]:
+        handles = []
+        try:
+            for pi, ids in enumerate(prompts):
+                for i in range(req.n):
+                    lp = req.logprobs is not None
+                    params = self.sampling(req, req.max_tokens, lp, req.logprobs or 0, i)
+                    self._check_bias(params)
+                    handles.append((pi, self._submit(ids, {}, len(ids), None, params, skip_special=True)))
+        except BaseException:
+            for _, h in handles:
+                h.cancel()
+            raise
+        return handles
+
+    def _completion_lp(self, entries: list[tuple[int, float, list]], offset: int) -> dict:
+        tokens, lps, tops, offs = [], [], [], []
+        for tid, lp, top in entries:
+            t = self._token_text(tid)
+            tokens.append(t)
+            lps.append(lp)
+            tops.append({self._token_text(i): v for i, v in top})
+            offs.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+    async def completion(self, req: CompletionRequest, prompts: list[list[int]]) -> dict:
+        handles = self.completion_handles(req, prompts)
+
+        async def one(pi: int, h: RequestHandle):
+            text, n, reason, entries = "", 0, None, []
+            async for out in self._steps(h):
+                if out.token_id >= 0:
+                    n += 1
+                    if out.logprob is not None and not (out.finished and isinstance(out.stop_reason, int)):
+                        entries.append((out.token_id, out.logprob, out.top))
+                text += out.text
+                reason = out.finish_reason
+            prefix = self.tok.decode(prompts[pi], skip_special_tokens=True) if req.echo else ""
+            return prefix + text, n, "length" if reason == "length" else "stop", entries
+
+        try:
+            results = await asyncio.gather(*(one(pi, h) for pi, h in handles))
+        finally:
+            for _, h in handles:
+                h.cancel()
+        choices = [{"index": k, "text": text, "finish_reason": fin,
+                    "logprobs": self._completion_lp(ent, 0) if req.logprobs is not None else None}
+                   for k, (text, _, fin, ent) in enumerate(results)]
+        usage = self._usage(sum(len(p) for p in prompts), sum(r[1] for r in results), handles[0][1].cached_tokens)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": _now(),
+                "model": self.settings.model_name, "choices": choices, "usage": usage}
+
+    def completion_stream(self, req: CompletionRequest, prompts: list[list[int]]) -> AsyncIterator[dict]:
+        return self._completion_stream(req, prompts, self.completion_handles(req, prompts))
+
+    async def _completion_stream(self, req: CompletionRequest, prompts: list[list[int]],
+                                 handles: list[tuple[int, RequestHandle]]) -> AsyncIterator[dict]:
+        cid, created = f"cmpl-{uuid.uuid4().hex}", _now()
+        queue: asyncio.Queue = asyncio.Queue()
+        counts = [0] * len(handles)
+
+        def chunk(k: int, text: str, finish: str | None = None, lp: dict | None = None) -> dict:
+            return {"id": cid, "object": "text_completion", "created": created, "model": self.settings.model_name,
+                    "choices": [{"index": k, "text": text, "finish_reason": finish, "logprobs": lp}]}
+
+        async def one(k: int, pi: int, h: RequestHandle) -> None:
+            try:
+                if req.echo:
+                    await queue.put(chunk(k, self.tok.decode(prompts[pi], skip_special_tokens=True)))
+                reason = None
+                async for out in self._steps(h):
+                    if out.token_id >= 0:
+                        counts[k] += 1
+                    lp = None
+                    if out.logprob is not None and req.logprobs is not None and \
+                            not (out.finished and isinstance(out.stop_reason, int)):
+                        lp = self._completion_lp([(out.token_id, out.logprob, out.top)], 0)
+                    if out.text or lp:
+                        await queue.put(chunk(k, out.text, lp=lp))
+                    reason = out.finish_reason
+                await queue.put(chunk(k, "", "length" if reason == "length" else "stop"))
+            except APIError as e:
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(one(k, pi, h)) for k, (pi, h) in enumerate(handles)]
+        try:
+            live = len(tasks)
+            while live:
+                item = await queue.get()
+                if item is None:
+                    live -= 1
+                    continue
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+            usage = self._usage(sum(len(p) for p in prompts), sum(counts), handles[0][1].cached_tokens)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield {"id": cid, "object": "text_completion", "created": created,
+                       "model": self.settings.model_name, "choices": [], "usage": usage}
+        finally:
+            for t in tasks:
+                t.cancel()
+            for _, h in handles:
+                h.cancel()
+
+
+def count_sequences(req: ChatCompletionRequest | CompletionRequest) -> int:
+    if isinstance(req, CompletionRequest):
+        return req.n * len(req.prompts())
+    return req.n
+
+
+ObserverFactory = Callable[[], Observer]
