@@ -49,6 +49,36 @@ class LLM:
         self.drafter = drafter
         self.generation_config = _read_generation_config(path)
 
+    # --- prompts ----------------------------------------------------------------------------------------------
+    @property
+    def template(self):
+        """The checkpoint's chat template (tokenizer files), or unigemma's bundled Gemma 4 template if it has none."""
+        if getattr(self, "_template", None) is None:
+            from .inputs.template import ChatTemplate
+
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path} has no tokenizer.json: chat needs a tokenizer")
+            self._template = (ChatTemplate.from_tokenizer(self.tokenizer) if self.tokenizer.chat_template
+                              else ChatTemplate.bundled(self.tokenizer.specials))
+        return self._template
+
+    def render(self, messages, tools=None, enable_thinking: bool = False, add_generation_prompt: bool = True,
+               **template_kwargs) -> str:
+        """The prompt text the checkpoint's chat template makes of `messages` (OpenAI shape)."""
+        from .inputs.template import normalize_messages
+
+        return self.template.render(normalize_messages(messages), tools=tools, enable_thinking=enable_thinking,
+                                    add_generation_prompt=add_generation_prompt, **template_kwargs)
+
+    def build_prompt(self, messages, tools=None, enable_thinking: bool = False, add_generation_prompt: bool = True,
+                     resolve=None, limits=None, **template_kwargs):
+        """Messages (with images / audio / video parts) → `Prompt` (token ids + the model's media tensors)."""
+        from .inputs.prompt import build_prompt
+
+        return build_prompt(messages, self.tokenizer, self.template, self.config, tools=tools,
+                            enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
+                            resolve=resolve, limits=limits, **template_kwargs)
+
     @property
     def eos_token_ids(self) -> list[int]:
         ids = self.generation_config.get("eos_token_id", self.config.text.eos_token_id)
