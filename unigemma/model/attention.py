@@ -203,11 +203,19 @@ class Attention(nn.Module):
                 plan.shared[self.layer_type] = (k, v)
 
         k, v = k.to(q.dtype), v.to(q.dtype)
-        group = self.num_heads // k.shape[1]
+        n_kv = k.shape[1]
+        group = self.num_heads // n_kv
+        mask = plan.masks[self.layer_type]
+        if group > 1 and T == 1:
+            # One query token: fold each KV head's `group` query heads into the query axis (B, KV, group, d) and
+            # attend the cached K/V as they are — no copy of the cache per step.
+            out = F.scaled_dot_product_attention(q.view(B, n_kv, group, self.head_dim), k, v, attn_mask=mask,
+                                                 scale=1.0)
+            return self.o_proj(out.reshape(B, 1, self.num_heads * self.head_dim))
         if group > 1:  # GQA: each KV head serves `group` consecutive query heads
             k = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
             v = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.masks[self.layer_type], scale=1.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
     def _through_cache(self, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
