@@ -1,0 +1,225 @@
+"""Engine basics: cache vs recompute, chunked prefill, stops, streaming text, finish reasons, cancel, logprobs.
+
+Most tests use the scripted mock model (tests/mock_model.py), which checks its cache contents on every query;
+the tiny random reference checkpoint covers the real model's cache (sliding ring past the window).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unigemma
+from mock_model import BOS, EOS, IMG, ByteTokenizer, MockModel
+from refmodels import make_reference
+from unigemma.engine.generate import Engine, Request
+from unigemma.engine.runner import ModelRunner
+from unigemma.engine.sampling import SamplingParams
+
+torch.set_grad_enabled(False)
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy(n, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, **kw)
+
+
+def mock_engine(model=None, **kw):
+    kw.setdefault("speculative", None)
+    kw.setdefault("max_model_len", 256)
+    return Engine(model or MockModel(), TOK, [EOS], **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random checkpoint (window 8, KV sharing, untied head) whose greedy text does not collapse."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_reference("kvshare", path, seed=0)
+    return unigemma.load(path, device="cpu", dtype="float32")
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(8, 99, (n - 1,), generator=g).tolist()
+
+
+# --- cache correctness ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_mock_greedy_equals_full_recompute(chunk):
+    m = MockModel(window=8, sharpness=4.0)
+    prompt = TOK.encode("a prompt longer than the sliding window", add_bos=True)
+    expected = m.reference_greedy(prompt, 40)
+    eng = mock_engine(m, prefill_chunk=chunk)
+    rid = eng.add(Request(prompt, greedy(40)))
+    out = eng.run_until_done()[rid]
+    assert out.token_ids == expected
+    assert len(prompt) + len(expected) > 3 * 8  # well past the window
+
+
+def test_real_cache_vs_no_cache_past_window(tiny):
+    """Greedy with the KV cache (ring of window-8 sliding layers) == recomputing the whole sequence each step."""
+    ids = prompt_ids(12)
+    eng = Engine(tiny.model, None, [], max_slots=2, max_model_len=96, prefill_chunk=5, speculative=None)
+    rid = eng.add(Request(ids, greedy(30)))
+    got = eng.run_until_done()[rid].token_ids
+    seq = list(ids)
+    for _ in range(30):
+        seq.append(int(tiny.model(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(ids):]
+    assert len(set(got)) > 5  # a real sequence, not one repeated token
+
+
+def test_chunked_prefill_equals_whole(tiny):
+    ids = prompt_ids(37, seed=3)
+    whole = tiny.model(torch.tensor([ids]))[0, -1]
+    for chunk in (4, 9, 37):
+        r = ModelRunner(tiny.model, 1, 64)
+        for s in range(0, len(ids), chunk):
+            e = r.chunk_end(ids, s, chunk)
+            out = r.prefill_chunk(0, ids, s, e, need_logits=e == len(ids))
+        assert (out.logits[0, -1] - whole).abs().max() < 1e-4
+        # and one decode step on top matches the whole forward of the longer sequence
+        nxt = int(whole.argmax())
+        logits, _ = r.decode(torch.tensor([[nxt]]), torch.tensor([[len(ids)]]), len(ids) + 1)
+        full = tiny.model(torch.tensor([ids + [nxt]]))[0, -1]
+        assert (logits[0, -1] - full).abs().max() < 1e-4
+
+
+def test_chunks_never_split_a_vision_block(tiny):
+    r = ModelRunner(tiny.model, 1, 64)
+    img = tiny.config.image_token_id
+    ids = [2, 5, 6] + [img] * 6 + [7, 8]
+    assert r.chunk_end(ids, 0, 4) == 9          # would cut the run at 4: extended to its end
+    assert r.chunk_end(ids, 0, 3) == 3          # ends right before the run: fine
+    assert r.chunk_end(ids, 9, 4) == 11
+
+
+# --- stops, text, finish reasons -----------------------------------------------------------------------------
+
+def test_stop_string_spanning_tokens_never_leaks():
+    m = MockModel(sharpness=4.0)
+    prompt = TOK.encode("stop strings", add_bos=True)
+    text = TOK.decode(m.reference_greedy(prompt, 30, eos=None), skip_special_tokens=True)
+    # a 3-byte stop string is always spread over 3 byte tokens
+    stop = next(text[i:i + 3] for i in range(5, len(text)) if "\ufffd" not in text[i:i + 3] and len(text[i:i + 3]) == 3)
+    eng = mock_engine(m)
+    events = list(eng.generate_stream(Request(prompt, greedy(30, stop=[stop]))))
+    out = eng.output(events[-1].request_id)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert stop not in out.text and text.startswith(out.text)
+    assert "".join(e.text for e in events) == out.text
+    assert out.text == text[: text.index(stop)]
+
+
+def test_streaming_text_is_utf8_safe_and_equals_full_decode():
+    phrase = "héllo wörld テスト 🙂 "
+    m = MockModel(period=len(phrase.encode()), copy_bonus=30.0, sharpness=1.0)
+    prompt = TOK.encode(phrase * 2, add_bos=True)
+    eng = mock_engine(m)
+    events = list(eng.generate_stream(Request(prompt, greedy(40))))
+    out = eng.output(events[-1].request_id)
+    assert all("\ufffd" not in e.text for e in events)
+    assert "".join(e.text for e in events) == TOK.decode(out.token_ids) == out.text
+    assert any(len(e.text.encode()) > 1 for e in events)  # multi-byte characters were assembled
+    assert "テスト" in out.text
+
+
+def test_finish_reasons_and_usage():
+    m = MockModel()
+    prompt = TOK.encode("abc", add_bos=True)
+    eng = mock_engine(m, max_model_len=20)
+    a = eng.add(Request(prompt, greedy(5, ignore_eos=True)))
+    b = eng.add(Request(prompt, greedy(None, ignore_eos=True)))         # runs into the context limit
+    first = m.reference_greedy(prompt, 1)[0]
+    c = eng.add(Request(prompt, greedy(10, stop_token_ids=[first])))    # stops on its first token
+    outs = eng.run_until_done()
+    assert outs[a].finish_reason == "length" and outs[a].usage.completion_tokens == 5
+    assert outs[b].finish_reason == "length" and len(prompt) + len(outs[b].token_ids) == 20
+    assert outs[c].finish_reason == "stop" and outs[c].token_ids == [first] and outs[c].text == ""
+    u = outs[a].usage
+    assert (u.prompt_tokens, u.total_tokens, u.cached_tokens) == (len(prompt), len(prompt) + 5, 0)
+
+
+def test_eos_from_eos_ids():
+    p = torch.full((TOK.__len__(),), 1e-6)
+    p[EOS] = 1.0
+    eng = mock_engine(MockModel(fixed_probs=p / p.sum()))
+    rid = eng.add(Request([BOS, 10, 11], greedy(10)))
+    out = eng.run_until_done()[rid]
+    assert out.token_ids == [EOS] and out.finish_reason == "stop" and out.stop_reason == EOS
+
+
+def test_cancel_frees_slot_and_reports():
+    eng = mock_engine(max_slots=2)
+    a = eng.add(Request(TOK.encode("one", add_bos=True), greedy(50, ignore_eos=True)))
+    b = eng.add(Request(TOK.encode("two", add_bos=True), greedy(50, ignore_eos=True)))
+    for _ in range(3):
+        eng.step()
+    assert len(eng.scheduler.slots) == 2
+    assert eng.cancel(a)
+    assert len(eng.scheduler.slots) == 1 and eng.scheduler.slots[0].id == b and eng.scheduler.slots[0].slot == 0
+    evs = eng.step()
+    final = [e for e in evs if e.request_id == a]
+    assert len(final) == 1 and final[0].finish_reason == "cancelled" and final[0].token_id is None
+    assert not eng.cancel(a)
+    out = eng.run_until_done()
+    assert out[b].finish_reason == "length" and len(out[b].token_ids) == 50
+
+
+def test_logprobs_match_model_distribution():
+    m = MockModel(sharpness=2.0)
+    prompt = TOK.encode("logprobs", add_bos=True)
+    eng = mock_engine(m)
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=6, logprobs=True, top_logprobs=3)
+    events = list(eng.generate_stream(Request(prompt, params)))
+    seq = list(prompt)
+    for ev in events:
+        lp = (m.run(torch.tensor([seq])).logits[0, -1] / 0.7).log_softmax(-1)
+        assert abs(ev.logprob - float(lp[ev.token_id])) < 1e-4
+        top = lp.topk(3)
+        assert [t for t, _ in ev.top_logprobs] == top.indices.tolist()
+        assert all(abs(a - b) < 1e-4 for (_, a), b in zip(ev.top_logprobs, top.values.tolist()))
+        seq.append(ev.token_id)
+
+
+def test_request_validation():
+    eng = mock_engine(max_model_len=16)
+    with pytest.raises(ValueError, match="non-empty"):
+        eng.add(Request([]))
+    with pytest.raises(ValueError, match="does not fit"):
+        eng.add(Request([BOS] * 16))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eng.add(Request([BOS, 10_000]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(MockModel(), None, [EOS], speculative=None).add(Request([BOS], SamplingParams(stop=["x"])))
+    with pytest.raises(ValueError, match="speculative"):
+        mock_engine(speculative="bogus")
+    with pytest.raises(ValueError, match="needs a drafter"):
+        mock_engine(speculative="mtp")
+
+
+def test_media_prompt_through_engine():
+    """Placeholders take their soft tokens from the request's media; the embedded prompt is prefilled in chunks."""
+    m = MockModel(sharpness=4.0)
+    prompt = TOK.encode("look:", add_bos=True) + [IMG] * 5 + TOK.encode(" now")
+    outs = []
+    for pix in (torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]), torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])):
+        eng = mock_engine(m, prefill_chunk=4)
+        rid = eng.add(Request(prompt, greedy(12), media={"pixel_values": pix}))
+        outs.append(eng.run_until_done()[rid].token_ids)
+        # the reference: one stateless forward per step with the same media
+        seq = list(prompt)
+        for _ in range(12):
+            seq.append(int(m.run(torch.tensor([seq]), pixel_values=pix).logits[0, -1].argmax()))
+        assert outs[-1] == seq[len(prompt):]
+    assert outs[0] != outs[1]

@@ -1,0 +1,160 @@
+"""The model runner: one KV cache, prefill chunks into a slot, batched decode / verification steps.
+
+    scheduler ──(slot, prompt chunk)──► prefill_chunk ─► model.run(B=1, slots=[s], logits of the last token)
+              ──(tokens, positions)───► decode ────────► forward over rows 0..B−1 of the cache (zero-copy views)
+                                          │ CUDA: replay a captured graph for (batch bucket, T, kv_len bucket)
+                                          ▼
+                                   logits (B, T, V), post-norm hidden (B, T, H)
+
+The runner owns the cache (`model.make_cache`) and knows tensors only: no requests, no sampling, no stop rules.
+Rows of a decode step are cache slots 0..B−1, so the scheduler keeps its running sequences compacted there; a
+row it has nothing for carries position −1 (a padding token: neither attended nor cached).
+
+Chunk boundaries never split a bidirectional vision block (a run of image / video placeholders): the block's
+first tokens must see its last ones, which only happens when they are in the same forward.
+
+CUDA path: decode steps have static shapes once the batch is rounded up to a bucket and the attention length
+of the full layers to a power of two, so each (batch bucket, T, kv bucket) is captured once as a CUDA graph and
+replayed: no Python or kernel-launch overhead per layer. Capture runs on padding positions, which touch only
+the cache's scratch entries, so capturing never disturbs live sequences. The CPU path runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.cache import KVCache
+
+
+def _is_unified(model) -> bool:
+    # The real model exposes its pieces, which lets decode skip work that only prompts need (media, vision
+    # blocks); scripted test models only offer `run`.
+    return hasattr(model, "language_model") and hasattr(model, "logits_from_hidden")
+
+
+class ModelRunner:
+    """Forward passes over a cache of `max_slots` sequences of up to `max_model_len` tokens."""
+
+    def __init__(self, model, max_slots: int, max_model_len: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, spare: int = 32, cuda_graphs: bool | None = None):
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}: expected an integer >= 1")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len={max_model_len}: expected an integer >= 2")
+        self.model = model
+        param = next(iter(model.parameters()))
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype or param.dtype
+        self.max_slots = max_slots
+        self.max_len = max_model_len
+        self.cache: KVCache = model.make_cache(max_slots, max_model_len, dtype=self.dtype, device=self.device,
+                                               spare=spare)
+        cfg = model.config
+        self.vocab_size = cfg.text.vocab_size
+        self.vision_ids = {cfg.image_token_id, cfg.video_token_id}
+        self.media_ids = {cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id}
+        self.direct = _is_unified(model)
+        if self.direct:
+            lm = model.language_model
+            w = lm.embed_tokens.weight
+            self._embed_scale = torch.tensor(lm.config.embed_scale, dtype=w.dtype, device=w.device)
+            self._mm_ids = sorted(self.media_ids)
+            self._pad_id = cfg.text.pad_token_id
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the runner is on {self.device}")
+        self.graphs = _GraphCache(self) if use_graphs and self.direct else None
+
+    # --- prefill -----------------------------------------------------------------------------------------
+    def chunk_end(self, ids: list[int], start: int, chunk: int) -> int:
+        """End of the prefill chunk that starts at `start`: start + chunk, pushed past any vision block it
+        would cut in two."""
+        end = min(len(ids), start + max(1, chunk))
+        while end < len(ids) and ids[end] in self.vision_ids and ids[end - 1] == ids[end]:
+            end += 1
+        return end
+
+    def prefill_chunk(self, slot: int, ids: list[int], start: int, end: int,
+                      embeds: torch.Tensor | None = None, need_logits: bool = True):
+        """Run prompt tokens [start, end) of one sequence into cache slot `slot`; returns the model output with
+        logits of the last token only (or none). `embeds` (T_prompt, H): the whole prompt's embeddings with
+        soft tokens already in place (media prompts), sliced here."""
+        x = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None]
+        kw = {}
+        if embeds is not None:
+            kw["inputs_embeds"] = embeds[start:end][None]
+        return self.model.run(x, position_ids=pos, cache=self.cache, slots=torch.tensor([slot], device=self.device),
+                              kv_len=end, logits_to_keep=1, compute_logits=need_logits, **kw)
+
+    # --- decode ------------------------------------------------------------------------------------------
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        """One step for rows 0..B−1: tokens / positions (B, T) (position −1 = padding). kv_len: 1 + the largest
+        position (host-known, so no sync). Returns (logits (B, T, V), hidden (B, T, H))."""
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is beyond the context of {self.max_len} tokens")
+        if self.graphs is not None:
+            return self.graphs.run(tokens, positions, kv_len)
+        return self.forward(tokens, positions, kv_len)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        if not self.direct:
+            out = self.model.run(tokens, position_ids=positions, cache=self.cache, kv_len=kv_len)
+            return out.logits, out.hidden
+        # Decode tokens are generated text: no media to splice and no vision blocks (a generated placeholder id
+        # is causal, exactly as one-token-at-a-time decoding treats it), so the language model runs directly.
+        m = self.model
+        is_mm = tokens == self._mm_ids[0]
+        for tid in self._mm_ids[1:]:
+            is_mm = is_mm | (tokens == tid)
+        x = m.language_model.embed_tokens(torch.where(is_mm, self._pad_id, tokens)) * self._embed_scale
+        hidden = m.language_model(x, positions, cache=self.cache, kv_len=kv_len)
+        return m.logits_from_hidden(hidden), hidden
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    b = floor
+    while b < n:
+        b *= 2
+    return min(b, cap) if n <= cap else n
+
+
+class _GraphCache:
+    """CUDA graphs of the decode step, captured lazily per (batch bucket, T, kv_len bucket)."""
+
+    KV_FLOOR = 256
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int, int], tuple] = {}
+
+    def _capture(self, B: int, T: int, kv: int):
+        r = self.runner
+        tok = torch.zeros(B, T, dtype=torch.long, device=r.device)
+        pos = torch.full((B, T), -1, dtype=torch.long, device=r.device)  # padding: writes land in scratch slots
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy tables (rope, cuBLAS handles) are created outside the capture
+                r.forward(tok, pos, kv)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits, hidden = r.forward(tok, pos, kv)
+        return graph, tok, pos, logits, hidden
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        r = self.runner
+        B, T = tokens.shape
+        key = (_bucket(B, r.max_slots), T, _bucket(kv_len, r.max_len, self.KV_FLOOR))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(*key)
+        graph, tok, pos, logits, hidden = entry
+        tok[:B].copy_(tokens)
+        pos[:B].copy_(positions)
+        if key[0] > B:
+            pos[B:].fill_(-1)
+        graph.replay()
+        return logits[:B], hidden[:B]
