@@ -22,6 +22,12 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .server.run import serve
+
+    return serve(args) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -36,7 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype assumed for weights and KV cache when the folder has no weights")
     s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (127.0.0.1 unless told otherwise)")
+    try:
+        from .server.run import add_serve_arguments
+    except ImportError as e:  # the server extra is not installed
+        s.set_defaults(func=lambda a, e=e: _missing_extra("serve", "server", e))
+    else:
+        add_serve_arguments(s)
+        s.set_defaults(func=_cmd_serve)
     return p
+
+
+def _missing_extra(cmd: str, extra: str, err: Exception) -> int:
+    print(f"unigemma {cmd}: needs the [{extra}] extra (pip install 'unigemma[{extra}]'): {err}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
