@@ -3,8 +3,9 @@
 `MockModel` speaks the part of `Gemma4Unified`'s interface the engine uses (`run`, `embed`, `make_cache`,
 `config`) and keeps its state in a real `KVCache` with two one-dimensional "layers":
 
-    layer 0 (full)     k = token id + 1 (0 = never written), v = media value of the token (0 for text)
-    layer 1 (sliding)  the same, in the ring buffer, with the ring's positions in `cache.ring_pos`
+    layer 0 (sliding)  k = token id + 1 (0 = never written), v = media value of the token (0 for text), in the
+                       ring buffer, with the ring's positions in `cache.ring_pos`
+    layer 1 (full)     the same, entry index = position (the config forces the last layer to be full)
 
 For every query position q the mock reads its context back from the cache and *checks* it: every full-layer
 entry in [0, q] must have been written, and the ring must hold exactly the tokens of the last `window` positions.
@@ -80,7 +81,7 @@ def mock_config(window: int = 8, vocab: int = VOCAB) -> UnifiedConfig:
     cfg = UnifiedConfig.from_dict({
         "model_type": "gemma4_unified_text", "vocab_size": vocab, "hidden_size": 4, "intermediate_size": 4,
         "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 2,
-        "global_head_dim": 2, "sliding_window": window, "layer_types": ["full_attention", "sliding_attention"],
+        "global_head_dim": 2, "sliding_window": window, "layer_types": ["sliding_attention", "full_attention"],
         "eos_token_id": EOS, "bos_token_id": BOS, "pad_token_id": PAD})
     cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id = IMG, VID, AUD
     return cfg
@@ -139,7 +140,7 @@ class MockModel:
         if position_ids is None:
             raise ValueError("a cached forward needs explicit position_ids")
         rows = list(range(B)) if slots is None else [int(s) for s in slots]
-        full, ring = cache.layers[0], cache.layers[1]
+        ring, full = cache.layers[0], cache.layers[1]
         R = cache.ring
         logits = torch.zeros(B, T, self.vocab)
         hidden = torch.zeros(B, T, self.HIDDEN)
@@ -173,7 +174,7 @@ class MockModel:
 
     # --- the "language" ----------------------------------------------------------------------------------
     def _logits_at(self, cache: KVCache, s: int, q: int, mine: dict) -> torch.Tensor:
-        full, ring = cache.layers[0], cache.layers[1]
+        ring, full = cache.layers[0], cache.layers[1]
         toks = full.k[s, 0, : q + 1, 0]
         if bool((toks == 0).any()):
             missing = (toks == 0).nonzero().flatten().tolist()
@@ -217,3 +218,28 @@ class MockModel:
 
 def empty_ring(cache: KVCache, slot: int) -> bool:
     return bool((cache.ring_pos[slot] == EMPTY).all())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tiny real checkpoints (reference-built, random weights) for the engine tests that need the real model
+# ------------------------------------------------------------------------------------------------------------
+
+def make_drafter(path, target: str = "kvshare", seed: int = 7, num_assistant_tokens: int = 3):
+    """Save a random gemma4_unified_assistant whose geometry mirrors the `refmodels` config `target`
+    (spec/mtp-drafting.md §1.1: same head dims, kv heads, window and k_eq_v as the target); returns it."""
+    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
+
+    from refmodels import BASE_TEXT, CONFIGS, randomize
+
+    over = CONFIGS[target][0]
+    tc = {**BASE_TEXT, **{k: v for k, v in over.items() if k in (
+        "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "sliding_window")}}
+    tc.update(num_hidden_layers=2, hidden_size=48, intermediate_size=64, final_logit_softcapping=None,
+              layer_types=["sliding_attention", "full_attention"])
+    cfg = Gemma4UnifiedAssistantConfig(text_config=tc, backbone_hidden_size=BASE_TEXT["hidden_size"])
+    dr = Gemma4UnifiedAssistantForCausalLM(cfg).eval()
+    randomize(dr, seed)
+    # the reference's assisted generation reads the draft count from the drafter's generation config
+    dr.generation_config.num_assistant_tokens = num_assistant_tokens
+    dr.save_pretrained(str(path))
+    return dr

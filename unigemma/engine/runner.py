@@ -55,9 +55,6 @@ class ModelRunner:
         self.media_ids = {cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id}
         self.direct = _is_unified(model)
         if self.direct:
-            lm = model.language_model
-            w = lm.embed_tokens.weight
-            self._embed_scale = torch.tensor(lm.config.embed_scale, dtype=w.dtype, device=w.device)
             self._mm_ids = sorted(self.media_ids)
             self._pad_id = cfg.text.pad_token_id
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -107,7 +104,7 @@ class ModelRunner:
         is_mm = tokens == self._mm_ids[0]
         for tid in self._mm_ids[1:]:
             is_mm = is_mm | (tokens == tid)
-        x = m.language_model.embed_tokens(torch.where(is_mm, self._pad_id, tokens)) * self._embed_scale
+        x = m.language_model.embed(torch.where(is_mm, self._pad_id, tokens))
         hidden = m.language_model(x, positions, cache=self.cache, kv_len=kv_len)
         return m.logits_from_hidden(hidden), hidden
 

@@ -460,7 +460,8 @@ class Scheduler:
         keys = seq.keys.extend(seq.tokens, seq.computed)
         bs = self.prefix.block_size
         before = seq.stored_blocks
-        while seq.stored_blocks < len(keys):
+        ready = min(len(keys), seq.computed // bs)  # keys may run ahead (the whole prompt's are known)
+        while seq.stored_blocks < ready:
             j = seq.stored_blocks
             if not self.prefix.store(keys[j], j * bs, seq.slot):
                 seq.store_broken = True

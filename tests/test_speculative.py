@@ -1,0 +1,226 @@
+"""Speculative decoding: prompt lookup and MTP drafts are lossless (greedy identical, seeded sampling identical,
+sampled distribution unchanged), the MTP drafter reads clean K/V, and the draft length adapts to costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unigemma
+from mock_model import EOS, ByteTokenizer, MockModel, make_drafter
+from refmodels import make_reference
+from unigemma.config import FULL, SLIDING
+from unigemma.engine.generate import Engine, Request
+from unigemma.engine.sampling import SamplingParams
+from unigemma.engine.speculative import DraftController, NgramIndex, PromptLookup, SpecStats, expected_tokens
+
+torch.set_grad_enabled(False)
+TOK = ByteTokenizer()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_drafter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spec")
+    make_reference("kvshare", root / "t", seed=2)
+    make_drafter(root / "d", "kvshare")
+    return unigemma.load(root / "t", device="cpu", dtype="float32", drafter=root / "d")
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(8, 99, (n,), generator=g).tolist()
+
+
+def run(engine: Engine, requests: list[Request]):
+    ids = [engine.add(r) for r in requests]
+    outs = engine.run_until_done()
+    return [outs[i] for i in ids]
+
+
+# --- prompt lookup -------------------------------------------------------------------------------------------
+
+def test_ngram_index_proposes_latest_continuation():
+    idx = NgramIndex(1, 3)
+    toks = [5, 6, 7, 8, 5, 6, 9, 1, 5, 6]
+    assert idx.propose(toks, 3) == [9, 1, 5]          # latest (5, 6) was followed by 9, 1, 5
+    assert idx.propose(toks + [9], 2) == [1, 5]       # the index is extended incrementally
+    assert idx.propose([1, 2, 3], 4) == []
+    # a repeating run is continued periodically past the end of the sequence
+    assert NgramIndex(1, 2).propose([3, 4, 3, 4, 3, 4], 5) == [3, 4, 3, 4, 3]
+
+
+def test_prompt_lookup_greedy_identical_and_accepted():
+    phrase = TOK.encode("the cat sat on the mat. ")
+    m = MockModel(period=len(phrase), copy_bonus=9.0, sharpness=2.0)
+    p = [2] + phrase * 3
+    plain = run(Engine(m, TOK, [EOS], max_slots=2, speculative=None), [Request(p, SamplingParams(0.0, max_tokens=60))])
+    spec_eng = Engine(m, TOK, [EOS], max_slots=2, speculative="lookup", adaptive=False, num_draft_tokens=5)
+    spec = run(spec_eng, [Request(p, SamplingParams(0.0, max_tokens=60))])
+    assert spec[0].token_ids == plain[0].token_ids
+    u = spec[0].usage
+    assert u.drafted_tokens > 20 and u.acceptance_rate > 0.5 and u.mean_accepted_length > 1.5
+    assert spec_eng.scheduler.steps < 0.6 * 60  # several tokens per step
+
+
+def test_seeded_sampling_identical_with_and_without_speculation():
+    """Coupled acceptance: each position's token is the very draw plain decoding makes from the request's
+    generator, so seeds reproduce exactly, whatever the draft lengths and batch."""
+    phrase = TOK.encode("abc def ")
+    m = MockModel(period=len(phrase), copy_bonus=8.0, sharpness=1.5)
+    reqs = lambda: [Request([2] + phrase * 2, SamplingParams(temperature=t, top_p=tp, seed=s, max_tokens=40,
+                                                             ignore_eos=True))
+                    for t, tp, s in [(1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 1.0, 3)]]
+    plain = run(Engine(m, TOK, [EOS], max_slots=1, speculative=None), reqs())
+    spec = run(Engine(m, TOK, [EOS], max_slots=3, speculative="lookup", adaptive=False, num_draft_tokens=4), reqs())
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert all(o.usage.drafted_tokens > 0 and o.usage.accepted_tokens > 0 for o in spec)
+    assert any(o.usage.accepted_tokens < o.usage.drafted_tokens for o in spec)  # rejections happened too
+
+
+class FixedProposer:
+    """Always drafts the same tokens (deterministic drafts, as MTP and prompt lookup make them)."""
+
+    name = "fixed"
+
+    def __init__(self, drafts):
+        self.drafts = drafts
+
+    def propose(self, seqs, k):
+        return [self.drafts[:k] for _ in seqs]
+
+
+@pytest.mark.parametrize("drafts", [[10, 11, 10], [13, 13, 12]])
+def test_speculative_sampling_matches_target_distribution(drafts):
+    """Fixed next-token distribution p; with likely and unlikely drafts, every generated position must still be
+    distributed as p, independently of the previous one (chi-square, p-value 1e-3 thresholds)."""
+    p = torch.zeros(TOK.__len__())
+    p[10:14] = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    m = MockModel(fixed_probs=p)
+    torch.manual_seed(0)
+    eng = Engine(m, TOK, [EOS], max_slots=8, speculative=FixedProposer(drafts), adaptive=False, num_draft_tokens=3)
+    N = 400
+    outs = run(eng, [Request([2, 20, 21], SamplingParams(temperature=1.0, max_tokens=4)) for _ in range(N)])
+    seqs = torch.tensor([o.token_ids for o in outs]) - 10
+    assert seqs.shape == (N, 4) and bool(((seqs >= 0) & (seqs < 4)).all())
+    probs = p[10:14]
+    for j in range(4):
+        counts = torch.bincount(seqs[:, j], minlength=4).float()
+        chi2 = float(((counts - N * probs) ** 2 / (N * probs)).sum())
+        assert chi2 < 16.27, f"position {j}: counts {counts.tolist()}"        # 3 dof, p = 0.001
+    joint = torch.bincount(seqs[:, 1] * 4 + seqs[:, 2], minlength=16).float()
+    expect = N * torch.outer(probs, probs).flatten()
+    assert float(((joint - expect) ** 2 / expect).sum()) < 37.7                 # 15 dof, p = 0.001
+    drafted = sum(o.usage.drafted_tokens for o in outs)
+    accepted = sum(o.usage.accepted_tokens for o in outs)
+    assert drafted > N and 0 < accepted < drafted
+
+
+# --- MTP --------------------------------------------------------------------------------------------------------
+
+def test_mtp_and_lookup_greedy_identical_to_plain(tiny_with_drafter):
+    llm = tiny_with_drafter
+    reqs = lambda: [Request(prompt(20, s), SamplingParams(0.0, max_tokens=30)) for s in (1, 2, 3)]
+    base = [o.token_ids for o in run(Engine(llm.model, None, llm.eos_token_ids, max_slots=3, max_model_len=96,
+                                            speculative=None), reqs())]
+    for spec in ("mtp", "lookup"):
+        eng = Engine(llm.model, None, llm.eos_token_ids, llm.drafter, max_slots=3, max_model_len=96,
+                     speculative=spec, adaptive=False, num_draft_tokens=3, prefill_chunk=7)
+        outs = run(eng, reqs())
+        assert [o.token_ids for o in outs] == base, spec
+        if spec == "mtp":
+            assert all(o.usage.drafted_tokens > 0 for o in outs)
+
+
+def test_mtp_seeded_sampling_identical(tiny_with_drafter):
+    llm = tiny_with_drafter
+    reqs = lambda: [Request(prompt(15, s), SamplingParams(0.8, seed=s, max_tokens=20)) for s in (4, 5)]
+    base = run(Engine(llm.model, None, llm.eos_token_ids, max_slots=1, max_model_len=96, speculative=None), reqs())
+    spec = run(Engine(llm.model, None, llm.eos_token_ids, llm.drafter, max_slots=2, max_model_len=96,
+                      speculative="mtp", adaptive=False, num_draft_tokens=2), reqs())
+    assert [o.token_ids for o in spec] == [o.token_ids for o in base]
+
+
+def test_mtp_drafter_reads_clean_kv(tiny_with_drafter):
+    """The proposer's drafts equal a direct drafter loop (spec §4.2) fed from a cache-free forward of the
+    sequence: full-layer keys at positions < p, sliding keys at p−W−1 … p−1, hidden of position p−1."""
+    llm = tiny_with_drafter
+    eng = Engine(llm.model, None, llm.eos_token_ids, llm.drafter, max_slots=2, max_model_len=96,
+                 speculative="mtp", adaptive=False, num_draft_tokens=3, prefill_chunk=6)
+    eng.add(Request(prompt(25, 9), SamplingParams(0.0, max_tokens=40, ignore_eos=True)))
+    seq = eng.scheduler.seqs[next(iter(eng.scheduler.seqs))]
+    while len(seq.output_ids) < 4:  # prefill in chunks of 6, then a few verify steps (with rollbacks)
+        eng.step()
+    got = eng.scheduler.proposer.propose([seq], 3)[0]
+
+    toks = seq.tokens
+    P = len(toks) - 1
+    out = llm.model.run(torch.tensor([toks[:P]]))
+    W = llm.drafter.config.text.sliding_window
+    kv = {t: out.plan.shared[t] for t in (SLIDING, FULL)}
+    pos = torch.arange(P)
+    masks = {FULL: torch.ones(1, P, dtype=torch.bool), SLIDING: (pos >= P - W - 1)[None]}
+    g = out.hidden[:, -1:]
+    tok = torch.tensor([[toks[-1]]])
+    expected = []
+    for _ in range(3):
+        x = torch.cat([llm.model.language_model.embed(tok), g], -1)
+        logits, g = llm.drafter(x, torch.tensor([[P]]), kv, masks)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        expected.append(int(tok))
+    assert got == expected
+
+
+# --- adaptivity ----------------------------------------------------------------------------------------------
+
+def test_expected_tokens():
+    assert expected_tokens(0.5, 0) == 1.0
+    assert abs(expected_tokens(0.5, 3) - 1.875) < 1e-12
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_controller_stops_drafting_when_it_does_not_pay():
+    c = DraftController(max_draft=6)
+    c.observe_step(1, 1, 0.010)
+    for T in range(2, 8):
+        c.observe_step(1, T, 0.010 * (1 + 0.9 * (T - 1)))   # compute-bound: every extra token costs 90%
+    assert c.choose([0.3], [6], rows=1) == 0
+    cheap = DraftController(max_draft=6)
+    cheap.observe_step(1, 1, 0.010)
+    for T in range(2, 8):
+        cheap.observe_step(1, T, 0.0102 * (1 + 0.01 * (T - 1)))  # memory-bound: drafts are nearly free
+    assert cheap.choose([0.9], [6], rows=1) == 6
+    assert cheap.choose([0.9], [2], rows=1) == 2                # never more than the proposals
+    assert 1 <= cheap.choose([0.5], [6], rows=1) <= 6
+    # a drafter call costing as much as a step makes long drafts pointless
+    cheap.draft_cost = 0.010
+    assert cheap.choose([0.5], [6], rows=1) <= 1
+
+
+def test_acceptance_estimate_tracks_and_recovers():
+    s = SpecStats(alpha=0.6)
+    for _ in range(20):
+        s.observe(4, 0)
+    assert s.alpha < 0.1 and s.acceptance_rate == 0.0
+    c = DraftController(4, prior_alpha=0.6)
+    for _ in range(200):
+        c.idle(s)
+    assert s.alpha > 0.5  # drifts back, so drafting is retried later
+
+
+def test_adaptive_engine_drafts_little_without_repetition():
+    """Random text: prompt lookup rarely finds anything, the estimate falls, and output stays identical."""
+    m = MockModel(sharpness=3.0)
+    p = TOK.encode("no repetition here at all", add_bos=True)
+    plain = run(Engine(m, TOK, [EOS], speculative=None), [Request(p, SamplingParams(0.0, max_tokens=40))])
+    spec = run(Engine(m, TOK, [EOS], speculative="lookup"), [Request(p, SamplingParams(0.0, max_tokens=40))])
+    assert spec[0].token_ids == plain[0].token_ids
+    assert spec[0].usage.drafted_tokens < 15
