@@ -250,14 +250,26 @@ class DraftController:
         self.draft_cost = 0.0            # seconds per drafter call (0 for prompt lookup)
 
     # --- measurements ------------------------------------------------------------------------------------
+    def _shape(self, tokens: int) -> float:
+        """Relative cost of a forward over `tokens` tokens: 1 + marginal · (tokens − 1)."""
+        return 1.0 + self.marginal * (tokens - 1)
+
     def observe_step(self, rows: int, T: int, seconds: float) -> None:
         key = (rows, T)
         old = self.step_cost.get(key)
         self.step_cost[key] = seconds if old is None else old + self.ema * (seconds - old)
         base = self.step_cost.get((rows, 1))
-        if T > 1 and base:
-            m = max(0.0, (self.step_cost[key] / base - 1.0) / (rows * (T - 1)))
-            self.marginal += self.ema * (m - self.marginal)
+        if not base:
+            return
+        for (r, t), c in self.step_cost.items():
+            if r != rows or t == 1 or (T > 1 and t != T):
+                continue  # a verify step updates its own pair; a plain step updates all pairs of its batch
+            # solve c(rows, t) / c(rows, 1) = shape(rows·t) / shape(rows) for the marginal cost per token
+            ratio = c / base
+            denom = (rows * t - 1) - ratio * (rows - 1)
+            if denom > 0:
+                m = max(0.0, (ratio - 1.0) / denom)
+                self.marginal += self.ema * (m - self.marginal)
 
     def observe_draft(self, k: int, seconds: float) -> None:
         if k > 0:
@@ -265,18 +277,16 @@ class DraftController:
             self.draft_cost = per if self.draft_cost == 0 else self.draft_cost + self.ema * (per - self.draft_cost)
 
     def cost(self, rows: int, k: int) -> float:
+        """Seconds for a step of `rows` rows with k drafts each: measured, else scaled from the nearest
+        measurement by the linear cost shape."""
         c = self.step_cost.get((rows, k + 1))
         if c is not None:
             return c
-        base = self.step_cost.get((rows, 1))
-        if base is None:
-            seen = [(r, v) for (r, t), v in self.step_cost.items() if t == 1]
-            if seen:
-                r0, v0 = min(seen, key=lambda rv: abs(rv[0] - rows))
-                base = v0 * max(0.3, 1.0 + self.marginal * (rows - r0))
-            else:
-                base = 1.0
-        return base * (1.0 + self.marginal * rows * k)
+        if not self.step_cost:
+            return self._shape(rows * (k + 1))  # relative units: only ratios between choices matter
+        (r0, t0), c0 = min(self.step_cost.items(),
+                           key=lambda kv: (abs(kv[0][0] - rows), abs(kv[0][1] - (k + 1))))
+        return c0 * self._shape(rows * (k + 1)) / self._shape(r0 * t0)
 
     # --- the decision ------------------------------------------------------------------------------------
     def choose(self, alphas: Sequence[float], available: Sequence[int], rows: int) -> int:

@@ -1,0 +1,356 @@
+"""Decode speed: unigemma's engine vs the reference `generate` vs the memory-bandwidth limit (JSON lines).
+
+    python benchmarks/decode.py [--configs 50m,7m] [--prompt 512] [--new 128] [--threads N] [--quick]
+
+For each config (random fp32 weights of the unified architecture, text only) it prints one JSON object per
+measurement (DESIGN.md §6): `bench: "decode"`, `metric: "tokens_per_s"`, `impl` in unigemma / reference /
+limit (and unigemma-lookup for prompt-lookup speculation), with `config`, `batch`, `prompt_tokens`,
+`new_tokens`, `device`, `threads`. Decode rates exclude the prefill: they time tokens 2 … N of a request.
+
+limit = measured read bandwidth (sum over a 512 MiB tensor, best of 5) ÷ weight bytes: the speed at which one
+token's forward would do nothing but stream the weights once.
+
+Configs: "50m" (hidden 512, 8 layers, one full layer in four, 8 heads / 4 KV heads, head_dim 64, full layers
+head_dim 128 with k_eq_v, window 128, vocab 32768) and "7m" (hidden 256, 4 layers, 4 / 2 heads, vocab 8192).
+Absolute numbers from shared CPUs are noise; compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unigemma  # noqa: E402
+from unigemma.engine.generate import Engine, Request  # noqa: E402
+from unigemma.engine.sampling import SamplingParams  # noqa: E402
+
+CONFIGS = {
+    "50m": dict(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4, head_dim=64, global_head_dim=128,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=128,
+                layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2),
+    "7m": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+               num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=128,
+               layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+}
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def device_name() -> str:
+    return platform.processor() or platform.machine()
+
+
+def read_bandwidth() -> float:
+    x = torch.ones(128 * 1024 * 1024, dtype=torch.float32)  # 512 MiB: far beyond any cache
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def build(name: str, root: Path):
+    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    cfg = Gemma4UnifiedTextConfig(**CONFIGS[name], final_logit_softcapping=30.0, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    ref = Gemma4UnifiedForCausalLM(cfg).eval()
+    path = root / name
+    ref.save_pretrained(str(path))
+    return ref, path
+
+
+def weight_bytes(model) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            n += p.numel() * p.element_size()
+    return n
+
+
+def prompts(batch: int, n: int, vocab: int, repetitive: bool = False) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(batch):
+        if repetitive:
+            unit = torch.randint(10, vocab, (32,), generator=g).tolist()
+            out.append([2] + (unit * (n // 32 + 1))[: n - 1])
+        else:
+            out.append([2] + torch.randint(10, vocab, (n - 1,), generator=g).tolist())
+    return out
+
+
+def time_reference(ref, ids: list[list[int]], new: int) -> float:
+    """Decode tokens/s of the reference generate (prefill time subtracted), best of 2."""
+    x = torch.tensor(ids)
+    best = float("inf")
+    for _ in range(2):
+        t = time.perf_counter()
+        ref.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False, eos_token_id=None)
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        ref.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None)
+        best = min(best, time.perf_counter() - t - t_prefill)
+    return len(ids) * (new - 1) / best
+
+
+def time_engine(engine: Engine, ids: list[list[int]], new: int) -> tuple[float, list]:
+    """Decode tokens/s of the engine with all rows running together (timed after the last first token)."""
+    reqs = [engine.add(Request(p, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))) for p in ids]
+    started = set()
+    t0, emitted = None, 0
+    while engine.has_work:
+        evs = engine.step()
+        if t0 is None:
+            for e in evs:
+                started.add(e.request_id)
+            if len(started) == len(reqs):
+                t0 = time.perf_counter()
+            continue
+        emitted += sum(e.token_id is not None for e in evs)
+    dt = time.perf_counter() - t0
+    outs = [engine.output(r) for r in reqs]
+    for r in reqs:
+        engine.forget(r)
+    return emitted / dt, outs
+
+
+def run_config(name: str, args, root: Path, bw: float):
+    common = dict(config=name, device=device_name(), threads=torch.get_num_threads(),
+                  prompt_tokens=args.prompt, new_tokens=args.new)
+    ref, path = build(name, root)
+    llm = unigemma.load(path, device="cpu", dtype="float32")
+    wb = weight_bytes(llm.model)
+    emit(bench="decode", impl="limit", metric="tokens_per_s", value=bw / wb, unit="tok/s", batch=1,
+         weight_bytes=wb, read_bytes_per_s=bw, **common)
+    vocab = CONFIGS[name]["vocab_size"]
+    max_len = args.prompt + args.new + 64
+
+    def engine(spec=None, adaptive=True, slots=8):
+        return Engine(llm.model, None, [], max_slots=slots, max_model_len=max_len, speculative=spec,
+                      adaptive=adaptive, prefix_cache=False)
+
+    with torch.inference_mode():
+        eng = engine()
+        time_engine(eng, prompts(1, args.prompt, vocab), 8)  # warm-up
+        ours, outs1 = time_engine(eng, prompts(1, args.prompt, vocab), args.new)
+        emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=ours, unit="tok/s", batch=1,
+             ms_per_token=1e3 / ours, fraction_of_limit=ours / (bw / wb), **common)
+        theirs = time_reference(ref, prompts(1, args.prompt, vocab), args.new)
+        emit(bench="decode", impl="reference", metric="tokens_per_s", value=theirs, unit="tok/s", batch=1,
+             ms_per_token=1e3 / theirs, **common)
+        emit(bench="decode", impl="unigemma", metric="speedup_vs_reference", value=ours / theirs, unit="x",
+             batch=1, **common)
+        # greedy tokens must agree with the reference (fp32, same weights)
+        x = torch.tensor(prompts(1, args.prompt, vocab))
+        expected = ref.generate(x, max_new_tokens=32, do_sample=False, eos_token_id=None)[0, args.prompt:].tolist()
+        emit(bench="correctness", impl="unigemma", metric="greedy_tokens_equal_reference",
+             value=int(outs1[0].token_ids[:32] == expected), unit="bool", batch=1, **common)
+        if not args.quick:
+            ours8, _ = time_engine(eng, prompts(8, args.prompt, vocab), args.new)
+            emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=ours8, unit="tok/s", batch=8,
+                 vs_batch1=ours8 / ours, **common)
+            theirs8 = time_reference(ref, prompts(8, args.prompt, vocab), args.new // 2)
+            emit(bench="decode", impl="reference", metric="tokens_per_s", value=theirs8, unit="tok/s", batch=8,
+                 **{**common, "new_tokens": args.new // 2})
+        # prompt lookup on a repetitive prompt, against plain decoding of the same prompt
+        rep = prompts(1, args.prompt, vocab, repetitive=True)
+        plain, outs_p = time_engine(engine(None), rep, args.new)
+        for adaptive in (True, False):
+            spec_eng = engine("lookup", adaptive=adaptive)
+            fast, outs_s = time_engine(spec_eng, rep, args.new)
+            u = outs_s[0].usage
+            emit(bench="decode", impl="unigemma-lookup" + ("" if adaptive else "-fixed"), metric="tokens_per_s",
+                 value=fast, unit="tok/s", batch=1, speedup_vs_plain=fast / plain, plain_tokens_per_s=plain,
+                 acceptance_rate=u.acceptance_rate, mean_accepted_length=u.mean_accepted_length,
+                 drafted_tokens=u.drafted_tokens, identical_to_plain=int(outs_s[0].token_ids == outs_p[0].token_ids),
+                 **common)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA: the 12B geometry with random bf16 weights (costs what the real weights cost), plus correctness checks
+# ------------------------------------------------------------------------------------------------------------
+
+def random_model(cfg, device, dtype, seed=0):
+    """A Gemma4Unified (or drafter) with random weights, built on the meta device and filled in place."""
+    from unigemma.config import AssistantConfig
+    from unigemma.model.assistant import Gemma4Assistant
+    from unigemma.model.unified import Gemma4Unified
+
+    with torch.device("meta"):
+        m = Gemma4Assistant(cfg) if isinstance(cfg, AssistantConfig) else Gemma4Unified(cfg)
+    m = m.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=device))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * p.shape[-1] ** -0.5)
+        for n, b in m.named_buffers():
+            if n.endswith("layer_scalar"):
+                b.fill_(1.0)
+    if cfg.tie_word_embeddings:
+        if isinstance(cfg, AssistantConfig):
+            m.lm_head.weight = m.model.embed_tokens.weight
+        else:
+            m.lm_head.weight = m.model.language_model.embed_tokens.weight
+    return m.to(dtype).eval()
+
+
+def drafter_config(target_text: dict, hidden: int, layers: int, heads: int):
+    from unigemma.config import AssistantConfig
+
+    keep = ("vocab_size", "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+            "attention_k_eq_v", "sliding_window")
+    tc = {k: target_text[k] for k in keep if k in target_text}
+    tc.update(model_type="gemma4_unified_text", hidden_size=hidden, intermediate_size=4 * hidden,
+              num_hidden_layers=layers, num_attention_heads=heads,
+              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+    return AssistantConfig.from_dict({"model_type": "gemma4_unified_assistant", "text_config": tc,
+                                      "backbone_hidden_size": target_text["hidden_size"]})
+
+
+def run_cuda(args):
+    from unigemma.config import UnifiedConfig, gemma4_12b_config
+
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu-smoke"
+    graph_modes = (False, True) if dev.type == "cuda" else (False,)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def tokens(engine, ids, new, **kw):
+        reqs = [engine.add(Request(p, SamplingParams(max_tokens=new, ignore_eos=True, **kw))) for p in ids]
+        engine.run_until_done()
+        return [engine.output(r).token_ids for r in reqs]
+
+    # correctness on a tiny fp32 geometry: CPU vs CUDA eager vs CUDA graphs, with and without speculation
+    text = dict(model_type="gemma4_unified_text", vocab_size=4096, hidden_size=256, intermediate_size=512,
+                num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
+                num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=64, final_logit_softcapping=30.0)
+    cfg = UnifiedConfig.from_dict(text)
+    model = random_model(cfg, dev, torch.float32)
+    drafter = random_model(drafter_config(text, 128, 2, 4), dev, torch.float32, seed=1)
+    cpu_model = random_model(cfg, dev, torch.float32).cpu()
+    ids = prompts(3, 100, 4096)
+    runs = {}
+    on = dev.type == "cuda"
+    for label, m, kw in [("cpu", cpu_model, {}), ("eager", model, dict(cuda_graphs=False)),
+                         ("graph", model, dict(cuda_graphs=on)),
+                         ("graph-lookup", model, dict(speculative="lookup", adaptive=False)),
+                         ("graph-mtp", model, dict(speculative="mtp", adaptive=False, num_draft_tokens=3))]:
+        eng = Engine(m, None, [], drafter if "mtp" in label else None, max_slots=4, max_model_len=512,
+                     **{"speculative": None, **kw})
+        runs[label] = tokens(eng, ids, 96, temperature=0.0)
+        runs[label + "-seeded"] = tokens(eng, ids, 48, temperature=0.8, seed=3)
+    for label in ("eager", "graph", "graph-lookup", "graph-mtp"):
+        emit(bench="correctness", impl="unigemma", metric=f"greedy_{label}_equals_cpu",
+             value=int(runs[label] == runs["cpu"]), unit="bool", config="tiny", device=name)
+        emit(bench="correctness", impl="unigemma", metric=f"seeded_{label}_equals_eager",
+             value=int(runs[label + "-seeded"] == runs["eager-seeded"]), unit="bool", config="tiny", device=name)
+    del model, drafter, cpu_model
+
+    # speed on the 12B geometry (bf16)
+    cfg = UnifiedConfig.from_dict(text) if args.smoke else gemma4_12b_config()
+    model = random_model(cfg, dev, torch.bfloat16)
+    wb = weight_bytes(model)
+    x = torch.empty(1 << (24 if args.smoke else 30), dtype=torch.bfloat16, device=dev).normal_()
+    x.sum()
+    sync()
+    t = time.perf_counter()
+    for _ in range(20):
+        x.sum()
+    sync()
+    bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
+    del x
+    common = dict(config="tiny" if args.smoke else "12b", device=name, prompt_tokens=args.prompt, new_tokens=args.new, dtype="bfloat16")
+    emit(bench="decode", impl="limit", metric="tokens_per_s", value=bw / wb, unit="tok/s", batch=1,
+         weight_bytes=wb, read_bytes_per_s=bw, **common)
+    max_len = args.prompt + args.new + 64
+    vocab = cfg.text.vocab_size
+    for graphs in graph_modes:
+        eng = Engine(model, None, [], max_slots=8, max_model_len=max_len, speculative=None, prefix_cache=False,
+                     cuda_graphs=graphs)
+        time_engine(eng, prompts(1, args.prompt, vocab), 8)
+        tps, _ = time_engine(eng, prompts(1, args.prompt, vocab), args.new)
+        emit(bench="decode", impl="unigemma" if graphs else "unigemma-eager", metric="tokens_per_s", value=tps,
+             unit="tok/s", batch=1, cuda_graph=graphs, fraction_of_limit=tps / (bw / wb), **common)
+        if graphs == graph_modes[-1]:
+            time_engine(eng, prompts(8, args.prompt, vocab), 8)
+            tps8, _ = time_engine(eng, prompts(8, args.prompt, vocab), args.new)
+            emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=tps8, unit="tok/s", batch=8,
+                 cuda_graph=True, vs_batch1=tps8 / tps, **common)
+    rep = prompts(1, args.prompt, vocab, repetitive=True)
+    plain, out_p = time_engine(eng, rep, args.new)
+    del eng
+    for adaptive in (True, False):
+        spec = Engine(model, None, [], max_slots=8, max_model_len=max_len, speculative="lookup", adaptive=adaptive,
+                      prefix_cache=False)
+        spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
+        fast, out_s = time_engine(spec, rep, args.new)
+        u = out_s[0].usage
+        emit(bench="decode", impl="unigemma-lookup" + ("" if adaptive else "-fixed"), metric="tokens_per_s",
+             value=fast, unit="tok/s", batch=1, speedup_vs_plain=fast / plain, acceptance_rate=u.acceptance_rate,
+             mean_accepted_length=u.mean_accepted_length, identical_to_plain=int(out_s[0].token_ids == out_p[0].token_ids),
+             **common)
+        del spec
+    # a random (useless) MTP drafter: the adaptive controller must notice and stop drafting
+    drafter = random_model(drafter_config(text if args.smoke else cfg.raw["text_config"], 1024, 4, 16), dev,
+                           torch.bfloat16, seed=1)
+    spec = Engine(model, None, [], drafter, max_slots=8, max_model_len=max_len, speculative="mtp",
+                  prefix_cache=False)
+    spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
+    fast, out_s = time_engine(spec, prompts(1, args.prompt, vocab), args.new)
+    u = out_s[0].usage
+    emit(bench="decode", impl="unigemma-mtp-random-drafter", metric="tokens_per_s", value=fast, unit="tok/s",
+         batch=1, vs_plain=fast / tps, drafted_tokens=u.drafted_tokens, acceptance_rate=u.acceptance_rate, **common)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="50m,7m")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--quick", action="store_true", help="skip the batch-8 measurements")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the 12B geometry in bf16 (random weights) and CUDA correctness checks")
+    ap.add_argument("--smoke", action="store_true", help="run the --device cuda script on CPU with a tiny geometry")
+    args = ap.parse_args()
+    if args.device == "cuda" or args.smoke:
+        torch.set_grad_enabled(False)
+        run_cuda(args)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    bw = read_bandwidth()
+    emit(bench="bandwidth", impl="limit", metric="read_bytes_per_s", value=bw, unit="B/s", device=device_name(),
+         threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            if name not in CONFIGS:
+                raise ValueError(f"--configs: unknown config {name!r} (accepted: {', '.join(CONFIGS)})")
+            run_config(name, args, Path(tmp), bw)
+
+
+if __name__ == "__main__":
+    main()
