@@ -1,0 +1,85 @@
+"""`unigemma train CONFIG`: run a training config (fine-tuning, drafter distillation, DDP / DiLoCo workers).
+
+    unigemma train examples/train.yaml
+    unigemma train run.yaml --set optim.lr=1e-5 --set distributed.strategy=diloco
+    torchrun --nproc-per-node 4 -m unigemma.train.cli run.yaml          (one worker per process)
+
+`--set KEY=VALUE` overrides a dotted key before validation (VALUE is read as YAML: 3, 1e-5, true, [a, b]).
+Errors in the config print one line naming the key and exit with status 2. This module only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import TrainConfigError
+
+
+def build_parser(prog: str = "unigemma train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune a Gemma 4 unified model, distil an MTP drafter, "
+                                "or train data-parallel (DDP / DiLoCo) under torchrun.")
+    p.add_argument("config", help="training config (.yaml, .yml, .toml or .json); see examples/train.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-5 (repeatable)")
+    return p
+
+
+def _parse_value(text: str):
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception:  # no pyyaml, or not YAML: keep the text
+        return text
+
+
+def load_with_overrides(path: str, overrides: list[str]):
+    from pathlib import Path
+
+    from .config import from_dict, load_train_config
+
+    cfg = load_train_config(path)
+    if not overrides:
+        return cfg
+    d = cfg.to_dict()
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise TrainConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-5")
+        node = d
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise TrainConfigError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return from_dict(d, base_dir=Path.cwd())
+
+
+def _leave_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # let every worker finish its last transfer before connections close
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .loop import train
+
+        cfg = load_with_overrides(args.config, args.set)
+        train(cfg)
+        _leave_group()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"unigemma train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""The training loop: fine-tuning (full or LoRA) and, through a task object, drafter distillation.
+
+    Task (FinetuneTask here, DrafterTask in drafter.py)
+        .module        parameters being trained          .loss_module(batch) → (Σ loss over targets, #targets)
+        .save(dir)     a checkpoint `unigemma.load` reads  .restore(dir, state)  trained weights back for a resume
+    train(cfg)
+        data (ChatDataset → LengthGroupedBatchSampler → DataLoader workers) → grad_accum micro-batches
+        → Σloss / #targets of the whole step (so accumulation equals one big batch) → backward → clip → AdamW
+        → lr(step) (warm-up, then cosine / linear / constant) → [DDP all-reduce inside backward | DiLoCo sync]
+        → log line (loss, lr, tokens/s, bytes sent) → eval → checkpoint
+
+Checkpoints (`output_dir/checkpoint-NNNNNN/`, and `output_dir/final/`) hold the model in the published
+safetensors layout (+ config.json and tokenizer files), plus the training state without pickle:
+`trainer_state.json` (step, data position, config) and per rank `rank{r}.safetensors` (optimizer tensors, RNG
+states, DiLoCo/LoRA tensors) with `rank{r}.json` (optimizer hyper-parameters, Python RNG). Resuming restores all
+of it, so the losses after a resume are those of an uninterrupted run.
+
+The loss never materialises (batch, seq, vocab) logits: the hidden states of the trained positions are gathered
+and projected to the vocabulary in chunks under activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import TrainConfig
+from .data import (IGNORE, ChatDataset, LengthGroupedBatchSampler, MediaIds, chat_template_for, make_loader,
+                   model_inputs, to_device)
+from .diloco import DiLoCo, DistContext, Link, ddp_comm_hook, init_distributed
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+# --- small pieces --------------------------------------------------------------------------------------------
+
+def lr_at(step: int, lr: float, steps: int, warmup: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to lr, then decay to lr·min_lr_ratio."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    if schedule == "cosine":
+        factor = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        factor = 1 - (1 - min_lr_ratio) * progress
+    return lr * factor
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) for matrices and embeddings; norms and layer scalars keep their ones."""
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+
+
+def chunked_ce(h: torch.Tensor, y: torch.Tensor, head, chunk: int = 4096) -> torch.Tensor:
+    """Σ cross-entropy of head(h) against y, `chunk` rows at a time; under grad each chunk is recomputed in
+    backward, so at most one chunk of (rows, vocab) logits is alive."""
+    total = h.new_zeros((), dtype=torch.float32)
+
+    def piece(hc, yc):
+        return F.cross_entropy(head(hc).float(), yc, reduction="sum")
+
+    for i in range(0, h.shape[0], chunk):
+        hc, yc = h[i:i + chunk], y[i:i + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(piece, hc, yc, use_reentrant=False)
+        else:
+            total = total + piece(hc, yc)
+    return total
+
+
+class CausalLMLoss(nn.Module):
+    """(Σ next-token cross-entropy over the labelled positions, number of labelled positions)."""
+
+    def __init__(self, model: nn.Module, chunk: int = 4096):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.run(batch["input_ids"], compute_logits=False, **model_inputs(batch))
+        labels = batch["labels"]
+        sel = labels != IGNORE
+        return chunked_ce(out.hidden[sel], labels[sel], self.model.logits_from_hidden, self.chunk), sel.sum()
+
+
+class _StateView:
+    """What `save_model` needs from a model (`config`, `state_dict()`), for a state dict made elsewhere."""
+
+    def __init__(self, config, state: dict[str, torch.Tensor]):
+        self.config = config
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
+
+
+def load_weights(module: nn.Module, path: str | Path, allow_missing: tuple[str, ...] = ("lm_head.weight",)) -> None:
+    """Load a checkpoint folder's safetensors into an already built module (exact values, module's dtype)."""
+    from ..checkpoint import weight_files
+
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        state.update(load_file(str(f)))
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and k not in allow_missing]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: Path) -> None:
+    if src is None:
+        return
+    for name in TOKENIZER_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+
+
+# --- the fine-tuning task ------------------------------------------------------------------------------------
+
+class FinetuneTask:
+    """The model itself is trained: from a checkpoint or a random init, fully or through LoRA adapters."""
+
+    name = "finetune"
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from ..checkpoint import build_model
+        from ..config import UnifiedConfig, read_config_json
+        from ..inputs.tokenizer import Tokenizer
+        from ..model.unified import Gemma4Unified
+        from .lora import apply_lora
+
+        m = cfg.model
+        self.cfg = cfg
+        dtype = precision_dtype(m.precision)
+        if m.checkpoint is not None:
+            self.model, self.model_config = build_model(m.checkpoint, dtype=dtype, device=device)
+            self.config_dict = dict(self.model_config.raw)
+        else:
+            self.config_dict = read_config_json(m.config)
+            self.model_config = UnifiedConfig.from_dict(self.config_dict, m.config)
+            torch.manual_seed(cfg.seed)
+            with torch.device(device):
+                self.model = Gemma4Unified(self.model_config)
+            init_weights(self.model, m.init_std)
+            self.model.to(dtype)
+        self.config_dict["dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        self.tokenizer_dir = cfg.data.tokenizer or m.checkpoint
+        self.tokenizer = Tokenizer.from_dir(self.tokenizer_dir)
+        self.template = chat_template_for(self.tokenizer)
+        self.media_ids = MediaIds.from_model(self.model_config, self.tokenizer)
+        self.pad_id = self.model_config.text.pad_token_id
+        self.lora = cfg.lora.enabled
+        if self.lora:
+            apply_lora(self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        self.model.language_model.gradient_checkpointing = m.gradient_checkpointing
+        self.model.train()
+        self.module = self.model
+        self.loss_module = CausalLMLoss(self.model)
+
+    @property
+    def keeps_trainable_in_state(self) -> bool:
+        """LoRA adapters cannot be recovered from merged weights, so they go into the training state."""
+        return self.lora
+
+    def save(self, path: Path) -> None:
+        from ..checkpoint import save_model
+        from .lora import merged_state_dict
+
+        state = merged_state_dict(self.model) if self.lora else self.model.state_dict()
+        save_model(_StateView(self.model_config, state), path, self.config_dict,
+                   max_shard_bytes=self.cfg.checkpoint.max_shard_bytes)
+        copy_tokenizer_files(self.tokenizer_dir, path)
+
+    def restore(self, path: Path) -> None:
+        if not self.lora:
+            load_weights(self.model, path)
+
+    def count(self, batch: dict) -> float:
+        """The loss normaliser of a batch, known before the forward (so accumulation is exact)."""
+        return float(batch["num_targets"])
+
+    def on_start(self, eval_data, resumed: bool) -> None:
+        pass
+
+    def report(self, eval_data) -> dict:
+        return {}
+
+
+# --- state files ---------------------------------------------------------------------------------------------
+
+def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{names[idx]}.{k}"] = v.detach().clone().contiguous().cpu()
+            else:
+                scalars[f"{names[idx]}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars, "names": names}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, names: list[str], tensors: dict, meta: dict) -> None:
+    if meta["names"] != names:
+        raise ValueError("the checkpoint's optimizer was built over different parameters (did lora / the model "
+                         "change since it was written?)")
+    state: dict[int, dict] = {}
+    for i, n in enumerate(names):
+        st = {k[len(f"opt.{n}."):]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        st.update({k[len(n) + 1:]: v for k, v in meta["scalars"].items() if k.startswith(f"{n}.")})
+        if st:
+            state[i] = st
+    groups = [dict(g, params=list(range(len(names)))) for g in meta["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state(device: torch.device) -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    v, internal, gauss = random.getstate()
+    return tensors, {"python_random": [v, list(internal), gauss]}
+
+
+def set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    v, internal, gauss = meta["python_random"]
+    random.setstate((v, tuple(internal), gauss))
+
+
+def find_resume(cfg: TrainConfig) -> Path | None:
+    r = cfg.checkpoint.resume
+    if r == "never":
+        return None
+    if r != "auto":
+        p = Path(r)
+        if not (p / "trainer_state.json").is_file():
+            raise ValueError(f"checkpoint.resume = {r!r}: not a training checkpoint (no trainer_state.json)")
+        return p
+    cands = sorted(p for p in Path(cfg.output_dir).glob("checkpoint-*")
+                   if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file())
+    return cands[-1] if cands else None
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)        # per optimizer step run in this call (this rank)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_eval_loss: float | None = None
+    bytes_sent: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    report: dict = field(default_factory=dict)
+
+
+def make_task(cfg: TrainConfig, device: torch.device):
+    if cfg.task == "drafter":
+        from .drafter import DrafterTask
+
+        return DrafterTask(cfg, device)
+    return FinetuneTask(cfg, device)
+
+
+def evaluate(loss_module: nn.Module, loader, device: torch.device, max_batches: int | None = None,
+             autocast=contextlib.nullcontext) -> float:
+    was = loss_module.training
+    loss_module.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            with autocast():
+                s, n = loss_module(to_device(batch, device))
+            total += float(s)
+            count += int(n)
+    loss_module.train(was)
+    return total / max(count, 1)
+
+
+class _Log:
+    def __init__(self, path: Path | None, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def __call__(self, record: dict, line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if line:
+            print(line, file=sys.stderr, flush=True)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) the training `cfg` describes; returns losses and where the final checkpoint is.
+
+    stop_after: run at most this many optimizer steps in this call, then write a checkpoint and return (a job
+    with a time limit; the next call resumes from it).
+    """
+    ctx = ctx or init_distributed(cfg.distributed.backend, cfg.model.device)
+    dev = ctx.device
+    out = Path(cfg.output_dir)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    resume = find_resume(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    task = make_task(cfg, dev)
+    if resume is not None:
+        task.restore(resume)
+    d, o, ds = cfg.data, cfg.optim, cfg.distributed
+
+    train_ds = ChatDataset(d.train, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
+                           d.prefill_empty_thought, d.image_soft_tokens)
+    sampler = LengthGroupedBatchSampler(train_ds.lengths, d.batch_size, cfg.seed, d.group_by_length, d.group_size,
+                                        shuffle=True, rank=ctx.rank, world_size=ctx.world_size)
+    pin = d.pin_memory and dev.type == "cuda"
+    loader = make_loader(train_ds, sampler, task.pad_id, d.num_workers, d.prefetch_factor, pin)
+    eval_loader = None
+    eval_ds = None
+    if d.eval is not None and ctx.is_main:
+        eval_ds = ChatDataset(d.eval, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
+                              d.prefill_empty_thought, d.image_soft_tokens)
+        es = LengthGroupedBatchSampler(eval_ds.lengths, d.batch_size, 0, True, 1 << 30, shuffle=False)
+        eval_loader = make_loader(eval_ds, es, task.pad_id, 0)
+
+    names = [n for n, p in task.module.named_parameters() if p.requires_grad]
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    link = Link(ds.link_mbps, ds.link_latency_ms)
+    ddp = diloco = None
+    loss_module = task.loss_module
+    if ds.strategy == "ddp" and ctx.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Media embedders get no gradient from text-only batches; DDP must then look for unused parameters.
+        mcfg = task.module.config
+        unused = getattr(mcfg, "vision", None) is not None or getattr(mcfg, "audio", None) is not None
+        ddp = DDP(task.loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                  find_unused_parameters=unused)
+        ddp.register_comm_hook(None, ddp_comm_hook(link))
+        loss_module = ddp
+    elif ds.strategy == "diloco":
+        diloco = DiLoCo(task.module, inner_steps=ds.inner_steps, outer_lr=ds.outer_lr,
+                        outer_momentum=ds.outer_momentum, nesterov=ds.nesterov, fragments=ds.fragments,
+                        overlap_steps=ds.overlap_steps, mix=ds.mix, compression=ds.compression,
+                        quant_block=ds.quant_block, link=link)
+
+    step, epoch, pos, tokens_seen = 0, 0, 0, 0
+    if resume is not None:
+        st = json.loads((resume / "trainer_state.json").read_text(encoding="utf-8"))
+        rt = load_file(str(resume / f"rank{ctx.rank}.safetensors"))
+        rm = json.loads((resume / f"rank{ctx.rank}.json").read_text(encoding="utf-8"))
+        if st["world_size"] != ctx.world_size:
+            raise ValueError(f"{resume} was written by {st['world_size']} workers; resume it with as many "
+                             f"(this run has {ctx.world_size})")
+        step, epoch, pos, tokens_seen = st["step"], rm["epoch"], rm["batch_in_epoch"], rm["tokens_seen"]
+        if diloco is not None:
+            diloco.load_state_dict({k[len("diloco."):]: v for k, v in rt.items() if k.startswith("diloco.")})
+            link.bytes_sent = rm.get("bytes_sent", 0)
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                if f"local.{n}" in rt:
+                    p.copy_(rt[f"local.{n}"])
+        load_optimizer_state(opt, names, rt, rm["optimizer"])
+        set_rng_state(rt, rm, dev)
+    sampler.set_position(epoch, pos)
+    it = iter(loader)
+
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.model.precision == "bf16-mixed" \
+        else contextlib.nullcontext
+    log = _Log(out / "metrics.jsonl", ctx.is_main)
+    result = TrainResult(out, step)
+
+    def next_batch() -> dict:
+        nonlocal it, epoch, pos
+        try:
+            b = next(it)
+        except StopIteration:
+            epoch, pos = epoch + 1, 0
+            sampler.set_position(epoch, 0)
+            it = iter(loader)
+            b = next(it)
+        pos += 1
+        return b
+
+    def save(name: str) -> Path:
+        path = out / name
+        tmp = out / (name + ".tmp")
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        if ctx.active:
+            torch.distributed.barrier()
+        with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
+            if ctx.is_main:
+                task.save(tmp)
+        tensors, meta = optimizer_state(opt, names)
+        rt, rm = rng_state(dev)
+        tensors.update(rt)
+        if diloco is not None:
+            tensors.update({f"diloco.{k}": v.detach().cpu().contiguous() for k, v in diloco.state_dict().items()})
+        if diloco is not None or getattr(task, "keeps_trainable_in_state", False):
+            tensors.update({f"local.{n}": p.detach().cpu().contiguous() for n, p in zip(names, params)})
+        save_file(tensors, str(tmp / f"rank{ctx.rank}.safetensors"))
+        rm.update(optimizer=meta, epoch=epoch, batch_in_epoch=pos, tokens_seen=tokens_seen,
+                  bytes_sent=link.bytes_sent)
+        (tmp / f"rank{ctx.rank}.json").write_text(json.dumps(rm), encoding="utf-8")
+        if ctx.active:
+            torch.distributed.barrier()
+        if ctx.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {"step": step, "world_size": ctx.world_size, "task": cfg.task, "config": cfg.to_dict()},
+                indent=2), encoding="utf-8")
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            kept = sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in kept[:-cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        if ctx.active:
+            torch.distributed.barrier()
+        return path
+
+    def run_eval() -> float | None:
+        if eval_loader is None:
+            return None
+        with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
+            return evaluate(task.loss_module, eval_loader, dev, cfg.eval.max_batches, autocast)
+
+    task.on_start(eval_ds, resume is not None)
+    save_pending = False
+    t_log, tok_log = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    task.loss_module.train()
+    start_step = step
+    while step < o.steps:
+        if stop_after is not None and step - start_step >= stop_after and (diloco is None or diloco.idle):
+            result.steps = step
+            result.output_dir = save(f"checkpoint-{step:06d}")
+            return result
+        micro = [next_batch() for _ in range(o.grad_accum)]
+        targets = max(1.0, sum(task.count(b) for b in micro))
+        lr = lr_at(step, o.lr, o.steps, o.warmup_steps, o.schedule, o.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for i, b in enumerate(micro):
+            sync = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast():
+                    s, _ = loss_module(to_device(b, dev))
+                (s / targets).backward()
+            loss_sum += float(s.detach())
+            tok_log += b["num_tokens"]
+            tokens_seen += b["num_tokens"]
+        gnorm = None
+        if o.grad_clip is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, o.grad_clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        synced = diloco.after_inner_step() if diloco is not None else []
+        loss = loss_sum / targets
+        result.losses.append(loss)
+
+        if step % cfg.log.every == 0 or step == o.steps:
+            now = time.perf_counter()
+            tps = tok_log * ctx.world_size / max(now - t_log, 1e-9)
+            rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "bytes_sent": link.bytes_sent,
+                   "epoch": epoch}
+            if gnorm is not None:
+                rec["grad_norm"] = gnorm
+            line = f"step {step}/{o.steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s"
+            if ctx.active or diloco is not None:
+                line += f" | sent {link.bytes_sent / 1e6:.2f} MB"
+                if diloco is not None:
+                    rec["outer_steps"] = diloco.outer_steps
+                    line += f" (outer {diloco.outer_steps})"
+            log(rec, line)
+            t_log, tok_log = now, 0
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < o.steps:
+            ev = run_eval()
+            if ev is not None:
+                result.eval_losses.append((step, ev))
+                log({"step": step, "eval_loss": ev}, f"step {step}: eval loss {ev:.4f}")
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < o.steps) or save_pending:
+            if diloco is None or diloco.idle:
+                save(f"checkpoint-{step:06d}")
+                save_pending = False
+            else:  # an exchange is in flight: take the checkpoint at the next quiet step (exact resume)
+                save_pending = True
+        del synced
+
+    if diloco is not None:
+        diloco.flush()
+    result.steps = step
+    result.seconds = time.perf_counter() - t0
+    result.tokens = tokens_seen
+    result.bytes_sent = link.bytes_sent
+    final = save("final")
+    ev = run_eval()
+    result.final_eval_loss = ev
+    if ctx.is_main:
+        with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
+            result.report = task.report(eval_ds)
+        summary = {"step": step, "final": str(final), "eval_loss": ev, "bytes_sent": link.bytes_sent,
+                   "tokens": tokens_seen, "seconds": result.seconds, **result.report}
+        log(summary, f"done: {step} steps, final checkpoint {final}" +
+            (f", eval loss {ev:.4f}" if ev is not None else ""))
+        (final / "train_report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return result
