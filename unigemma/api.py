@@ -102,9 +102,17 @@ def _read_generation_config(path: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize: str | None = None,
-         drafter: str | Path | None = None, progress=None) -> LLM:
-    """Load a gemma4_unified checkpoint folder (None: the bundled demo model)."""
+def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
+         drafter: str | Path | None = None, progress=None, kv_dtype=None) -> LLM:
+    """Load a gemma4_unified checkpoint folder (None: the bundled demo model).
+
+    quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
+    linears (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
+    A checkpoint written by `unigemma quantize` (or a compressed-tensors pack-quantized one) loads quantized
+    without it. kv_dtype: None (the model's dtype) | "bf16" | "fp16" | "fp32" | "fp8" → `llm.kv_dtype`, the
+    storage dtype the engine gives the KV cache.
+    """
+    from . import quant
     from .inputs.tokenizer import Tokenizer
 
     if path is None:
@@ -114,12 +122,19 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
                 f"no bundled demo model at {path}: this build of unigemma does not ship one yet; pass the folder "
                 "of a gemma4_unified checkpoint (config.json, safetensors, tokenizer.json)")
     path = Path(path)
-    if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"quantize={quantize!r} is not supported (accepted: None, 'int8', 'int4')")
-    if quantize is not None:
-        raise ValueError("weight quantization is not available in this build yet (tracked as issue 6)")
+    qcfg = quant.QuantConfig.parse(quantize)
     dev = resolve_device(device)
-    model, cfg = build_model(path, dtype=dtype, device=dev, progress=progress)
+    kv = quant.resolve_kv_dtype(kv_dtype, None, dev)  # validated before the (long) load
+    stored = quant.stored_quantization(path)
+    if stored is not None:
+        if qcfg is not None and qcfg.bits != stored["bits"]:
+            raise ValueError(f"quantize={quantize!r}, but {path} is already quantized to int{stored['bits']}; pass "
+                             f"quantize=None (or 'int{stored['bits']}') to load it, or quantize its float checkpoint")
+        model, cfg = quant.load_quantized(path, dtype=dtype, device=dev, progress=progress)
+    elif qcfg is not None:
+        model, cfg = quant.build_quantized(path, qcfg, dtype=dtype, device=dev, progress=progress)
+    else:
+        model, cfg = build_model(path, dtype=dtype, device=dev, progress=progress)
     if isinstance(cfg, AssistantConfig):
         raise ValueError(f"{path} holds an MTP drafter (gemma4_unified_assistant); pass it as drafter=..., and the "
                          "target model's folder as the path")
@@ -132,4 +147,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
         if dcfg.backbone_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"drafter backbone_hidden_size {dcfg.backbone_hidden_size} != target hidden_size "
                              f"{cfg.text.hidden_size}")
-    return LLM(model, cfg, tok, path, dev, draft)
+    llm = LLM(model, cfg, tok, path, dev, draft)
+    llm.quantization = stored or (qcfg.to_json() if qcfg is not None else None)  # None: float weights
+    llm.kv_dtype = kv or next(model.parameters()).dtype
+    return llm

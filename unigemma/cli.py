@@ -11,15 +11,61 @@ import sys
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import format_report, inspect_config, resolve
+    from .inspect import format_plan, format_report, inspect_config, plan_memory, resolve
 
     cfg, path = resolve(args.model)
     info = inspect_config(cfg, path, dtype=args.dtype)
+    if args.quantize or args.context is not None:
+        info = plan_memory(info, cfg, path, dtype=args.dtype, quantize=_quant_config(args), context=args.context,
+                           kv_dtype=args.kv_dtype, chunk=args.prefill_chunk)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(format_report(info))
+        extra = format_plan(info)
+        if extra:
+            print(extra)
     return 0
+
+
+def _quant_config(args):
+    from .quant import QuantConfig
+
+    name = getattr(args, "quantize", None) or (f"int{args.bits}" if getattr(args, "bits", None) else None)
+    if name is None:
+        return None
+    bits = int(name[3:])
+    return QuantConfig(bits=bits, group_size=args.group_size if bits == 4 else 32,
+                       zero_point=bool(args.zero_point), embeddings=args.embeddings)
+
+
+def _cmd_quantize(args) -> int:
+    from .quant import quantize_checkpoint
+
+    qc = _quant_config(args)
+    last = [-1]
+
+    def progress(i: int, n: int) -> None:
+        pct = 100 * i // max(1, n)
+        if pct != last[0] and sys.stderr.isatty():
+            last[0] = pct
+            print(f"\rquantizing {pct:3d}%", end="", file=sys.stderr, flush=True)
+
+    out = quantize_checkpoint(args.model, args.out, qc, max_shard_bytes=int(args.shard_size_mb) << 20,
+                              progress=progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out} (int{qc.bits}, {size / 2**30:.2f} GiB of weights)")
+    return 0
+
+
+def _add_quant_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128, 256],
+                   help="int4: input columns per scale (default 32)")
+    s.add_argument("--zero-point", action="store_true", help="int4: asymmetric groups with a zero point")
+    s.add_argument("--embeddings", default="int8", choices=["int8", "float"],
+                   help="the embedding / LM head table: int8 with per-row scales (default) or float")
 
 
 def _cmd_serve(args) -> int:
@@ -41,7 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype assumed for weights and KV cache when the folder has no weights")
+    s.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="report weight bytes as quantized (weight-only; see `unigemma quantize`)")
+    _add_quant_flags(s)
+    s.add_argument("--context", type=int, default=None,
+                   help="plan a run at this context: KV cache + prefill activations + weights = total")
+    s.add_argument("--kv-dtype", default=None, choices=["bf16", "fp16", "fp32", "fp8"],
+                   help="KV-cache dtype for --context (default: --dtype)")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk for the activation estimate")
     s.set_defaults(func=_cmd_inspect)
+
+    s = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint that load() reads")
+    s.add_argument("--model", required=True, help="float checkpoint folder")
+    s.add_argument("--out", required=True, help="folder to write (created)")
+    s.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    _add_quant_flags(s)
+    s.add_argument("--shard-size-mb", type=int, default=4096, help="largest safetensors shard (MiB)")
+    s.set_defaults(func=_cmd_quantize)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (127.0.0.1 unless told otherwise)")
     try:

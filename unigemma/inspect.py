@@ -166,3 +166,85 @@ def format_report(info: dict) -> str:
     lines.append(f"KV per token   sliding {human(kv['sliding'])} (bounded by the window), full {human(kv['full'])}")
     lines.append("KV at context  " + ", ".join(f"{k}: {human(v)}" for k, v in info["kv_bytes_at_context"].items()))
     return "\n".join(lines)
+
+
+# --- planning a run: quantized weights + KV cache at a context + prefill activations (issue 6) ---------------------
+_KV_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1}
+
+
+def activation_bytes(cfg, context: int, chunk: int, el: int) -> int:
+    """Estimated peak activation bytes of one prefill chunk of `chunk` tokens at the end of a `context`-token
+    prompt (batch 1): the widest layer's temporaries on top of the residual stream, plus one row of logits.
+
+    attention: queries; K/V read from the cache, upcast and expanded to all query heads (GQA); float32 scores
+    and a boolean mask over every visible key (the math path — fused attention kernels need less);
+    MLP: gate, up and their product. An upper-bound style estimate, not a measurement.
+    """
+    t = cfg.text
+    C = max(1, min(chunk, context))
+    H, nh = t.hidden_size, t.num_attention_heads
+    peak = 0
+    for i, lt in enumerate(t.layer_types):
+        d = t.layer_head_dim[i]
+        # full layers see every cached key; sliding layers see the ring plus this chunk
+        S = context if lt == FULL else min(context, t.sliding_window + C)
+        attn = C * nh * d * el + 2 * nh * S * d * el + nh * C * S * 4 + C * S
+        mlp = 3 * C * t.layer_intermediate_size(i) * el
+        peak = max(peak, 4 * C * H * el + max(attn, mlp))
+    return int(peak + t.vocab_size * 4)
+
+
+def plan_memory(info: dict, cfg, path: Path | None, dtype: str = "bfloat16", quantize=None,
+                context: int | None = None, kv_dtype: str | None = None, chunk: int = 512) -> dict:
+    """Extend an `inspect_config` report for a planned run: `weight_bytes` becomes the quantized size when
+    `quantize` is given ("int8" | "int4" | QuantConfig), and `plan` holds KV bytes at `context` (sliding layers
+    bounded by the window: the cache the model really allocates), an activation estimate and the total."""
+    from .model.cache import make_cache
+    from .quant import QuantConfig, quantized_weight_bytes, stored_quantization
+
+    el = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    qc = QuantConfig.parse(quantize)
+    if qc is not None:
+        stored = stored_quantization(path) if path is not None else None
+        if stored is not None:
+            raise ValueError(f"{path} is already quantized (int{stored['bits']}); its weight bytes are the files' "
+                             "own: drop --quantize")
+        parts = quantized_weight_bytes(cfg, qc, el)
+        info["quantization"] = qc.to_json()
+        info["weight_bytes"] = parts["total"]
+        info["weight_bytes_by_part"] = parts
+        emb = "int8" if qc.embeddings == "int8" else dtype
+        info["weight_bytes_by_dtype"] = {
+            f"int{qc.bits} linears + scales": parts["linear_weights"] + parts["linear_scales"],
+            f"{emb} embeddings": parts["embeddings"], f"{dtype} other": parts["other"]}
+    if context is not None:
+        if context < 1:
+            raise ValueError(f"--context {context}: expected a positive number of tokens")
+        kv_name = kv_dtype or dtype
+        if kv_name not in _KV_BYTES:
+            raise ValueError(f"--kv-dtype {kv_name!r} is not supported (accepted: bf16, fp16, fp32, fp8)")
+        kv_el = _KV_BYTES[kv_name]
+        # a meta-device cache: exactly the tensors make_cache allocates, at no cost
+        meta_dtype = {1: torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else torch.int8,
+                      2: torch.bfloat16, 4: torch.float32}[kv_el]
+        kv = make_cache(cfg.text, 1, context, meta_dtype, "meta").nbytes()
+        act = activation_bytes(cfg, context, chunk, el)
+        info["plan"] = {"context": context, "kv_dtype": kv_name, "kv_bytes": kv, "prefill_chunk": chunk,
+                        "activation_bytes": act, "weight_bytes": info["weight_bytes"],
+                        "total_bytes": info["weight_bytes"] + kv + act}
+    return info
+
+
+def format_plan(info: dict) -> str:
+    lines = []
+    if "quantization" in info:
+        q = info["quantization"]
+        g = f", group {q['group_size']}{', zero-point' if q['zero_point'] else ''}" if q["bits"] == 4 else ""
+        lines.append(f"quantized      int{q['bits']}{g}, embeddings {q['embeddings']}: "
+                     + ", ".join(f"{k} {human(v)}" for k, v in info["weight_bytes_by_part"].items()))
+    p = info.get("plan")
+    if p:
+        lines.append(f"plan           context {p['context']:,} tokens, KV {p['kv_dtype']}: weights "
+                     f"{human(p['weight_bytes'])} + KV {human(p['kv_bytes'])} + activations "
+                     f"{human(p['activation_bytes'])} (prefill chunk {p['prefill_chunk']}) = {human(p['total_bytes'])}")
+    return "\n".join(lines)
