@@ -301,27 +301,31 @@ def run_cuda(args):
     rep = prompts(1, args.prompt, vocab, repetitive=True)
     plain, out_p = time_engine(eng, rep, args.new)
     del eng
-    for adaptive in (True, False):
-        spec = Engine(model, None, [], max_slots=8, max_model_len=max_len, speculative="lookup", adaptive=adaptive,
-                      prefix_cache=False)
-        spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
-        fast, out_s = time_engine(spec, rep, args.new)
-        u = out_s[0].usage
-        emit(bench="decode", impl="unigemma-lookup" + ("" if adaptive else "-fixed"), metric="tokens_per_s",
-             value=fast, unit="tok/s", batch=1, speedup_vs_plain=fast / plain, acceptance_rate=u.acceptance_rate,
-             mean_accepted_length=u.mean_accepted_length, identical_to_plain=int(out_s[0].token_ids == out_p[0].token_ids),
-             **common)
-        del spec
-    # a random (useless) MTP drafter: the adaptive controller must notice and stop drafting
+    spec_len = max(max_len, 2048)  # a ring shorter than the window would leave no room for rollback
+    spec = Engine(model, None, [], max_slots=8, max_model_len=spec_len, speculative="lookup", prefix_cache=False)
+    spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
+    fast, out_s = time_engine(spec, rep, args.new)
+    u = out_s[0].usage
+    emit(bench="decode", impl="unigemma-lookup", metric="tokens_per_s", value=fast, unit="tok/s", batch=1,
+         speedup_vs_plain=fast / plain, acceptance_rate=u.acceptance_rate, drafted_tokens=u.drafted_tokens,
+         identical_to_plain=int(out_s[0].token_ids == out_p[0].token_ids), **common)
+    del spec
+    # a random (useless) MTP drafter: adaptive drafting must notice and stop; fixed drafting shows the cost
     drafter = random_model(drafter_config(text if args.smoke else cfg.raw["text_config"], 1024, 4, 16), dev,
                            torch.bfloat16, seed=1)
-    spec = Engine(model, None, [], drafter, max_slots=8, max_model_len=max_len, speculative="mtp",
-                  prefix_cache=False)
-    spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
-    fast, out_s = time_engine(spec, prompts(1, args.prompt, vocab), args.new)
-    u = out_s[0].usage
-    emit(bench="decode", impl="unigemma-mtp-random-drafter", metric="tokens_per_s", value=fast, unit="tok/s",
-         batch=1, vs_plain=fast / tps, drafted_tokens=u.drafted_tokens, acceptance_rate=u.acceptance_rate, **common)
+    for adaptive in (True, False):
+        spec = Engine(model, None, [], drafter, max_slots=8, max_model_len=spec_len, speculative="mtp",
+                      prefix_cache=False, adaptive=adaptive, num_draft_tokens=4)
+        spec.runner.warm_up(1, tuple(range(1, spec.scheduler.controller.max_draft + 2)), max_len)
+        fast, out_s = time_engine(spec, prompts(1, args.prompt, vocab), args.new)
+        u = out_s[0].usage
+        c = spec.scheduler.controller
+        emit(bench="decode", impl="unigemma-mtp-random-drafter" + ("" if adaptive else "-fixed"),
+             metric="tokens_per_s", value=fast, unit="tok/s", batch=1, vs_plain=fast / tps,
+             drafted_tokens=u.drafted_tokens, acceptance_rate=u.acceptance_rate,
+             step_ms={f"{r}x{t}": round(v * 1e3, 3) for (r, t), v in sorted(c.step_cost.items())},
+             draft_ms=round(c.draft_cost * 1e3, 3), **common)
+        del spec
 
 
 def main():

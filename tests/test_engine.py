@@ -223,3 +223,13 @@ def test_media_prompt_through_engine():
             seq.append(int(m.run(torch.tensor([seq]), pixel_values=pix).logits[0, -1].argmax()))
         assert outs[-1] == seq[len(prompt):]
     assert outs[0] != outs[1]
+
+
+def test_stream_closed_early_frees_the_slot():
+    eng = mock_engine(max_slots=2)
+    stream = eng.generate_stream(Request(TOK.encode("early", add_bos=True), greedy(50, ignore_eos=True)))
+    first = [next(stream) for _ in range(3)]
+    assert len(eng.scheduler.slots) == 1
+    stream.close()
+    assert eng.scheduler.slots == [] and not eng.has_work
+    assert eng.output(first[0].request_id).finish_reason == "cancelled"

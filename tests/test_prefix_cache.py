@@ -162,3 +162,20 @@ def test_block_keys_cover_whole_media_runs():
     plain = [10, 11, 12, 9, 9, 9, 9, 13, 14]
     k3 = BlockKeys(4, {IMG}, plain).extend(plain, 9)
     assert k3[0] != k1[0]
+
+
+def test_prefix_cache_with_speculative_rollbacks():
+    """Blocks stored while drafts are verified and rolled back hold only accepted tokens."""
+    phrase = TOK.encode("one two three. ")
+    m = MockModel(window=8, period=len(phrase), copy_bonus=6.0, sharpness=2.0)
+    eng = Engine(m, TOK, [EOS], max_slots=2, speculative="lookup", adaptive=False, num_draft_tokens=4,
+                 prefix_block_size=8)
+    p1 = [2] + phrase * 3
+    a = eng.add(Request(p1, SamplingParams(temperature=1.0, seed=1, max_tokens=40, ignore_eos=True)))
+    out1 = eng.run_until_done()[a]
+    assert 0 < out1.usage.accepted_tokens < out1.usage.drafted_tokens  # rollbacks happened
+    p2 = p1 + out1.token_ids + phrase
+    b = eng.add(Request(p2, greedy(12)))
+    out2 = eng.run_until_done()[b]
+    assert out2.usage.cached_tokens >= len(p1) + 24
+    assert out2.token_ids == m.reference_greedy(p2, 12, eos=None)

@@ -54,7 +54,8 @@ class Engine:
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  speculative: Any = "auto", num_draft_tokens: int | None = None, adaptive: bool = True,
                  prefix_cache: bool = True, prefix_block_size: int = 16, prefix_cache_bytes: int = 1 << 30,
-                 cuda_graphs: bool | None = None, spare: int = 32, logprobs_mode: str = "processed"):
+                 cuda_graphs: bool | None = None, cpu_column_major: bool = True, spare: int = 32,
+                 logprobs_mode: str = "processed"):
         self.model = model
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -67,14 +68,15 @@ class Engine:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
                              f"({max_pos})")
         self.runner = ModelRunner(model, max_slots, max_model_len, device=device, dtype=dtype, spare=spare,
-                                  cuda_graphs=cuda_graphs)
+                                  cuda_graphs=cuda_graphs, cpu_column_major=cpu_column_major)
         cache = self.runner.cache
         pc = PrefixCache(cache, prefix_block_size, prefix_cache_bytes, self.runner.media_ids) if prefix_cache \
             else None
         proposer, k_default = self._proposer(speculative, drafter)
         k = k_default if num_draft_tokens is None else num_draft_tokens
-        if proposer is not None:
-            # verification writes k + 1 positions before attending; rolling back k of them must keep the window
+        if proposer is not None and cache.ring < cache.max_len:
+            # verification writes k + 1 positions into the sliding ring before attending; rolling back k of them
+            # must leave the window intact (a ring as long as the context never loses anything)
             k = max(0, min(k, cache.spare - 2))
         controller = DraftController(k if proposer is not None else 0, adaptive=adaptive,
                                      marginal_prior=0.005 if self.runner.device.type == "cuda" else 0.02)
