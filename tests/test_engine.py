@@ -113,7 +113,7 @@ def test_stop_string_spanning_tokens_never_leaks():
     # a 3-byte stop string is always spread over 3 byte tokens
     stop = next(text[i:i + 3] for i in range(5, len(text)) if "\ufffd" not in text[i:i + 3] and len(text[i:i + 3]) == 3)
     eng = mock_engine(m)
-    events = list(eng.generate_stream(Request(prompt, greedy(30, stop=[stop]))))
+    events = list(eng.generate_stream(Request(prompt, greedy(30, stop=[stop])), forget=False))
     out = eng.output(events[-1].request_id)
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert stop not in out.text and text.startswith(out.text)
@@ -126,7 +126,7 @@ def test_streaming_text_is_utf8_safe_and_equals_full_decode():
     m = MockModel(period=len(phrase.encode()), copy_bonus=30.0, sharpness=1.0)
     prompt = TOK.encode(phrase * 2, add_bos=True)
     eng = mock_engine(m)
-    events = list(eng.generate_stream(Request(prompt, greedy(40))))
+    events = list(eng.generate_stream(Request(prompt, greedy(40)), forget=False))
     out = eng.output(events[-1].request_id)
     assert all("\ufffd" not in e.text for e in events)
     assert "".join(e.text for e in events) == TOK.decode(out.token_ids) == out.text
@@ -227,7 +227,7 @@ def test_media_prompt_through_engine():
 
 def test_stream_closed_early_frees_the_slot():
     eng = mock_engine(max_slots=2)
-    stream = eng.generate_stream(Request(TOK.encode("early", add_bos=True), greedy(50, ignore_eos=True)))
+    stream = eng.generate_stream(Request(TOK.encode("early", add_bos=True), greedy(50, ignore_eos=True)), False)
     first = [next(stream) for _ in range(3)]
     assert len(eng.scheduler.slots) == 1
     stream.close()

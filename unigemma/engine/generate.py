@@ -47,7 +47,13 @@ class RequestOutput:
 
 
 class Engine:
-    """Continuous-batching generation over one model and one KV cache (see the module docstring)."""
+    """Continuous-batching generation over one model and one KV cache (see the module docstring).
+
+    Not thread-safe: one thread adds requests and calls `step()` (a server runs it in one worker). Records of
+    finished requests stay available to `output()` until `forget()` (generate_stream forgets by default).
+    On CPU the model's Linear weights are re-laid out column-major in place (faster decode, same values);
+    pass cpu_column_major=False to keep them as loaded.
+    """
 
     def __init__(self, model, tokenizer=None, eos_token_ids: Seq[int] | None = None, drafter=None, *,
                  max_slots: int = 8, max_model_len: int = 4096, prefill_chunk: int = 512,
@@ -136,9 +142,10 @@ class Engine:
         if seq is not None and seq.status == DONE:
             del self.scheduler.seqs[request_id]
 
-    def generate_stream(self, request: Request) -> Iterator[TokenEvent]:
+    def generate_stream(self, request: Request, forget: bool = True) -> Iterator[TokenEvent]:
         """Add `request` and yield its events until it finishes (other requests advance alongside; their events
-        are not returned here: read them with `output`)."""
+        are not returned here: read them with `output`). The final event carries the usage; with forget=True
+        the request's record is dropped afterwards (long-running servers must not accumulate them)."""
         rid = self.add(request)
         try:
             while True:
@@ -154,6 +161,8 @@ class Engine:
             if seq is not None and seq.status != DONE:  # the consumer stopped early: free the slot
                 self.cancel(rid)
                 self.scheduler.pending = [e for e in self.scheduler.pending if e.request_id != rid]
+            if forget:
+                self.forget(rid)
 
     def run_until_done(self) -> dict[str, RequestOutput]:
         ids = [rid for rid, s in self.scheduler.seqs.items() if s.status != DONE]
@@ -247,7 +256,7 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
     request = Request(ids, params, media=media, speculate=speculative)
     if stream:
         return _chunks(engine, request, logprobs)
-    for _ in engine.generate_stream(request):
+    for _ in engine.generate_stream(request, forget=False):
         pass
     out = engine.output(request.request_id)
     engine.forget(request.request_id)

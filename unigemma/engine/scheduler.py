@@ -182,6 +182,9 @@ class Scheduler:
                              "(it needs at least one position to generate into); shorten it or raise max_model_len")
         if not isinstance(request.params, SamplingParams):
             raise ValueError(f"Request.params must be a SamplingParams, got {type(request.params).__name__}")
+        big = [t for t in request.params.logit_bias if t >= self.vocab]
+        if big:
+            raise ValueError(f"logit_bias token id {big[0]} is outside the vocabulary [0, {self.vocab})")
         if request.params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         request.prompt_ids = ids
