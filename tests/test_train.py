@@ -287,7 +287,6 @@ def test_exact_resume(work):
     second = train(run_cfg(work, "resume_cut", **common))  # resume: auto
     assert len(second.losses) == 3
     assert first.losses + second.losses == full.losses  # bit-identical
-    a = torch.load  # noqa: F841 - (no pickle is used; compare the saved weights directly)
     from safetensors.torch import load_file
 
     wa = load_file(str(work / "resume_full" / "final" / "model.safetensors"))

@@ -54,7 +54,7 @@ class DataSection:
     batch_size: int = 4                    # sequences per micro-batch
     group_by_length: bool = True           # batches of similar length (less padding)
     group_size: int = 64                   # batches per length-sorted group
-    prefill_empty_thought: bool = True     # write the thinking-off prefill `<|channel>thought\n<channel|>` (not trained)
+    prefill_empty_thought: bool = True     # thinking-off prefill `<|channel>thought\n<channel|>` (untrained)
     image_soft_tokens: int = 280           # soft-token budget per image (70, 140, 280, 560, 1120)
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -196,7 +196,8 @@ def _build(cls: type, d: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in d if k not in names]
     if unknown:
-        raise TrainConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key (accepted: {', '.join(names)})")
+        prefix = where + "." if where else ""
+        raise TrainConfigError(f"{prefix}{unknown[0]}: unknown key (accepted: {', '.join(names)})")
     kwargs = {}
     for name in names:
         if name not in d:

@@ -328,7 +328,10 @@ class ChatDataset(torch.utils.data.Dataset):
             text, spans = render_record(rec, template, prefill_empty_thought)
             media = collect_media(rec, path.parent)
             self.items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
-        self.lengths = [min(t.est_len, max_seq_len) for t in self.items]
+        # Length for grouping: exact text tokens, images at their budget, audio at a typical clip (~4 s).
+        self.lengths = [min(sum(len(p) for p in t.pieces) + sum(image_soft_tokens + 2 if m.kind == "image" else 100
+                                                                for m in t.media), max_seq_len)
+                        for t in self.items]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -65,7 +65,6 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     when the device is CUDA and gloo otherwise.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")

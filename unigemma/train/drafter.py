@@ -38,7 +38,7 @@ from torch import nn
 from ..config import FULL, SLIDING, AssistantConfig
 from ..model.attention import AttentionPlan
 from .data import IGNORE, MediaIds, build_example, chat_template_for, model_inputs
-from .loop import copy_tokenizer_files, init_weights, load_weights, precision_dtype  # noqa: F401
+from .loop import init_weights, load_weights, precision_dtype
 
 
 def check_geometry(target_cfg, drafter_cfg: AssistantConfig) -> None:

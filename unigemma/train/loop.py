@@ -471,6 +471,8 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
             return evaluate(task.loss_module, eval_loader, dev, cfg.eval.max_batches, autocast)
 
     task.on_start(eval_ds, resume is not None)
+    last_outer = diloco.outer_steps if diloco is not None else 0
+    last_bytes = link.bytes_sent
     save_pending = False
     t_log, tok_log = time.perf_counter(), 0
     t0 = time.perf_counter()
@@ -502,9 +504,15 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        synced = diloco.after_inner_step() if diloco is not None else []
         loss = loss_sum / targets
         result.losses.append(loss)
+        if diloco is not None:
+            diloco.after_inner_step()
+            if diloco.outer_steps > last_outer:  # one line per outer step: what it cost on the wire
+                last_outer = diloco.outer_steps
+                sent, last_bytes = link.bytes_sent - last_bytes, link.bytes_sent
+                log({"step": step, "outer_step": last_outer, "bytes_sent_outer_step": sent, "loss": loss},
+                    f"outer step {last_outer} (inner step {step}): sent {sent / 1e6:.3f} MB, loss {loss:.4f}")
 
         if step % cfg.log.every == 0 or step == o.steps:
             now = time.perf_counter()
@@ -532,7 +540,6 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
                 save_pending = False
             else:  # an exchange is in flight: take the checkpoint at the next quiet step (exact resume)
                 save_pending = True
-        del synced
 
     if diloco is not None:
         diloco.flush()

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on the model's nn.Linear layers, and merging them back into plain weights.
 
-    LoRALinear(base):  y = base(x) + (dropout(x) · Aᵀ · Bᵀ) · alpha / rank        A (r, in) random, B (out, r) zeros
+    LoRALinear(base):  y = base(x) + (dropout(x) · Aᵀ · Bᵀ) · alpha / rank    A (r, in) random, B (out, r) zeros
     merge:             W' = W + (alpha / rank) · B · A     (computed in float32, stored in W's dtype)
 
 Why our own ~150 lines rather than peft: every projection in unigemma is a bias-free `nn.Linear` with the
