@@ -68,6 +68,12 @@ def _add_quant_flags(s: argparse.ArgumentParser) -> None:
                    help="the embedding / LM head table: int8 with per-row scales (default) or float")
 
 
+def _cmd_train(args) -> int:
+    from .train.cli import main as train_main
+
+    return train_main([args.config] + [x for v in args.set for x in ("--set", v)]) or 0
+
+
 def _cmd_serve(args) -> int:
     from .server.run import serve
 
@@ -104,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_flags(s)
     s.add_argument("--shard-size-mb", type=int, default=4096, help="largest safetensors shard (MiB)")
     s.set_defaults(func=_cmd_quantize)
+
+    s = sub.add_parser("train", help="fine-tune, distil a drafter, DDP/DiLoCo (torchrun for several workers)")
+    s.add_argument("config", help="YAML / TOML / JSON train config (see examples/train.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (127.0.0.1 unless told otherwise)")
     try:
