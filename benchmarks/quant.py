@@ -54,9 +54,10 @@ def sync(device: torch.device) -> None:
 
 
 def build(cfg: UnifiedConfig, device: torch.device, dtype=torch.bfloat16, seed: int = 0) -> Gemma4Unified:
-    """Random weights at trained-like scales, made directly on the device (no host copy of a 24 GB model)."""
+    """Random weights at trained-like scales, made directly on the device in `dtype` (one float32 tensor at a
+    time as a temporary: a 12B model never exists in float32)."""
     with torch.device("meta"):
-        m = Gemma4Unified(cfg)
+        m = Gemma4Unified(cfg).to(dtype)
     m = m.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -71,7 +72,7 @@ def build(cfg: UnifiedConfig, device: torch.device, dtype=torch.bfloat16, seed: 
             if n.endswith("layer_scalar"):
                 b.fill_(1.0)
     m.lm_head.weight = m.model.language_model.embed_tokens.weight
-    return m.to(dtype).eval()
+    return m.eval()
 
 
 def resident_bytes(model) -> int:
@@ -145,7 +146,9 @@ def main() -> None:
     global DEVICE_NAME
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--layers", type=int, default=None, help="reduce the depth (12B geometry on CUDA)")
+    ap.add_argument("--config", default=None, choices=["cpu-100m", "12b"],
+                    help="geometry (default: cpu-100m on CPU, the published 12b on CUDA)")
+    ap.add_argument("--layers", type=int, default=None, help="reduce the depth of the 12b geometry")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens prefilled before decoding")
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps per round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -159,7 +162,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     DEVICE_NAME = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    if device.type == "cuda":
+    if (args.config or ("12b" if device.type == "cuda" else "cpu-100m")) == "12b":
         cfg, name = gemma4_12b_config(), "12b"
         if args.layers:
             t = cfg.raw["text_config"]

@@ -122,10 +122,10 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tu
     tiny = torch.finfo(sd).tiny
     step = _row_step(K)
     for a in range(0, N, step):
-        x = w[a:a + step].float()
+        x = w[a:a + step].to(torch.float32, copy=True)  # a private copy: the steps below work in place
         # The scale is rounded to its storage dtype first, so q is the best integer for the scale actually stored.
         s = (x.abs().amax(1) / 127).clamp_(min=tiny).to(sd)
-        q[a:a + step] = torch.round(x / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        q[a:a + step] = x.div_(s.float()[:, None]).round_().clamp_(-127, 127)
         scales[a:a + step] = s
     return q, scales
 
@@ -169,17 +169,17 @@ def quantize_int4(w: torch.Tensor, group_size: int, zero_point: bool = False,
     zeros = torch.empty(N, G, dtype=torch.uint8, device=w.device) if zero_point else None
     step = _row_step(K)
     for a in range(0, N, step):
-        x = w[a:a + step].float().view(-1, G, g)  # (rows, G, g)
+        x = w[a:a + step].to(torch.float32, copy=True).view(-1, G, g)  # (rows, G, g), private: used in place
         if zero_point:
             lo, hi = x.amin(-1), x.amax(-1)
             s = ((hi - lo) / 15).clamp_(min=tiny).to(sd)
             sf = s.float()
             z = torch.round(-lo / sf).clamp_(0, 15)
-            u = (torch.round(x / sf[..., None]) + z[..., None]).clamp_(0, 15)
+            u = x.div_(sf[..., None]).round_().add_(z[..., None]).clamp_(0, 15)
             zeros[a:a + step] = z.to(torch.uint8)
         else:
             s = (x.abs().amax(-1) / 7.5).clamp_(min=tiny).to(sd)
-            u = torch.round(x / s.float()[..., None]).clamp_(-8, 7) + 8
+            u = x.div_(s.float()[..., None]).round_().clamp_(-8, 7).add_(8)
         scales[a:a + step] = s
         packed[a:a + step] = pack_int4(u.view(-1, K))
     return packed, scales, zeros
