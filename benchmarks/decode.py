@@ -5,7 +5,8 @@
 For each config (random fp32 weights of the unified architecture, text only) it prints one JSON object per
 measurement (DESIGN.md §6): `bench: "decode"`, `metric: "tokens_per_s"`, `impl` in unigemma / reference /
 limit (and unigemma-lookup for prompt-lookup speculation), with `config`, `batch`, `prompt_tokens`,
-`new_tokens`, `device`, `threads`. Decode rates exclude the prefill: they time tokens 2 … N of a request.
+`new_tokens`, `device`, `threads`. Decode rates exclude the prefill: they time tokens 2 … N of a request
+(best of a few runs, since shared machines are noisy).
 
 limit = measured read bandwidth (sum over a 512 MiB tensor, best of 5) ÷ weight bytes: the speed at which one
 token's forward would do nothing but stream the weights once.
@@ -95,39 +96,62 @@ def prompts(batch: int, n: int, vocab: int, repetitive: bool = False) -> list[li
     return out
 
 
-def time_reference(ref, ids: list[list[int]], new: int) -> float:
-    """Decode tokens/s of the reference generate (prefill time subtracted), best of 2."""
+class _Clock:
+    """A `generate(streamer=...)` hook that timestamps every generated token (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def time_reference(ref, ids: list[list[int]], new: int, reps: int = 3) -> float:
+    """Decode tokens/s of the reference generate: tokens 2 … new, timed between their arrivals, best of reps."""
     x = torch.tensor(ids)
-    best = float("inf")
-    for _ in range(2):
+    best = 0.0
+    for _ in range(reps):
+        clock = _Clock()
+        kw = dict(streamer=clock) if len(ids) == 1 else {}
         t = time.perf_counter()
-        ref.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False, eos_token_id=None)
-        t_prefill = time.perf_counter() - t
-        t = time.perf_counter()
-        ref.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None)
-        best = min(best, time.perf_counter() - t - t_prefill)
-    return len(ids) * (new - 1) / best
+        ref.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, **kw)
+        if len(ids) == 1:
+            rate = (new - 1) / (clock.times[-1] - clock.times[1])
+        else:  # streamers take batch 1 only: subtract a separately timed one-token generate (the prefill)
+            total = time.perf_counter() - t
+            t = time.perf_counter()
+            ref.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False, eos_token_id=None)
+            rate = len(ids) * (new - 1) / max(1e-9, total - (time.perf_counter() - t))
+        best = max(best, rate)
+    return best
 
 
-def time_engine(engine: Engine, ids: list[list[int]], new: int) -> tuple[float, list]:
-    """Decode tokens/s of the engine with all rows running together (timed after the last first token)."""
-    reqs = [engine.add(Request(p, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))) for p in ids]
-    started = set()
-    t0, emitted = None, 0
-    while engine.has_work:
-        evs = engine.step()
-        if t0 is None:
-            for e in evs:
-                started.add(e.request_id)
-            if len(started) == len(reqs):
-                t0 = time.perf_counter()
-            continue
-        emitted += sum(e.token_id is not None for e in evs)
-    dt = time.perf_counter() - t0
-    outs = [engine.output(r) for r in reqs]
-    for r in reqs:
-        engine.forget(r)
-    return emitted / dt, outs
+def time_engine(engine: Engine, ids: list[list[int]], new: int, reps: int = 1) -> tuple[float, list]:
+    """Decode tokens/s of the engine with all rows running together (timed from the step that gave the last
+    request its first token to the end), best of reps."""
+    best, outs = 0.0, []
+    for _ in range(reps):
+        reqs = [engine.add(Request(p, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)))
+                for p in ids]
+        started = set()
+        t0, emitted = None, 0
+        while engine.has_work:
+            evs = engine.step()
+            if t0 is None:
+                for e in evs:
+                    started.add(e.request_id)
+                if len(started) == len(reqs):
+                    t0 = time.perf_counter()
+                continue
+            emitted += sum(e.token_id is not None for e in evs)
+        best = max(best, emitted / (time.perf_counter() - t0))
+        outs = [engine.output(r) for r in reqs]
+        for r in reqs:
+            engine.forget(r)
+    return best, outs
 
 
 def run_config(name: str, args, root: Path, bw: float):
@@ -148,7 +172,7 @@ def run_config(name: str, args, root: Path, bw: float):
     with torch.inference_mode():
         eng = engine()
         time_engine(eng, prompts(1, args.prompt, vocab), 8)  # warm-up
-        ours, outs1 = time_engine(eng, prompts(1, args.prompt, vocab), args.new)
+        ours, outs1 = time_engine(eng, prompts(1, args.prompt, vocab), args.new, reps=3)
         emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=ours, unit="tok/s", batch=1,
              ms_per_token=1e3 / ours, fraction_of_limit=ours / (bw / wb), **common)
         theirs = time_reference(ref, prompts(1, args.prompt, vocab), args.new)
@@ -162,18 +186,18 @@ def run_config(name: str, args, root: Path, bw: float):
         emit(bench="correctness", impl="unigemma", metric="greedy_tokens_equal_reference",
              value=int(outs1[0].token_ids[:32] == expected), unit="bool", batch=1, **common)
         if not args.quick:
-            ours8, _ = time_engine(eng, prompts(8, args.prompt, vocab), args.new)
+            ours8, _ = time_engine(eng, prompts(8, args.prompt, vocab), args.new, reps=2)
             emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=ours8, unit="tok/s", batch=8,
                  vs_batch1=ours8 / ours, **common)
-            theirs8 = time_reference(ref, prompts(8, args.prompt, vocab), args.new // 2)
+            theirs8 = time_reference(ref, prompts(8, args.prompt, vocab), args.new // 2, reps=2)
             emit(bench="decode", impl="reference", metric="tokens_per_s", value=theirs8, unit="tok/s", batch=8,
                  **{**common, "new_tokens": args.new // 2})
         # prompt lookup on a repetitive prompt, against plain decoding of the same prompt
         rep = prompts(1, args.prompt, vocab, repetitive=True)
-        plain, outs_p = time_engine(engine(None), rep, args.new)
+        plain, outs_p = time_engine(engine(None), rep, args.new, reps=2)
         for adaptive in (True, False):
             spec_eng = engine("lookup", adaptive=adaptive)
-            fast, outs_s = time_engine(spec_eng, rep, args.new)
+            fast, outs_s = time_engine(spec_eng, rep, args.new, reps=2)
             u = outs_s[0].usage
             emit(bench="decode", impl="unigemma-lookup" + ("" if adaptive else "-fixed"), metric="tokens_per_s",
                  value=fast, unit="tok/s", batch=1, speedup_vs_plain=fast / plain, plain_tokens_per_s=plain,
@@ -281,7 +305,8 @@ def run_cuda(args):
     sync()
     bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
     del x
-    common = dict(config="tiny" if args.smoke else "12b", device=name, prompt_tokens=args.prompt, new_tokens=args.new, dtype="bfloat16")
+    common = dict(config="tiny" if args.smoke else "12b", device=name, prompt_tokens=args.prompt,
+                  new_tokens=args.new, dtype="bfloat16")
     emit(bench="decode", impl="limit", metric="tokens_per_s", value=bw / wb, unit="tok/s", batch=1,
          weight_bytes=wb, read_bytes_per_s=bw, **common)
     max_len = args.prompt + args.new + 64

@@ -12,11 +12,11 @@ entry in [0, q] must have been written, and the ring must hold exactly the token
 So engine bugs in slot compaction, rollback, prefix-cache restore or chunking raise `MockCacheError` instead of
 silently producing other tokens.
 
-Next-token logits are a fixed random table indexed by a hash of (last two tokens, the sum of all media values so far, sum
-of all tokens so far mod 5), scaled by `sharpness`, plus `copy_bonus` on the token `period` positions back when
-`period` is set (repetitive text): high sharpness → nearly deterministic (greedy cycles, good for prompt
-lookup), low sharpness → spread distributions (sampling tests). `fixed_probs` replaces all of that with one fixed
-next-token distribution (for statistical tests).
+Next-token logits are a fixed random table indexed by a hash of (last two tokens, the sum of all media values
+so far, sum of all tokens so far mod 5), scaled by `sharpness`, plus `copy_bonus` on the token `period`
+positions back when `period` is set (repetitive text): high sharpness → nearly deterministic (greedy cycles,
+good for prompt lookup), low sharpness → spread distributions (sampling tests). `fixed_probs` replaces all of
+that with one fixed next-token distribution (for statistical tests).
 
 The byte tokenizer maps ids 0..5 to specials and 6..261 to the bytes 0..255, so UTF-8 characters span tokens.
 """

@@ -116,7 +116,7 @@ def test_lru_eviction_under_budget():
     pc = eng.prefix_cache
     prompts = [TOK.encode(c * 40, add_bos=True) for c in "abc"]
     for p in prompts:
-        rid = eng.add(Request(p, greedy(2)))
+        eng.add(Request(p, greedy(2)))
         eng.run_until_done()
         assert pc.nbytes <= pc.max_bytes
     assert pc.evictions > 0 and len(pc.blocks) == 6

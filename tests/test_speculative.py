@@ -12,7 +12,7 @@ from refmodels import make_reference
 from unigemma.config import FULL, SLIDING
 from unigemma.engine.generate import Engine, Request
 from unigemma.engine.sampling import SamplingParams
-from unigemma.engine.speculative import DraftController, NgramIndex, PromptLookup, SpecStats, expected_tokens
+from unigemma.engine.speculative import DraftController, NgramIndex, SpecStats, expected_tokens
 
 torch.set_grad_enabled(False)
 TOK = ByteTokenizer()

@@ -33,7 +33,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from ..config import FULL, SLIDING
+from ..config import FULL
 
 
 class SpecSequence(Protocol):
