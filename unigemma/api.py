@@ -79,6 +79,24 @@ class LLM:
                             enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
                             resolve=resolve, limits=limits, **template_kwargs)
 
+    # --- generation ---------------------------------------------------------------------------------------
+    def generate(self, prompt, max_tokens: int | None = 256, temperature: float | None = None, top_p=None,
+                 top_k=None, seed: int | None = None, stop=None, stream: bool = False, **options):
+        """Raw-prompt generation (no chat template): text (BOS added) or token ids → result / chunk iterator.
+        See unigemma.engine.generate.generate for every option."""
+        from .engine.generate import generate
+
+        return generate(self, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed, stop=stop, stream=stream, **options)
+
+    def chat(self, messages, tools=None, tool_choice=None, response_format=None, enable_thinking: bool = False,
+             stream: bool = False, **sampling):
+        """Chat with OpenAI-style messages → ChatResult(.content, .reasoning, .tool_calls, .usage) or chunks."""
+        from .chat import chat
+
+        return chat(self, messages, tools=tools, tool_choice=tool_choice, response_format=response_format,
+                    enable_thinking=enable_thinking, stream=stream, **sampling)
+
     @property
     def eos_token_ids(self) -> list[int]:
         ids = self.generation_config.get("eos_token_id", self.config.text.eos_token_id)

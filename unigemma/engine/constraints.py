@@ -88,7 +88,7 @@ class ConstraintSpec:
     thinking: bool = False
     thinking_open: bool = False
     parallel_tool_calls: bool = True
-    max_whitespace: int | None = 32
+    max_whitespace: int | None = 4
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -217,6 +217,27 @@ def _default(value, gen_cfg: dict, key: str, fallback):
     return fallback if v is None else v
 
 
+def sampling_params(llm, *, max_tokens: int | None = 256, temperature: float | None = None,
+                    top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
+                    seed: int | None = None, stop: str | Seq[str] | None = None,
+                    stop_token_ids: Seq[int] | None = None, repetition_penalty: float | None = None,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: dict | None = None,
+                    logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> SamplingParams:
+    """SamplingParams from user options, unset ones from the checkpoint's generation_config (do_sample false →
+    greedy), then plain sampling at temperature 1."""
+    gen_cfg = getattr(llm, "generation_config", None) or {}
+    if temperature is None and gen_cfg.get("do_sample") is False:
+        temperature = 0.0
+    return SamplingParams(
+        temperature=float(_default(temperature, gen_cfg, "temperature", 1.0)),
+        top_p=float(_default(top_p, gen_cfg, "top_p", 1.0)), top_k=int(_default(top_k, gen_cfg, "top_k", 0)),
+        min_p=float(_default(min_p, gen_cfg, "min_p", 0.0)), seed=seed, max_tokens=max_tokens,
+        stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
+        repetition_penalty=float(_default(repetition_penalty, gen_cfg, "repetition_penalty", 1.0)),
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
+        logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+
+
 def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, temperature: float | None = None,
              top_p: float | None = None, top_k: int | None = None, min_p: float | None = None,
              seed: int | None = None, stop: str | Seq[str] | None = None, stop_token_ids: Seq[int] | None = None,
@@ -240,17 +261,11 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
         ids = [int(t) for t in prompt]
     if not ids:
         raise ValueError("prompt is empty: give some text or at least one token id")
-    gen_cfg = getattr(llm, "generation_config", None) or {}
-    if temperature is None and gen_cfg.get("do_sample") is False:
-        temperature = 0.0
-    params = SamplingParams(
-        temperature=float(_default(temperature, gen_cfg, "temperature", 1.0)),
-        top_p=float(_default(top_p, gen_cfg, "top_p", 1.0)), top_k=int(_default(top_k, gen_cfg, "top_k", 0)),
-        min_p=float(_default(min_p, gen_cfg, "min_p", 0.0)), seed=seed, max_tokens=max_tokens,
-        stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
-        repetition_penalty=float(_default(repetition_penalty, gen_cfg, "repetition_penalty", 1.0)),
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=dict(logit_bias or {}),
-        logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=ignore_eos)
+    params = sampling_params(llm, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                             min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
+                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
+                             top_logprobs=top_logprobs, ignore_eos=ignore_eos)
     need = len(ids) + (max_tokens or 0) + 1
     engine = _engine_for(llm, need)
     request = Request(ids, params, media=media, speculate=speculative)

@@ -56,6 +56,7 @@ class Request:
     media: dict[str, Any] | None = None
     request_id: str | None = None
     speculate: bool = True
+    constraint: Any = None   # engine.constraints.CompiledGrammar: every sampled and drafted token must fit it
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Sequence:
         self.spec_state: dict = {}
         self.prompt_mask: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
+        self.cstate = request.constraint.new_state() if request.constraint is not None else None
 
     @property
     def output_ids(self) -> list[int]:
@@ -276,6 +278,9 @@ class Scheduler:
     def _emit_sampled(self, seq: Sequence, logits: torch.Tensor, events: list[TokenEvent]) -> None:
         """First token of a sequence, from its last prompt position's logits (1, V)."""
         batch = SamplingBatch.build([seq.params], self.vocab, self.device, [seq.generator])
+        if seq.cstate is not None:
+            logits = logits.float().clone()
+            logits[0] = logits[0].masked_fill(~self._allowed(seq.cstate, logits.shape[-1]), float("-inf"))
         out = self.sampler(logits, batch, self._penalties([seq], [0]) if batch.any_penalty else None)
         tok, lp, top = out.tolist([seq.params])[0]
         self._accept_tokens(seq, [(tok, lp, top)], events)
@@ -350,8 +355,25 @@ class Scheduler:
         it = iter(proposed)
         out = []
         for s, c in zip(running, caps):
-            out.append(list(next(it))[: min(k, c)] if c > 0 else [])
+            d = list(next(it))[: min(k, c)] if c > 0 else []
+            if d and s.cstate is not None:
+                d = d[: s.cstate.validate_drafts(d)]  # only drafts the grammar accepts are worth verifying
+            out.append(d)
         return out
+
+    @staticmethod
+    def _allowed(state, vocab: int, drafts: list[int] | None = None) -> torch.Tensor:
+        """Bool [k+1, vocab] (or [vocab]): tokens the grammar allows after each prefix of `drafts`."""
+        from .constraints import unpack_bitmask
+
+        n = 1 + len(drafts or [])
+        bm = torch.zeros((n, state.mask_words), dtype=torch.int32)
+        state.fill_draft_masks(bm, 0, drafts or [])
+        allowed = unpack_bitmask(bm, state.vocab_size)
+        if vocab > state.vocab_size:
+            allowed = torch.cat([allowed, allowed.new_zeros(n, vocab - state.vocab_size)], dim=1)
+        allowed = allowed[:, :vocab]
+        return allowed if drafts else allowed[0]
 
     def _choose(self, running: list[Sequence], drafts: list[list[int]], logits: torch.Tensor):
         """The token plain decoding would pick at every verified position: per row, [(token, logprob, top)]
@@ -365,6 +387,16 @@ class Scheduler:
                 gens.append(s.generator)
                 owners.append(i)
         flat = logits[torch.tensor(rows_idx, device=logits.device), torch.tensor(cols_idx, device=logits.device)]
+        if any(sq.cstate is not None for sq in running):
+            flat = flat.float()
+            at = 0
+            for sq, d in zip(running, drafts):
+                if sq.cstate is not None:
+                    allowed = self._allowed(sq.cstate, flat.shape[-1], d).to(flat.device)
+                    if allowed.dim() == 1:
+                        allowed = allowed[None]
+                    flat[at:at + len(d) + 1] = flat[at:at + len(d) + 1].masked_fill(~allowed, float("-inf"))
+                at += len(d) + 1
         simple = all(p.greedy and not p.logprobs and not p.logit_bias and not p.uses_penalties for p in params)
         if simple:
             picks = [(t, None, []) for t in flat.argmax(-1).tolist()]
@@ -416,6 +448,12 @@ class Scheduler:
             else:
                 delta = ""
             res = seq.stop.step(tok, delta)
+            if seq.cstate is not None and not res.finished:
+                seq.cstate.advance(tok)
+                if seq.cstate.is_finished():
+                    # the grammar is complete (e.g. the closing brace of a JSON answer): nothing else may follow
+                    res = type(res)(res.text + (seq.stop.flush() if hasattr(seq.stop, "flush") else ""), True,
+                                    "stop", "grammar")
             text = res.text
             if res.finished and res.finish_reason == "length" and seq.detok is not None:
                 text += seq.detok.finish()  # the tail of an incomplete character, as a full decode shows it
