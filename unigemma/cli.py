@@ -116,6 +116,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.set_defaults(func=_cmd_train)
 
+    from .interactive import add_model_flags, cmd_bench, cmd_chat, cmd_generate
+
+    s = sub.add_parser("chat", help="interactive, streaming chat: /image PATH, /audio PATH, /think on|off, /reset")
+    add_model_flags(s)
+    s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--think", action="store_true", help="start with thinking on")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("generate", help="one answer to one prompt (chat template applied unless --raw)")
+    add_model_flags(s)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--image", action="append", help="image file (repeatable)")
+    s.add_argument("--audio", action="append", help="audio file (repeatable)")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--json-schema", default=None, help="JSON Schema file the answer must satisfy")
+    s.add_argument("--think", action="store_true", help="thinking on")
+    s.add_argument("--raw", action="store_true", help="no chat template: continue the text as it is")
+    s.add_argument("--json", action="store_true", help="print one JSON object (content, reasoning, usage, ...)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("bench", help="prefill / decode tokens per second and peak memory")
+    add_model_flags(s)
+    s.add_argument("--prompt-tokens", type=int, default=512)
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--json", action="store_true", help="JSON lines (DESIGN.md §6)")
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (127.0.0.1 unless told otherwise)")
     try:
         from .server.run import add_serve_arguments
