@@ -8,7 +8,6 @@ import json
 
 import jsonschema
 import pytest
-import torch
 
 import unigemma
 from tinyllm import make_tiny_checkpoint

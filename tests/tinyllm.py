@@ -4,7 +4,6 @@ chat template, with config token ids matching the tokenizer's special tokens."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch

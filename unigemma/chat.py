@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 from .engine.generate import _engine_for, sampling_params
 from .engine.scheduler import DONE, Request, Usage

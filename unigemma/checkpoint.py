@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AssistantConfig, UnifiedConfig, load_config
+from .config import AssistantConfig, load_config
 
 
 class CheckpointError(ValueError):

@@ -188,7 +188,7 @@ class TextConfig:
         else:
             g_head = d.get("global_head_dim")
             g_head = 512 if g_head is None else g_head
-            _check(isinstance(g_head, int) and g_head >= 2, where, f"field 'global_head_dim' must be an integer >= 2")
+            _check(isinstance(g_head, int) and g_head >= 2, where, "field 'global_head_dim' must be an integer >= 2")
             g_kv = d.get("num_global_key_value_heads")
             for i, t in enumerate(lt):
                 if t == FULL:

@@ -14,10 +14,9 @@ response dicts and SSE chunks) and the engine side (token ids, tensors, Sampling
       ▼
     chat.completion dict, or chat.completion.chunk dicts for SSE
 
-`BatchingEngine` is a small continuous-batching engine (one KV cache with a slot per running sequence, prefill
-one request at a time, batched decode of all running ones, prefix reuse of a finished slot's cache) that
-runs in one worker thread. It is the stand-in until the engine package's scheduler lands; the service talks
-to it only through `submit(EngineRequest) -> RequestHandle` and `stats()`.
+`BatchingEngine` runs the engine (unigemma.engine.Engine: continuous batching, chunked prefill, prefix cache,
+speculative decoding, grammar masks) in one worker thread; the service talks to it only through
+`submit(EngineRequest) -> RequestHandle` and `stats()`.
 
 What this module does not do: HTTP (routing, auth, limits, SSE framing: server/app.py), fetching media
 (server/media.py), the model forward (model/), sampling maths (engine/sampling.py).
@@ -37,10 +36,8 @@ from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from unigemma.engine.sampling import PenaltyState, Sampler, SamplingParams, make_generator
-from unigemma.engine.stopping import StopChecker
+from unigemma.engine.sampling import SamplingParams
 from unigemma.inputs.media import MediaError
-from unigemma.outputs.detokenize import IncrementalDetokenizer
 
 from . import media as server_media
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -129,42 +126,27 @@ class RequestHandle:
                 return
 
 
-@dataclass
-class _Seq:
-    handle: RequestHandle
-    slot: int
-    tokens: list[int]                 # prompt + generated
-    prompt_len: int
-    detok: IncrementalDetokenizer
-    stop: StopChecker
-    generator: torch.Generator | None
-    constraint_state: Any = None
-
-
 class BatchingEngine:
-    """Continuous batching over one KV cache with `max_slots` sequences, in a worker thread.
+    """The engine (unigemma.engine.Engine: continuous batching, prefix cache, speculative decoding, grammar masks)
+    driven by one worker thread; the async side talks to it through RequestHandles.
 
-    Each loop: drop cancelled sequences (their slot is free at once), admit waiting requests into free slots
-    (one prefill each, reusing the longest cached prefix of a free slot), then one batched decode step for all
-    running sequences. Tokens go through stop checking and detokenization here, so a finished sequence frees
-    its slot in the same step.
+    The Engine is not thread-safe, so every call into it (add, step, cancel) happens on the worker: submit() and
+    cancel() only queue work and wake the worker. A cancelled request leaves the engine (and frees its cache slot)
+    at the worker's next turn, before the next decode step.
     """
 
     def __init__(self, llm, max_slots: int, max_model_len: int, eos_token_ids: list[int]):
+        from unigemma.engine.generate import Engine
+
         self.llm = llm
-        self.model = llm.model
-        self.tokenizer = llm.tokenizer
         self.max_slots = max_slots
         self.max_model_len = max_model_len
-        self.eos_token_ids = list(eos_token_ids)
-        self.device = next(self.model.parameters()).device
-        self.cache = self.model.make_cache(max_slots, max_model_len)
-        self.vocab_tok = len(self.tokenizer)
-        self.sampler = Sampler()
-        self.free: list[int] = list(range(max_slots))
-        self.slot_tokens: dict[int, list[int]] = {s: [] for s in range(max_slots)}  # K/V each free slot holds
+        self.engine = Engine(llm.model, llm.tokenizer, list(eos_token_ids), getattr(llm, "drafter", None),
+                             max_slots=max_slots, max_model_len=max_model_len,
+                             dtype=getattr(llm, "kv_dtype", None))
+        self.device = next(llm.model.parameters()).device
         self.pending: collections.deque[RequestHandle] = collections.deque()
-        self.running: list[_Seq] = []
+        self.active: dict[str, RequestHandle] = {}
         self.cv = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -172,6 +154,8 @@ class BatchingEngine:
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
         self.generated_tokens_total = 0
+        self.drafted_tokens_total = 0
+        self.accepted_tokens_total = 0
 
     # --- control (any thread) ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -205,151 +189,83 @@ class BatchingEngine:
         return h
 
     def stats(self) -> dict[str, float]:
-        used = sum(len(s.tokens) for s in self.running)
-        return {"running": len(self.running), "queued": len(self.pending),
+        sched = self.engine.scheduler
+        used = sum(len(s.tokens) for s in sched.slots)
+        return {"running": len(sched.slots), "queued": len(self.pending) + len(sched.waiting),
                 "kv_used_tokens": used, "kv_capacity_tokens": self.max_slots * self.max_model_len,
-                "free_slots": len(self.free)}
+                "free_slots": self.max_slots - len(sched.slots)}
 
     # --- worker --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        from unigemma.engine.scheduler import Request
+
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not self.stopping and not self.pending and not self.running:
+                while not self.stopping and not self.pending and not self.active:
                     self.cv.wait(timeout=1.0)
                 if self.stopping:
                     break
-                admit = []
-                while self.pending and (self.free or self.pending[0].cancelled):
-                    h = self.pending.popleft()
-                    if h.cancelled:
-                        h.done = True
-                        h._emit(StepOutput(-1, "", finished=True, finish_reason="abort"))
-                        continue
-                    admit.append(h)
-                    if len(admit) >= len(self.free):
-                        break
-            self._drop_cancelled()
+                admit = list(self.pending)
+                self.pending.clear()
             for h in admit:
-                self._prefill(h)
-            if self.running:
+                if h.cancelled:
+                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="abort"))
+                    continue
+                r = h.req
                 try:
-                    self._decode()
-                except Exception as e:  # a bug: fail the running requests, keep serving
-                    for s in list(self.running):
-                        self._finish(s, StepOutput(-1, "", finished=True, finish_reason="error",
-                                                   error=f"{type(e).__name__}: {e}"))
+                    self.engine.add(Request(list(r.prompt_ids), r.params, media=r.media or None,
+                                            request_id=h.id, constraint=r.constraint))
+                except ValueError as e:
+                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="error", error=str(e)))
+                    continue
+                self.active[h.id] = h
+            for rid, h in list(self.active.items()):
+                if h.cancelled:
+                    self.engine.cancel(rid)
+            if not self.engine.has_work:
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # a bug: fail the running requests, keep serving
+                for rid, h in list(self.active.items()):
+                    self.engine.cancel(rid)
+                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="error",
+                                            error=f"{type(e).__name__}: {e}"))
+                self.engine.step()  # drain the cancellation events
+                continue
+            for ev in events:
+                h = self.active.get(ev.request_id)
+                if h is None:
+                    continue
+                if ev.token_id is not None:
+                    h.num_generated += 1
+                    self.generated_tokens_total += 1
+                reason = "abort" if ev.finish_reason == "cancelled" else ev.finish_reason
+                out = StepOutput(ev.token_id if ev.token_id is not None else -1, ev.text, ev.logprob,
+                                 list(ev.top_logprobs or []), ev.finished, reason, ev.stop_reason)
+                if ev.finished:
+                    if ev.usage is not None:
+                        h.cached_tokens = ev.usage.cached_tokens
+                        self.prompt_tokens_total += ev.usage.prompt_tokens
+                        self.cached_tokens_total += ev.usage.cached_tokens
+                        self.drafted_tokens_total += ev.usage.drafted_tokens
+                        self.accepted_tokens_total += ev.usage.accepted_tokens
+                    del self.active[ev.request_id]
+                    self.engine.forget(ev.request_id)
+                    self._end(h, out)
+                else:
+                    h._emit(out)
         # shutdown: end every stream
-        for s in list(self.running):
-            self._finish(s, StepOutput(-1, "", finished=True, finish_reason="abort"))
+        for rid, h in list(self.active.items()):
+            self._end(h, StepOutput(-1, "", finished=True, finish_reason="abort"))
         while self.pending:
-            self.pending.popleft()._emit(StepOutput(-1, "", finished=True, finish_reason="abort"))
+            self._end(self.pending.popleft(), StepOutput(-1, "", finished=True, finish_reason="abort"))
 
-    def _drop_cancelled(self) -> None:
-        for s in [s for s in self.running if s.handle.cancelled]:
-            self._finish(s, StepOutput(-1, "", finished=True, finish_reason="abort"))
-
-    def _take_slot(self, prompt: list[int], reusable: int) -> tuple[int, int]:
-        """The free slot whose cached tokens share the longest prefix with `prompt`, and that length."""
-        limit = min(reusable, len(prompt) - 1)  # at least one token must run to give logits
-        best, best_len = self.free[0], 0
-        for slot in self.free:
-            have = self.slot_tokens[slot]
-            n = 0
-            for a, b in zip(have[:limit], prompt[:limit]):
-                if a != b:
-                    break
-                n += 1
-            if n > best_len:
-                best, best_len = slot, n
-        self.free.remove(best)
-        if best_len:
-            self.cache.truncate(best, best_len)
-            if not self.cache.ring_view_ok(best, best_len):  # the sliding ring already moved past the prefix
-                best_len = 0
-        if not best_len:
-            self.cache.reset_slot(best)
-        self.slot_tokens[best] = []
-        return best, best_len
-
-    def _prefill(self, h: RequestHandle) -> None:
-        req = h.req
-        prompt = req.prompt_ids
-        reusable = len(prompt) if req.reusable_prefix is None else req.reusable_prefix
-        slot, cached = self._take_slot(prompt, reusable)
-        h.cached_tokens = cached
-        seq = _Seq(h, slot, list(prompt), len(prompt),
-                   IncrementalDetokenizer(self.tokenizer, req.skip_special_tokens, prompt_ids=prompt),
-                   StopChecker.from_params(req.params, self.eos_token_ids, self.max_model_len, len(prompt)),
-                   make_generator(req.params.seed, self.device) if req.params.seed is not None else None,
-                   req.constraint.new_state() if req.constraint is not None else None)
-        try:
-            ids = torch.tensor([prompt[cached:]], device=self.device)
-            pos = torch.arange(cached, len(prompt), device=self.device)[None]
-            out = self.model.run(ids, position_ids=pos, cache=self.cache,
-                                 slots=torch.tensor([slot], device=self.device), logits_to_keep=1, **req.media)
-        except ValueError as e:  # a request the model cannot take (e.g. media on a text-only checkpoint)
-            self.free.append(slot)
-            h.done = True
-            h._emit(StepOutput(-1, "", finished=True, finish_reason="error", error=str(e)))
-            return
-        self.prompt_tokens_total += len(prompt)
-        self.cached_tokens_total += cached
-        self.running.append(seq)
-        self._sample_and_emit([seq], out.logits[:, -1])
-
-    def _decode(self) -> None:
-        seqs = list(self.running)
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
-        pos = torch.tensor([[len(s.tokens) - 1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        out = self.model.run(ids, position_ids=pos, cache=self.cache, slots=slots, logits_to_keep=1)
-        self._sample_and_emit(seqs, out.logits[:, -1])
-
-    def _sample_and_emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        logits = logits.float()
-        if logits.shape[-1] > self.vocab_tok:  # padded embedding rows have no text: never sample them
-            logits[:, self.vocab_tok:] = float("-inf")
-        states = [s.constraint_state for s in seqs]
-        if any(st is not None for st in states):
-            from unigemma.engine.constraints import apply_masks
-            apply_masks(logits, states)
-        params = [s.handle.req.params for s in seqs]
-        penalties = None
-        if any(p.uses_penalties for p in params):
-            penalties = PenaltyState.from_token_ids([s.tokens[:s.prompt_len] for s in seqs],
-                                                    [s.tokens[s.prompt_len:] for s in seqs],
-                                                    logits.shape[-1], logits.device)
-        res = self.sampler(logits, params, penalties, generators=[s.generator for s in seqs])
-        for s, (tok, lp, top) in zip(seqs, res.tolist(params)):
-            s.tokens.append(tok)
-            s.handle.num_generated += 1
-            self.generated_tokens_total += 1
-            if s.constraint_state is not None:
-                s.constraint_state.advance(tok)
-            text = s.detok.add(tok)
-            r = s.stop.step(tok, text)
-            out = StepOutput(tok, r.text, lp, top, r.finished, r.finish_reason, r.stop_reason)
-            if r.finished:
-                if r.finish_reason == "length":
-                    out.text += s.detok.finish()
-                self._finish(s, out)
-            elif s.handle.cancelled:
-                self._finish(s, StepOutput(tok, r.text, lp, top, True, "abort"))
-            else:
-                s.handle._emit(out)
-
-    def _finish(self, s: _Seq, out: StepOutput) -> None:
-        self.running.remove(s)
-        # the cache holds K/V of every token fed so far: all but the last sampled one
-        self.slot_tokens[s.slot] = s.tokens[:-1] if len(s.tokens) > s.prompt_len else []
-        if s.handle.req.media:
-            # media soft tokens are not identified by their ids: never reuse past the first one
-            cut = s.handle.req.reusable_prefix or 0
-            self.slot_tokens[s.slot] = self.slot_tokens[s.slot][:cut]
-        self.free.append(s.slot)
-        s.handle.done = True
-        s.handle._emit(out)
+    @staticmethod
+    def _end(h: RequestHandle, out: StepOutput) -> None:
+        h.done = True
+        h._emit(out)
 
 
 # --- the service: HTTP shapes ↔ engine shapes ------------------------------------------------------------------
