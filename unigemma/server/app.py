@@ -85,6 +85,10 @@ class Metrics(Observer):
               registry=r).set_function(lambda: stats()["cached_tokens_total"] / max(1, stats()["prompt_tokens_total"]))
         Gauge("unigemma_in_flight_sequences", "admitted sequences (running + queued + being prepared)",
               registry=r).set_function(lambda: stats()["in_flight"])
+        Gauge("unigemma_spec_decode_acceptance_rate", "accepted / drafted speculative tokens since start",
+              registry=r).set_function(lambda: stats()["accepted_tokens_total"] / max(1, stats()["drafted_tokens_total"]))
+        Gauge("unigemma_spec_decode_drafted_tokens", "speculative draft tokens verified since start",
+              registry=r).set_function(lambda: stats()["drafted_tokens_total"])
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -171,7 +175,9 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     def stats() -> dict[str, Any]:
         s = service.engine.stats()
         s.update(prompt_tokens_total=service.engine.prompt_tokens_total,
-                 cached_tokens_total=service.engine.cached_tokens_total, in_flight=service.in_flight)
+                 cached_tokens_total=service.engine.cached_tokens_total, in_flight=service.in_flight,
+                 drafted_tokens_total=service.engine.drafted_tokens_total,
+                 accepted_tokens_total=service.engine.accepted_tokens_total)
         return s
 
     metrics = Metrics(stats)
