@@ -57,6 +57,8 @@ class Request:
     request_id: str | None = None
     speculate: bool = True
     constraint: Any = None   # engine.constraints.CompiledGrammar: every sampled and drafted token must fit it
+    open: bool = False       # streaming input: the prompt grows via Scheduler.extend and is prefilled as it
+                             # arrives; nothing is sampled until extend(..., close=True)
 
 
 @dataclass
@@ -218,6 +220,47 @@ class Scheduler:
         self.pending.append(TokenEvent(rid, None, finished=True, finish_reason="cancelled", usage=seq.usage()))
         return True
 
+    def extend(self, rid: str, ids: list[int], media: dict[str, Any] | None = None, close: bool = False) -> None:
+        """Append prompt tokens to an open request (Request.open): the next steps prefill them. `media`: model
+        media kwargs for placeholders among `ids` (their soft-token rows are embedded now). close=True ends the
+        prompt: the request then samples its first token like any other."""
+        seq = self.seqs.get(rid)
+        if seq is None or seq.status not in (WAITING, PREFILL) or not seq.request.open:
+            raise ValueError(f"request {rid!r} is not an open streaming request (Request(open=True), not closed)")
+        ids = [int(t) for t in ids]
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"extend: token id {bad[0]} is outside the vocabulary [0, {self.vocab})")
+        n0 = len(seq.tokens)
+        if n0 + len(ids) >= self.runner.max_len:
+            raise ValueError(f"the prompt would grow to {n0 + len(ids)} tokens, which does not fit a context of "
+                             f"{self.runner.max_len} tokens")
+        if ids and (media or seq.embeds is not None):
+            # once any soft token is in the prompt the runner reads embeddings for every position; rows already
+            # prefilled are never read again, but keeping absolute indexing keeps the runner unchanged
+            embed = self.runner.model.embed
+            new = embed(torch.tensor([ids], device=self.device), **(media or {}))[0]
+            if seq.embeds is None:
+                seq.embeds = embed(torch.tensor([seq.tokens], device=self.device))[0]
+            seq.embeds = torch.cat([seq.embeds, new.to(seq.embeds.dtype)])
+        seq.tokens += ids
+        seq.prompt_len = len(seq.tokens)
+        seq.request.prompt_ids = list(seq.tokens)
+        if close:
+            seq.request.open = False
+            if seq.computed >= seq.prompt_len:  # the last token was prefilled without logits: compute it again
+                seq.computed = seq.prompt_len - 1
+                if seq.slot >= 0:
+                    self.cache.truncate(seq.slot, seq.computed)
+            # prompt-length-dependent state is rebuilt for the final prompt
+            p = seq.params
+            seq.stop = StopChecker.from_params(p, self.eos_token_ids, max_context=self.runner.max_len,
+                                               prompt_len=seq.prompt_len)
+            if self.tokenizer is not None:
+                seq.detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=seq.tokens)
+            if seq.prompt_mask is not None:
+                seq.prompt_mask[torch.tensor(seq.tokens, device=self.device)] = True
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.slots or self.pending)
@@ -247,7 +290,7 @@ class Scheduler:
             if media:
                 ids = torch.tensor([seq.tokens], device=self.device)
                 seq.embeds = self.runner.model.embed(ids, **media)[0]
-            if self.prefix is not None:
+            if self.prefix is not None and not seq.request.open:  # a growing prompt has no block keys
                 seq.keys = self.prefix.keys_for(seq.tokens, seq.embeds)
                 keys = seq.keys.extend(seq.tokens, seq.prompt_len)
                 # at least the last prompt token is always computed: its logits give the first output token
@@ -258,11 +301,11 @@ class Scheduler:
     def _prefill(self, events: list[TokenEvent]) -> None:
         budget = self.prefill_chunk
         for seq in list(self.slots):
-            while seq.status == PREFILL and budget > 0:
+            while seq.status == PREFILL and budget > 0 and seq.computed < seq.prompt_len:
                 start = seq.computed
                 end = self.runner.chunk_end(seq.tokens, start, min(budget, self.prefill_chunk))
                 end = min(end, seq.prompt_len)
-                last = end == seq.prompt_len
+                last = end == seq.prompt_len and not seq.request.open
                 out = self.runner.prefill_chunk(seq.slot, seq.tokens, start, end, seq.embeds, need_logits=last)
                 seq.computed = end
                 budget -= end - start

@@ -1,0 +1,198 @@
+"""Streaming input (unigemma.realtime, engine/session.py, Scheduler.extend) on a tiny random model: the ids a live
+turn builds equal build_prompt's for the same message; greedy answers after commit equal llm.chat's one-shot
+answers; the KV cache holds the turn before commit; cancel frees the slot; the energy VAD finds speech bursts."""
+
+import numpy as np
+import pytest
+
+import unigemma
+from unigemma.engine.scheduler import DONE
+from unigemma.realtime import EnergyVAD, IncrementalPrompt, Session, pcm16_to_float
+from tinyllm import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return unigemma.load(make_tiny_checkpoint(tmp_path_factory.mktemp("rt"), seed=5), device="cpu",
+                         dtype="float32")
+
+
+def _wave(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _chunks(wave: np.ndarray, sizes):
+    i = 0
+    for s in sizes:
+        yield wave[i:i + s]
+        i += s
+    if i < wave.size:
+        yield wave[i:]
+
+
+def _image():
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_incremental_ids_equal_build_prompt(llm, history):
+    wave = _wave(1.37)
+    msgs = []
+    if history:  # history with audio: its ids are final up to the last placeholder
+        msgs = [{"role": "user", "content": [{"type": "audio", "audio": (_wave(0.3, 2), 16000)},
+                                             {"type": "text", "text": "before"}]},
+                {"role": "assistant", "content": "ok"}]
+    p = IncrementalPrompt(llm, msgs, system="Be brief.", enable_thinking=True)
+    got = list(p.head().ids)
+    got += [i for piece in p.append_text("  hello there ") for i in piece.ids]
+    for c in _chunks(wave, [100, 700, 641, 3000, 5]):
+        got += [i for piece in p.append_audio(c) for i in piece.ids]
+    got += [i for piece in p.append_image(_image(), max_soft_tokens=70) for i in piece.ids]
+    got += [i for piece in p.append_text("what is") for i in piece.ids]
+    got += [i for piece in p.append_text(" this?") for i in piece.ids]
+    got += [i for piece in p.close() for i in piece.ids]
+    msg = p.message()
+    ref = llm.build_prompt(msgs[:0] + [{"role": "system", "content": "Be brief."}] + msgs + [msg],
+                           enable_thinking=True)
+    assert got == ref.input_ids == p.ids
+    assert [x["type"] for x in msg["content"]] == ["text", "audio", "image", "text"]
+    assert msg["content"][3]["text"] == "what is this?"
+
+
+def test_audio_segments_split_at_30s(llm):
+    p = IncrementalPrompt(llm)
+    wave = _wave(31.0)
+    for c in _chunks(wave, [16000] * 31):
+        p.append_audio(c)
+    p.close()
+    ref = llm.build_prompt([p.message()])
+    assert p.ids == ref.input_ids
+    c = llm.config
+    assert p.ids.count(c.boa_token_id) == 2 and p.ids.count(c.audio_token_id) == 775
+
+
+def test_session_matches_one_shot_chat(llm):
+    wave = _wave(0.9, 3)
+    sess = Session(llm, system="You are terse.", temperature=0, max_tokens=12)
+    sess.append_text("Listen:")
+    for c in _chunks(wave, [1000, 2000, 5000]):
+        sess.append_audio(c)
+        # prefill as you go: everything that is final is in the KV cache already
+        assert sess.prefilled == len(sess.prompt_ids)
+    n_before = len(sess.prompt_ids)
+    sess.append_text("What was it?")
+    res = sess.commit(stream=False)
+    assert res.usage.prompt_tokens > n_before
+    msgs = [{"role": "system", "content": "You are terse."}, sess.messages[0]]
+    ref = llm.chat(msgs, temperature=0, max_tokens=12)
+    assert res.token_ids == ref.token_ids and res.content == ref.content
+    # the second turn carries the first (with its audio) as history
+    sess.append_image(_image(), max_soft_tokens=70)
+    chunks = list(sess.commit())
+    ref2 = llm.chat(msgs + [sess.messages[1], sess.messages[2]], temperature=0, max_tokens=12)
+    assert "".join(c.content for c in chunks) == ref2.content
+    assert chunks[-1].finish_reason == ref2.finish_reason
+    assert len(sess.messages) == 4
+    sess.close()
+
+
+def test_text_only_and_thinking_turn(llm):
+    with Session(llm, enable_thinking=True, temperature=0, max_tokens=10) as sess:
+        sess.append_text("hi")
+        sess.append_text(" there")
+        res = sess.commit(stream=False)
+    ref = llm.chat([{"role": "user", "content": "hi there"}], enable_thinking=True, temperature=0, max_tokens=10)
+    assert (res.token_ids, res.content, res.reasoning) == (ref.token_ids, ref.content, ref.reasoning)
+
+
+def test_cancel_frees_slot_and_pool_reuse(llm):
+    sess = Session(llm, temperature=0, max_tokens=4)
+    eng = sess.engine
+    sess.append_audio(_wave(0.5))
+    assert len(eng.scheduler.slots) == 1 and eng.has_work
+    sess.cancel()
+    assert not eng.scheduler.slots and not eng.scheduler.seqs and not eng.has_work
+    # a stream abandoned mid-answer also frees it
+    sess.append_audio(_wave(0.2))
+    it = sess.commit()
+    next(it)
+    it.close()
+    assert not eng.scheduler.slots and not eng.scheduler.seqs
+    assert len(sess.messages) == 0  # an unfinished answer is not history
+    sess.close()
+    with pytest.raises(ValueError, match="closed"):
+        sess.append_text("x")
+    s2 = Session(llm)
+    assert s2.engine is eng  # the pool hands the engine back out
+    s2.close()
+
+
+def test_scheduler_extend_validation(llm):
+    sess = Session(llm, max_tokens=4)
+    sess.append_audio(_wave(0.1))
+    live = sess.turn.live
+    with pytest.raises(ValueError, match="vocabulary"):
+        live.extend([10 ** 9])
+    with pytest.raises(ValueError, match="does not fit"):
+        live.extend([1] * 5000)
+    rid = live.id
+    sess.cancel()
+    assert rid not in sess.engine.scheduler.seqs
+    with pytest.raises(ValueError, match="not an open streaming request"):
+        sess.engine.scheduler.extend(rid, [1])
+    sess.close()
+
+
+def test_bad_audio_chunks(llm):
+    p = IncrementalPrompt(llm)
+    with pytest.raises(ValueError, match="1-D"):
+        p.append_audio(np.zeros((2, 10), dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        p.append_audio(np.array([np.nan], dtype=np.float32))
+    assert p.append_audio(np.zeros(0, dtype=np.float32)) == []
+    x = pcm16_to_float(np.array([0, 16384, -32768], dtype="<i2").tobytes())
+    assert x.tolist() == [0.0, 0.5, -1.0]
+    with pytest.raises(ValueError, match="even"):
+        pcm16_to_float(b"\x00")
+
+
+def _speech_like(rng, seconds):
+    """A voiced burst: a 120-Hz harmonic stack with a 4-Hz syllable envelope."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    tone = sum(np.sin(2 * np.pi * 120 * k * t) / k for k in range(1, 6))
+    env = 0.5 + 0.5 * np.abs(np.sin(2 * np.pi * 2 * t))
+    return (0.2 * tone * env + 0.002 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def test_energy_vad_bursts():
+    rng = np.random.default_rng(0)
+    noise = lambda s: (0.004 * rng.standard_normal(int(s * 16000))).astype(np.float32)  # noqa: E731
+    parts = [noise(1.0), _speech_like(rng, 1.2), noise(0.2), _speech_like(rng, 0.8), noise(1.5),
+             _speech_like(rng, 0.6), noise(1.0)]
+    wave = np.concatenate(parts)
+    vad = EnergyVAD(hangover_ms=500)
+    events = []
+    for c in _chunks(wave, [333] * (wave.size // 333)):
+        events += vad.feed(c)
+    kinds = [e.kind for e in events]
+    # the 0.2-s pause is inside the hang-over: two turns, not three
+    assert kinds == ["speech_started", "speech_stopped", "speech_started", "speech_stopped"]
+    bounds = np.cumsum([p.size for p in parts]) / 16000
+    assert abs(events[0].seconds - 1.0) < 0.1
+    assert abs(events[1].seconds - bounds[3]) < 0.1
+    assert abs(events[2].seconds - bounds[4]) < 0.1
+    assert abs(events[3].seconds - bounds[5]) < 0.1
+    # steady background noise loud enough to pass for speech at first is learnt: the "speech" ends
+    v2 = EnergyVAD()
+    ev = v2.feed((0.05 * rng.standard_normal(16000 * 8)).astype(np.float32))
+    assert [e.kind for e in ev] == ["speech_started", "speech_stopped"] and not v2.speaking
+    assert v2.feed((0.05 * rng.standard_normal(16000 * 3)).astype(np.float32)) == []
+    v3 = EnergyVAD()
+    assert v3.feed(np.zeros(16000 * 2, dtype=np.float32)) == []
+    with pytest.raises(ValueError, match="ratio"):
+        EnergyVAD(ratio=1.0)
