@@ -7,7 +7,13 @@ import torch
 import unigemma
 from refmodels import IMG, make_reference
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module", params=["keqv", "kvshare"])

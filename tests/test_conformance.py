@@ -12,7 +12,13 @@ import torch
 import unigemma
 from refmodels import AUD, BOA, BOI, EOA, EOI, IMG, VID, make_reference
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 def grid_positions(w: int, h: int, slots: int) -> torch.Tensor:

@@ -13,7 +13,13 @@ from unigemma.engine.generate import Engine, GenerationChunk, Request, generate
 from unigemma.engine.sampling import SamplingParams
 from unigemma.testing import write_tiny_tokenizer
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(autouse=True, scope="module")

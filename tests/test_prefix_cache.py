@@ -13,7 +13,13 @@ from unigemma.engine.generate import Engine, Request
 from unigemma.engine.prefix_cache import BlockKeys, media_runs
 from unigemma.engine.sampling import SamplingParams
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules."""
+    with torch.no_grad():
+        yield
 TOK = ByteTokenizer()
 
 

@@ -14,7 +14,13 @@ from unigemma.engine.generate import Engine, Request
 from unigemma.engine.sampling import SamplingParams
 from unigemma.engine.speculative import DraftController, NgramIndex, SpecStats, expected_tokens
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules."""
+    with torch.no_grad():
+        yield
 TOK = ByteTokenizer()
 
 
