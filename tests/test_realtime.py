@@ -2,11 +2,12 @@
 turn builds equal build_prompt's for the same message; greedy answers after commit equal llm.chat's one-shot
 answers; the KV cache holds the turn before commit; cancel frees the slot; the energy VAD finds speech bursts."""
 
+import json
+
 import numpy as np
 import pytest
 
 import unigemma
-from unigemma.engine.scheduler import DONE
 from unigemma.realtime import EnergyVAD, IncrementalPrompt, Session, pcm16_to_float
 from tinyllm import make_tiny_checkpoint
 
@@ -196,3 +197,211 @@ def test_energy_vad_bursts():
     assert v3.feed(np.zeros(16000 * 2, dtype=np.float32)) == []
     with pytest.raises(ValueError, match="ratio"):
         EnergyVAD(ratio=1.0)
+
+
+# --- the WebSocket endpoint ------------------------------------------------------------------------------------
+
+def _pcm16(wave: np.ndarray) -> bytes:
+    return (np.clip(wave, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _wav_b64(pcm: bytes) -> str:
+    import base64
+    import io
+    import wave as wavmod
+
+    buf = io.BytesIO()
+    with wavmod.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from unigemma.server.app import create_app
+    from unigemma.server.service import ServerSettings
+
+    app = create_app(llm, ServerSettings(max_concurrency=4, max_queue=40))
+    with TestClient(app) as c:
+        yield c
+
+
+def _recv_until(ws, kind: str, limit: int = 10_000) -> list[dict]:
+    out = []
+    for _ in range(limit):
+        ev = ws.receive_json()
+        out.append(ev)
+        if ev["type"] == kind:
+            return out
+    raise AssertionError(f"no {kind} event")
+
+
+def _metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def _idle(client) -> None:
+    """Wait until the engine holds no sequence (cancellations land on the worker's next turn)."""
+    import time
+
+    for _ in range(200):
+        if _metric(client, "unigemma_requests_running") == 0 and _metric(client, "unigemma_realtime_sessions") == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError("sessions or sequences leaked")
+
+
+def test_ws_same_answer_as_chat_completions(client):
+    import base64
+
+    pcm = _pcm16(_wave(0.7, 4))
+    with client.websocket_connect("/v1/realtime") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        ws.send_json({"type": "session.update", "session": {"instructions": "Be short.", "temperature": 0,
+                                                             "max_tokens": 10}})
+        assert ws.receive_json()["type"] == "session.updated"
+        ws.send_json({"type": "input_text.append", "text": "Hear this:"})
+        for i in range(0, len(pcm), 3000):  # odd-sized chunks: frames straddle them
+            ws.send_json({"type": "input_audio.append", "audio": base64.b64encode(pcm[i:i + 3000]).decode()})
+        ws.send_json({"type": "input.commit"})
+        events = _recv_until(ws, "response.done")
+    done = events[-1]
+    assert done["status"] == "completed"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+    r = client.post("/v1/chat/completions", json={
+        "model": "unigemma", "temperature": 0, "max_tokens": 10,
+        "messages": [{"role": "system", "content": "Be short."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hear this:"},
+                                                  {"type": "input_audio",
+                                                   "input_audio": {"data": _wav_b64(pcm), "format": "wav"}}]}]})
+    assert r.status_code == 200, r.text
+    ref = r.json()
+    assert text == done["content"] == ref["choices"][0]["message"]["content"]
+    assert done["usage"]["completion_tokens"] > 0 and len(done["content"]) > 0
+    assert done["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+    assert done["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+    _idle(client)
+
+
+def test_ws_malformed_and_oversize_frames(client):
+    import base64
+
+    with client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        bad = ["not json", "[1, 2]", json.dumps({"type": "nope"}), json.dumps({"type": "input_text.append"}),
+               json.dumps({"type": "input_audio.append", "audio": "***"}),
+               json.dumps({"type": "input_audio.append", "audio": "AAA=", "format": "mp3"}),
+               json.dumps({"type": "input_image.append", "image": "http://example.com/x.png"}),
+               json.dumps({"type": "session.update", "session": {"temperature": 9}}),
+               json.dumps({"type": "response.cancel"}),
+               json.dumps({"type": "input_audio.append", "audio": base64.b64encode(b"\0" * 2 * 16000 * 11).decode()}),
+               json.dumps({"type": "input_image.append", "image": "data:image/png;base64,AAAA"})]
+        codes = []
+        for frame in bad:
+            ws.send_text(frame)
+            ev = ws.receive_json()
+            assert ev["type"] == "error", (frame[:40], ev)
+            codes.append(ev["error"]["code"])
+        assert codes[:3] == ["invalid_json", "invalid_event", "invalid_event"]
+        assert "chunk_too_large" in codes and "invalid_session" in codes and "no_response" in codes
+        # still usable afterwards
+        ws.send_json({"type": "input_text.append", "text": "hello"})
+        ws.send_json({"type": "input.commit"})
+        assert _recv_until(ws, "response.done")[-1]["status"] == "completed"
+    _idle(client)
+
+
+def test_ws_cancel_clear_and_abrupt_disconnect(client):
+    import base64
+
+    pcm = base64.b64encode(_pcm16(_wave(0.5))).decode()
+    with client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"max_tokens": 200, "temperature": 1.0}})
+        ws.receive_json()
+        ws.send_json({"type": "input_audio.append", "audio": pcm})
+        ws.send_json({"type": "input.clear"})
+        assert ws.receive_json()["type"] == "input.cleared"
+        ws.send_json({"type": "input_audio.append", "audio": pcm})
+        ws.send_json({"type": "input.commit"})
+        assert ws.receive_json()["type"] == "response.created"
+        ws.send_json({"type": "response.cancel"})
+        done = _recv_until(ws, "response.done")[-1]
+        assert done["status"] in ("cancelled", "completed")
+    _idle(client)
+    # disconnect in the middle of a turn (audio prefilled, nothing committed) and in the middle of an answer
+    for commit in (False, True):
+        with client.websocket_connect("/v1/realtime") as ws:
+            ws.receive_json()
+            ws.send_json({"type": "session.update", "session": {"max_tokens": 300}})
+            ws.receive_json()
+            ws.send_json({"type": "input_audio.append", "audio": pcm})
+            if commit:
+                ws.send_json({"type": "input.commit"})
+                ws.receive_json()
+        _idle(client)
+
+
+def test_ws_concurrent_sessions_no_leak(client):
+    import base64
+    import threading
+
+    pcm = base64.b64encode(_pcm16(_wave(0.12))).decode()
+    results, errors = [], []
+
+    def one(i):
+        try:
+            with client.websocket_connect("/v1/realtime") as ws:
+                ws.receive_json()
+                ws.send_json({"type": "session.update", "session": {"max_tokens": 3}})
+                ws.receive_json()
+                ws.send_json({"type": "input_text.append", "text": f"n{i}"})
+                ws.send_json({"type": "input_audio.append", "audio": pcm})
+                ws.send_json({"type": "input.commit"})
+                results.append(_recv_until(ws, "response.done")[-1]["status"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and results == ["completed"] * 32
+    _idle(client)
+
+
+def test_ws_vad_commits_and_api_key(llm):
+    import base64
+
+    from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from unigemma.server.app import create_app
+    from unigemma.server.service import ServerSettings
+
+    rng = np.random.default_rng(3)
+    wave = np.concatenate([np.zeros(8000, np.float32), _speech_like(rng, 0.6), np.zeros(16000, np.float32)])
+    with TestClient(create_app(llm, ServerSettings(api_key="sekret"))) as c:
+        with pytest.raises(WebSocketDisconnect):
+            with c.websocket_connect("/v1/realtime") as ws:
+                ws.receive_json()
+        with c.websocket_connect("/v1/realtime?api_key=sekret") as ws:
+            ws.receive_json()
+            ws.send_json({"type": "session.update", "session": {"vad": True, "max_tokens": 3}})
+            ws.receive_json()
+            pcm = _pcm16(wave)
+            for i in range(0, len(pcm), 6400):
+                ws.send_json({"type": "input_audio.append", "audio": base64.b64encode(pcm[i:i + 6400]).decode()})
+            events = _recv_until(ws, "response.done")
+        kinds = [e["type"] for e in events]
+        assert kinds.index("vad.speech_started") < kinds.index("vad.speech_stopped") < kinds.index("response.created")

@@ -304,6 +304,8 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
             if not handed_off:
                 release()
 
+    from .realtime_ws import install_realtime  # /v1/realtime (streaming-input sessions) and the web page at /
+    install_realtime(app)
     return app
 
 
