@@ -405,3 +405,27 @@ def test_ws_vad_commits_and_api_key(llm):
             events = _recv_until(ws, "response.done")
         kinds = [e["type"] for e in events]
         assert kinds.index("vad.speech_started") < kinds.index("vad.speech_stopped") < kinds.index("response.created")
+
+
+def test_ws_history_and_media_policy(client):
+    hist = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"messages": hist, "max_tokens": 6}})
+        assert ws.receive_json()["messages"] == 2
+        ws.send_json({"type": "input_text.append", "text": "and now?"})
+        ws.send_json({"type": "input.commit"})
+        done = _recv_until(ws, "response.done")[-1]
+        ref = client.post("/v1/chat/completions", json={"model": "unigemma", "temperature": 0, "max_tokens": 6,
+                                                        "messages": hist + [{"role": "user", "content": "and now?"}]})
+        assert done["content"] == ref.json()["choices"][0]["message"]["content"]
+        # local paths in the history are refused by the server's media policy (no --media-root)
+        ws.send_json({"type": "session.update", "session": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "/etc/hostname"}}]}]}})
+        ws.receive_json()
+        ws.send_json({"type": "input_text.append", "text": "x"})
+        ev = ws.receive_json()
+        assert ev["type"] == "error" and "local file paths are disabled" in ev["error"]["message"]
+        ws.send_json({"type": "session.update", "session": {"messages": [{"role": "wizard", "content": "x"}]}})
+        assert ws.receive_json()["type"] == "error"
+    _idle(client)

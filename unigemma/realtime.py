@@ -62,7 +62,8 @@ class IncrementalPrompt:
     """
 
     def __init__(self, llm, messages: list[dict] | None = None, *, system: str | None = None,
-                 tools: list[dict] | None = None, enable_thinking: bool = False, max_audio_seconds: float = 600.0):
+                 tools: list[dict] | None = None, enable_thinking: bool = False, max_audio_seconds: float = 600.0,
+                 resolve=None):
         if llm.tokenizer is None:
             raise ValueError(f"{llm.path} has no tokenizer.json: a realtime session needs the tokenizer")
         self.llm = llm
@@ -76,7 +77,8 @@ class IncrementalPrompt:
         self.enable_thinking = enable_thinking
         self.max_audio_samples = int(max_audio_seconds * SAMPLE_RATE)
         probe = msgs + [{"role": "user", "content": _SENTINEL}]
-        p = llm.build_prompt(probe, tools=tools, enable_thinking=enable_thinking)
+        # resolve(kind, source): the caller's media policy for the history's media (see inputs/prompt.py)
+        p = llm.build_prompt(probe, tools=tools, enable_thinking=enable_thinking, resolve=resolve)
         pieces = _SPLIT.split(p.text)
         last = pieces[-1]
         if last.count(_SENTINEL) != 1:

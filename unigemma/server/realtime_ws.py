@@ -200,7 +200,7 @@ class _Connection:
             c = self.config
             self.prompt = await run_in_threadpool(
                 lambda: IncrementalPrompt(self.llm, self.messages, system=c["instructions"], tools=c["tools"],
-                                          enable_thinking=c["thinking"]))
+                                          enable_thinking=c["thinking"], resolve=self._resolve))
             pieces = [self.prompt.head()] if self.prompt.head().ids else []
             await self._apply(pieces)
         return self.prompt
@@ -221,6 +221,22 @@ class _Connection:
             await asyncio.wrap_future(fut)
         if close and not pieces:
             await asyncio.wrap_future(self.hub.run(rid, lambda eng: eng.scheduler.extend(rid, [], None, close=True)))
+
+    def _resolve(self, kind: str, src):
+        """The server's media policy for history media: data: URIs / base64 (and --media-root paths, remote URLs
+        only when the server allows them). Tuples are waveforms this connection made itself (JSON has none)."""
+        from unigemma.inputs.media import decode_base64
+
+        from .media import fetch
+
+        if isinstance(src, tuple):
+            return src
+        if not isinstance(src, str):
+            raise MediaError(f"{kind}: expected a data: URI (or base64 audio), got {type(src).__name__}")
+        policy = self.service.policy
+        if kind == "audio" and not src.startswith("data:"):
+            return decode_base64(src, what="audio", max_bytes=policy.max_bytes)
+        return fetch(src, policy, kind)
 
     async def _drop_turn(self) -> None:
         if self.handle is not None:
@@ -280,12 +296,19 @@ class _Connection:
                 c[key] = value
             elif key == "tools" and (value is None or isinstance(value, list)):
                 c[key] = value
+            elif key == "messages" and isinstance(value, list):
+                from unigemma.inputs.template import normalize_messages
+
+                if self.prompt is not None or (self.responding is not None and not self.responding.done()):
+                    raise ClientError("session.messages can only be replaced between turns", "turn_in_progress")
+                normalize_messages(value)  # shape errors now, not at the next append
+                self.messages = list(value)
             else:
                 raise ClientError(f"session.{key}={value!r} is not valid (instructions: string, thinking / vad: "
                                   f"bool, temperature: 0..2, max_tokens: 1..{self.service.max_model_len}, "
-                                  "tools: list)", "invalid_session")
+                                  "tools: list, messages: list of chat messages)", "invalid_session")
         self.config = c
-        await self.send({"type": "session.updated", "session": c})
+        await self.send({"type": "session.updated", "session": c, "messages": len(self.messages)})
 
     async def _audio(self, ev: dict) -> None:
         from unigemma.realtime import EnergyVAD, pcm16_to_float
