@@ -59,7 +59,7 @@ class Engine:
                  max_slots: int = 8, max_model_len: int = 4096, prefill_chunk: int = 512,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  speculative: Any = "auto", num_draft_tokens: int | None = None, adaptive: bool = True,
-                 prefix_cache: bool = True, prefix_block_size: int = 16, prefix_cache_bytes: int = 1 << 30,
+                 prefix_cache: bool = True, prefix_block_size: int = 16, prefix_cache_bytes: int | None = None,
                  cuda_graphs: bool | None = None, cpu_column_major: bool = True, spare: int = 32,
                  logprobs_mode: str = "processed"):
         self.model = model

@@ -16,6 +16,10 @@ of every media run (a maximal run of one placeholder id) that overlaps it: a dig
 embeddings, which equal iff the images / audio give the same model input. A whole run is hashed, not just the
 block's part, because vision runs attend bidirectionally: the K/V of a run's first tokens depend on its last.
 
+Memory: blocks live in one pool preallocated (and touched) when the cache is made, `max_bytes` in all (default:
+as much as the KV cache itself). A long-running server therefore does not grow while the cache fills: storing a
+block takes a free pool entry or the least recently used one.
+
 What this module does not do: decide when to store (engine/scheduler.py), or share blocks between slots
 without copying (each restore copies; slots stay plain tensors so decode reads zero-copy views).
 """
@@ -36,8 +40,7 @@ from ..model.cache import EMPTY, KVCache
 class Block:
     key: bytes
     start: int                          # first position covered
-    k: list[torch.Tensor | None]        # per layer: (kv_heads, block_size, d), None for reuse layers
-    v: list[torch.Tensor | None]
+    index: int                          # entry in the pool: pool_k[layer][index] is (kv_heads, block_size, d)
     nbytes: int
 
 
@@ -91,24 +94,41 @@ class BlockKeys:
 
 
 class PrefixCache:
-    """Blocks of per-position K/V keyed by hash chains; LRU eviction under `max_bytes`."""
+    """Blocks of per-position K/V keyed by hash chains, in a preallocated pool of `max_bytes`; LRU eviction."""
 
-    def __init__(self, cache: KVCache, block_size: int = 16, max_bytes: int = 1 << 30,
+    def __init__(self, cache: KVCache, block_size: int = 16, max_bytes: int | None = None,
                  media_ids: set[int] | None = None):
         if block_size < 1:
             raise ValueError(f"prefix cache block_size={block_size}: expected an integer >= 1")
-        if max_bytes < 0:
+        if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"prefix cache max_bytes={max_bytes}: expected >= 0")
         self.cache = cache
         self.block_size = block_size
-        self.max_bytes = max_bytes
         self.media_ids = set(media_ids or ())
         self.blocks: OrderedDict[bytes, Block] = OrderedDict()
-        self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
         types = cache.config.layer_types
         self.full_layers = [i for i, lk in enumerate(cache.layers) if lk is not None and types[i] == FULL]
         self.ring_layers = [i for i, lk in enumerate(cache.layers) if lk is not None and types[i] != FULL]
+        layers = self.full_layers + self.ring_layers
+        self.block_bytes = sum(2 * cache.layers[i].k.shape[1] * block_size * cache.layers[i].k.shape[3]
+                               * cache.layers[i].k.element_size() for i in layers)
+        self.max_bytes = cache.nbytes() if max_bytes is None else max_bytes
+        self.capacity = self.max_bytes // self.block_bytes if self.block_bytes else 0
+        # zeros, not empty: the pages are touched now, so memory in use is what it will stay
+        self.pool_k: dict[int, torch.Tensor] = {}
+        self.pool_v: dict[int, torch.Tensor] = {}
+        for i in layers:
+            lk = cache.layers[i]
+            shape = (self.capacity, lk.k.shape[1], block_size, lk.k.shape[3])
+            self.pool_k[i] = torch.zeros(shape, dtype=lk.k.dtype, device=cache.device)
+            self.pool_v[i] = torch.zeros(shape, dtype=lk.v.dtype, device=cache.device)
+        self.free: list[int] = list(range(self.capacity - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks in use (the pool itself is `capacity × block_bytes`, allocated up front)."""
+        return len(self.blocks) * self.block_bytes
 
     def keys_for(self, tokens: list[int], embeds: torch.Tensor | None = None) -> BlockKeys:
         return BlockKeys(self.block_size, self.media_ids, tokens, embeds)
@@ -137,23 +157,28 @@ class PrefixCache:
             return 0
         c = self.cache
         P = len(blocks) * self.block_size
+        idx_all = torch.tensor([b.index for b in blocks], device=c.device)
         for i in self.full_layers:
             lk = c.layers[i]
-            lk.k[slot, :, :P] = torch.cat([b.k[i] for b in blocks], dim=1)
-            lk.v[slot, :, :P] = torch.cat([b.v[i] for b in blocks], dim=1)
+            # pool (n, kv_heads, bs, d) → (kv_heads, n·bs, d)
+            lk.k[slot, :, :P] = self.pool_k[i][idx_all].transpose(0, 1).reshape(lk.k.shape[1], P, -1)
+            lk.v[slot, :, :P] = self.pool_v[i][idx_all].transpose(0, 1).reshape(lk.v.shape[1], P, -1)
         c.ring_pos[slot] = EMPTY
         if self.ring_layers:
             n = min(P, c.window - 1)  # what the next query needs: the W − 1 positions before it
             first = (P - n) // self.block_size
-            tail = blocks[first:]
+            tail = idx_all[first:]
             off = P - n - first * self.block_size
             pos = torch.arange(P - n, P, device=c.device)
             idx = pos % c.ring
             for i in self.ring_layers:
                 lk = c.layers[i]
+                kh = lk.k.shape[1]
+                k = self.pool_k[i][tail].transpose(0, 1).reshape(kh, -1, lk.k.shape[3])[:, off:]
+                v = self.pool_v[i][tail].transpose(0, 1).reshape(kh, -1, lk.v.shape[3])[:, off:]
                 # lk.k[slot] is a view, so the indexed assignment lands in the cache: (kv_heads, n, d)
-                lk.k[slot][:, idx] = torch.cat([b.k[i] for b in tail], dim=1)[:, off:]
-                lk.v[slot][:, idx] = torch.cat([b.v[i] for b in tail], dim=1)[:, off:]
+                lk.k[slot][:, idx] = k
+                lk.v[slot][:, idx] = v
             c.ring_pos[slot, idx] = pos
         return P
 
@@ -162,35 +187,30 @@ class PrefixCache:
         return key in self.blocks
 
     def store(self, key: bytes, start: int, slot: int) -> bool:
-        """Copy positions [start, start + block_size) of `slot` into a new block. False when the ring no longer
-        holds them (then no later block of this sequence can be stored either) or the budget is too small."""
+        """Copy positions [start, start + block_size) of `slot` into a pool entry. False when the ring no longer
+        holds them (then no later block of this sequence can be stored either) or the pool has no room at all."""
         if key in self.blocks:
             self.blocks.move_to_end(key)
             return True
+        if self.capacity == 0:
+            return False
         c = self.cache
         bs = self.block_size
         pos = torch.arange(start, start + bs, device=c.device)
         idx = pos % c.ring
         if self.ring_layers and not bool((c.ring_pos[slot, idx] == pos).all()):
             return False
-        k: list[torch.Tensor | None] = [None] * len(c.layers)
-        v: list[torch.Tensor | None] = [None] * len(c.layers)
-        nbytes = 0
+        if not self.free:
+            self._evict_one()
+        e = self.free.pop()
         for i in self.full_layers:
-            k[i] = c.layers[i].k[slot, :, start:start + bs].clone()
-            v[i] = c.layers[i].v[slot, :, start:start + bs].clone()
+            self.pool_k[i][e] = c.layers[i].k[slot, :, start:start + bs]
+            self.pool_v[i][e] = c.layers[i].v[slot, :, start:start + bs]
         for i in self.ring_layers:
-            k[i] = c.layers[i].k[slot][:, idx]  # advanced indexing copies: (kv_heads, block_size, d)
-            v[i] = c.layers[i].v[slot][:, idx]
-        for t in k + v:
-            if t is not None:
-                nbytes += t.numel() * t.element_size()
-        if nbytes > self.max_bytes:
-            return False
-        self.blocks[key] = Block(key, start, k, v, nbytes)
-        self.nbytes += nbytes
-        self._evict()
-        return key in self.blocks
+            self.pool_k[i][e] = c.layers[i].k[slot][:, idx]
+            self.pool_v[i][e] = c.layers[i].v[slot][:, idx]
+        self.blocks[key] = Block(key, start, e, self.block_bytes)
+        return True
 
     def _touch(self, chain: list[Block]) -> None:
         # leaf first, root last: the root ends up most recent, so eviction takes the deepest blocks first and a
@@ -202,12 +222,11 @@ class PrefixCache:
     def touch_keys(self, keys: list[bytes]) -> None:
         self._touch([self.blocks[k] for k in keys if k in self.blocks])
 
-    def _evict(self) -> None:
-        while self.nbytes > self.max_bytes and self.blocks:
-            _, b = self.blocks.popitem(last=False)
-            self.nbytes -= b.nbytes
-            self.evictions += 1
+    def _evict_one(self) -> None:
+        _, b = self.blocks.popitem(last=False)
+        self.free.append(b.index)
+        self.evictions += 1
 
     def clear(self) -> None:
+        self.free.extend(b.index for b in self.blocks.values())
         self.blocks.clear()
-        self.nbytes = 0
