@@ -429,3 +429,31 @@ def test_ws_history_and_media_policy(client):
         ws.send_json({"type": "session.update", "session": {"messages": [{"role": "wizard", "content": "x"}]}})
         assert ws.receive_json()["type"] == "error"
     _idle(client)
+
+
+def test_ws_idle_turn_is_dropped(client, monkeypatch):
+    import base64
+
+    from unigemma.server import realtime_ws
+
+    monkeypatch.setattr(realtime_ws, "IDLE_TURN_S", 0.3)
+    with client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "input_audio.append", "audio": base64.b64encode(_pcm16(_wave(0.2))).decode()})
+        ev = ws.receive_json()
+        assert ev["type"] == "error" and ev["error"]["code"] == "turn_timeout"
+        assert _wait_free(client)  # the dropped turn gave its slot back
+        ws.send_json({"type": "input_text.append", "text": "again"})
+        ws.send_json({"type": "input.commit"})
+        assert _recv_until(ws, "response.done")[-1]["status"] == "completed"
+    _idle(client)
+
+
+def _wait_free(client) -> bool:
+    import time
+
+    for _ in range(100):
+        if _metric(client, "unigemma_requests_running") == 0:
+            return True
+        time.sleep(0.02)
+    return False

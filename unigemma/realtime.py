@@ -89,7 +89,7 @@ class IncrementalPrompt:
         # everything up to the last media placeholder of the history is final already; the rest is buffered text
         n_last = len(self.tok.encode(last)) if len(pieces) > 1 else len(p.input_ids)
         self._head = Piece(p.input_ids[: len(p.input_ids) - n_last], p.media or None)
-        self._tpl = before if len(pieces) > 1 else before
+        self._tpl = before
         self._text = ""
         self.parts: list[dict] = []
         self.ids: list[int] = list(self._head.ids)

@@ -48,6 +48,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_FRAME_BYTES = 12 * 1024 * 1024     # one JSON frame (an image data URI is the largest thing sent)
 MAX_AUDIO_CHUNK_S = 10.0               # one input_audio.append
 MAX_TEXT_CHARS = 100_000
+IDLE_TURN_S = 60.0                     # an open turn with no input for this long is dropped (frees its slot)
 
 
 class _Task:
@@ -111,7 +112,8 @@ class RealtimeHub:
         """Sleep while the only work is open requests with nothing to prefill (woken by tasks, new requests,
         cancellations)."""
         s = engine.scheduler
-        if s.waiting or s.pending or any(q.status == RUNNING or (q.status == PREFILL and q.computed < len(q.tokens))
+        # waiting requests are only work when a slot is free: open requests may hold every slot for a while
+        if (s.waiting and len(s.slots) < engine.runner.max_slots) or s.pending or any(q.status == RUNNING or (q.status == PREFILL and q.computed < len(q.tokens))
                                          for q in s.slots):
             return
         be = self.be
@@ -443,7 +445,14 @@ def install_realtime(app: FastAPI) -> RealtimeHub:
         try:
             await conn.send({"type": "session.created", "session": conn.config, "model": settings.model_name})
             while True:
-                msg = await ws.receive()
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=IDLE_TURN_S if conn.prompt else None)
+                except asyncio.TimeoutError:
+                    # an open turn holds a cache slot: a client that went quiet must not hold it forever
+                    await conn._drop_turn()
+                    await conn.error(f"the open turn was dropped after {IDLE_TURN_S:g} s without input",
+                                     "turn_timeout")
+                    continue
                 if msg["type"] == "websocket.disconnect":
                     break
                 text = msg.get("text")
