@@ -62,9 +62,11 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def _write_wav(path: Path, seconds: float = 2.0) -> None:
-    t = np.arange(int(16000 * seconds)) / 16000
-    tone = 0.3 * np.sin(2 * np.pi * 200 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+def _write_wav(path: Path) -> None:
+    """0.3 s of quiet, 1.2 s of a voiced-like tone, 1.5 s of quiet (Chromium loops the file)."""
+    t = np.arange(int(16000 * 1.2)) / 16000
+    burst = 0.3 * np.sin(2 * np.pi * 200 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 3 * t))
+    tone = np.concatenate([np.zeros(4800), burst, np.zeros(24000)])
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -217,6 +219,18 @@ def test_browser_chat_image_markdown_voice(live, browser, tmp_path, llm):
     m = re.search(r"(\d+) prompt \+ (\d+) generated tokens \(completed\)", status)
     assert m, status
     assert int(m.group(1)) > secs * 20  # 25 audio tokens per second of speech, minus rounding
+    # 6. hands-free: the server's VAD ends the turn when the speech-like burst stops; listening then resumes
+    drv.find_element(By.ID, "new-chat").click()
+    drv.find_element(By.ID, "opt-handsfree").click()
+    drv.execute_script("unigemma.startVoice()")
+    _wait(lambda: len(_answers(drv)) >= 1, timeout=60, what="hands-free answer")
+    assert "completed" in _wait(lambda: drv.find_element(By.ID, "status").text if "completed" in
+                                drv.find_element(By.ID, "status").text else "", what="hands-free done")
+    _wait(lambda: drv.execute_script("return document.getElementById('mic').classList.contains('recording')"),
+          what="listening again")
+    drv.find_element(By.ID, "mic").click()  # ends the loop
+    _wait(lambda: _idle(drv) and not drv.execute_script(
+        "return document.getElementById('mic').classList.contains('recording')"), what="loop stopped")
     shot = tmp_path / "web_page.png"
     drv.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000

@@ -289,7 +289,7 @@ async function startVoice() {
   } catch (e) { setStatus("microphone unavailable: " + e.message); return; }
   const ws = new WebSocket(wsUrl(s));
   const user = { role: "user", content: $("input").value.trim(), images: attachments.slice(), budget: s.imageBudget, voice: true, seconds: 0 };
-  const v = voice = { ws, stream, seconds: 0, user, opened: false, queue: [] };
+  const v = voice = { ws, stream, seconds: 0, user, opened: false, queue: [], handsfree: s.handsfree, stopped: false };
   $("mic").classList.add("recording"); setBusy(true); setStatus(s.handsfree ? "listening (hands-free)…" : "recording… release to send");
   const send = (obj) => { if (ws.readyState === 1) ws.send(JSON.stringify(obj)); else v.queue.push(obj); };
   v.send = send;
@@ -370,6 +370,8 @@ function finishVoice(v) {
   try { v.ws.close(); } catch (e) { /* closed */ }
   if (voice === v) voice = null;
   setBusy(false);
+  // hands-free: keep listening for the next turn until the user clicks the microphone again
+  if (v.handsfree && !v.stopped && v.msg) setTimeout(() => { if (!voice && !busy) startVoice(); }, 300);
 }
 
 // --- attachments -------------------------------------------------------------------------------------------------
@@ -423,7 +425,11 @@ function init() {
   const mic = $("mic");
   mic.addEventListener("pointerdown", (e) => {
     e.preventDefault();
-    if (voice && settings().handsfree) { commitVoice(); return; }
+    if (voice && voice.handsfree) {  // a click while listening hands-free ends the conversation loop
+      voice.stopped = true;
+      if (voice.capturing && voice.seconds > 0.3) commitVoice(); else finishVoice(voice);
+      return;
+    }
     startVoice();
   });
   mic.addEventListener("pointerup", () => { if (!settings().handsfree) commitVoice(); });
