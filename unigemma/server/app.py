@@ -285,7 +285,9 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                 async def sse() -> AsyncIterator[bytes]:
                     try:
                         async for chunk in chunks:
-                            yield b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"
+                            # ASCII-escaped: no raw U+2028 / U+0085 in an event, which line splitters that follow
+                            # str.splitlines (many SSE clients) would cut in the middle of the JSON
+                            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
                     except APIError as e:  # the status line is already sent: report in-band, as OpenAI does
                         yield b"data: " + json.dumps(error_body(e.message, e.type, e.param, e.code)).encode() \
                             + b"\n\n"
