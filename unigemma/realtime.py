@@ -88,7 +88,8 @@ class IncrementalPrompt:
         self.rendered = p.text   # with the sentinel in place of the turn's content: its tail sets the parser state
         # everything up to the last media placeholder of the history is final already; the rest is buffered text
         n_last = len(self.tok.encode(last)) if len(pieces) > 1 else len(p.input_ids)
-        self._head = Piece(p.input_ids[: len(p.input_ids) - n_last], p.media or None)
+        self.device = next(llm.model.parameters()).device
+        self._head = Piece(p.input_ids[: len(p.input_ids) - n_last], self._on_device(p.media))
         self._tpl = before
         self._text = ""
         self.parts: list[dict] = []
@@ -105,7 +106,13 @@ class IncrementalPrompt:
 
     def _emit(self, ids: list[int], media: dict | None = None) -> Piece:
         self.ids += ids
-        return Piece(ids, media)
+        return Piece(ids, self._on_device(media))
+
+    def _on_device(self, media: dict | None) -> dict | None:
+        # media tensors go where the model is (the engine embeds them as they arrive)
+        if not media:
+            return None
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in media.items()}
 
     def _flush_text(self) -> list[Piece]:
         text = self._text.strip()  # the template trims text parts

@@ -220,6 +220,7 @@ class Scheduler:
         self.pending.append(TokenEvent(rid, None, finished=True, finish_reason="cancelled", usage=seq.usage()))
         return True
 
+    @torch.inference_mode()
     def extend(self, rid: str, ids: list[int], media: dict[str, Any] | None = None, close: bool = False) -> None:
         """Append prompt tokens to an open request (Request.open): the next steps prefill them. `media`: model
         media kwargs for placeholders among `ids` (their soft-token rows are embedded now). close=True ends the
