@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 SIZES = {
-    "demo": dict(hidden=512, layers=8, heads=8, kv=4, head_dim=64, vocab=4096),
-    "tiny": dict(hidden=128, layers=4, heads=4, kv=2, head_dim=32, vocab=1024),
+    "demo": {"hidden": 512, "layers": 8, "heads": 8, "kv": 4, "head_dim": 64, "vocab": 4096},
+    "tiny": {"hidden": 128, "layers": 4, "heads": 4, "kv": 2, "head_dim": 32, "vocab": 1024},
 }
 
 
@@ -162,8 +162,8 @@ def main(argv=None) -> None:
         o_times.append(dt)
     assert n_stream == n_one, (n_stream, n_one)
     dev = torch.cuda.get_device_name() if llm.device.type == "cuda" else (platform.processor() or platform.machine())
-    common = dict(bench="voice_latency", device=dev, config=label, audio_seconds=a.seconds, chunk_ms=a.chunk_ms,
-                  prompt_tokens=n_one, threads=torch.get_num_threads(), reps=a.reps)
+    common = {"bench": "voice_latency", "device": dev, "config": label, "audio_seconds": a.seconds,
+              "chunk_ms": a.chunk_ms, "prompt_tokens": n_one, "threads": torch.get_num_threads(), "reps": a.reps}
     s_ms, o_ms = 1000 * statistics.median(s_times), 1000 * statistics.median(o_times)
     emit(impl="unigemma", metric="first_token_ms", value=round(s_ms, 2), unit="ms", **common)
     emit(impl="unigemma-oneshot", metric="first_token_ms", value=round(o_ms, 2), unit="ms", **common)

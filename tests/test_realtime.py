@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from tinyllm import make_tiny_checkpoint
 
 import unigemma
 from unigemma.realtime import EnergyVAD, IncrementalPrompt, Session, pcm16_to_float
-from tinyllm import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def _speech_like(rng, seconds):
 
 def test_energy_vad_bursts():
     rng = np.random.default_rng(0)
-    noise = lambda s: (0.004 * rng.standard_normal(int(s * 16000))).astype(np.float32)  # noqa: E731
+    noise = lambda s: (0.004 * rng.standard_normal(int(s * 16000))).astype(np.float32)
     parts = [noise(1.0), _speech_like(rng, 1.2), noise(0.2), _speech_like(rng, 0.8), noise(1.5),
              _speech_like(rng, 0.6), noise(1.0)]
     wave = np.concatenate(parts)

@@ -24,8 +24,9 @@ STATIC = Path(__file__).resolve().parent.parent / "unigemma" / "server" / "stati
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    import unigemma
     from tinyllm import make_tiny_checkpoint
+
+    import unigemma
 
     return unigemma.load(make_tiny_checkpoint(tmp_path_factory.mktemp("web"), seed=7), device="cpu",
                          dtype="float32")

@@ -22,17 +22,18 @@ What this module does not do: HTTP / WebSocket framing (server/realtime_ws.py), 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .inputs.audio import FRAME_SAMPLES, SAMPLE_RATE, SEGMENT_FRAMES
 from .inputs.media import MediaError
-from .inputs.prompt import _SPLIT, PLACEHOLDERS
+from .inputs.prompt import _SPLIT
 
-__all__ = ["Piece", "IncrementalPrompt", "EnergyVAD", "VADEvent", "Session", "pcm16_to_float"]
+__all__ = ["EnergyVAD", "IncrementalPrompt", "Piece", "Session", "VADEvent", "pcm16_to_float"]
 
 # Private-use code points: the template passes them through untouched, and no user text contains them by accident.
 _SENTINEL = "\ue000unigemma-live-turn\ue001"
@@ -157,7 +158,7 @@ class IncrementalPrompt:
     def append_text(self, text: str) -> list[Piece]:
         self._check_open()
         if not isinstance(text, str):
-            raise ValueError(f"append_text needs a str, got {type(text).__name__}")
+            raise TypeError(f"append_text needs a str, got {type(text).__name__}")
         out = self._close_audio()
         self._text += text
         return out
@@ -199,7 +200,11 @@ class IncrementalPrompt:
 
     def append_image(self, image, max_soft_tokens: int | None = None) -> list[Piece]:
         """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default 280)."""
-        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, preprocess_image
+        from .inputs.image import (
+            DEFAULT_MAX_SOFT_TOKENS,
+            check_budget,
+            preprocess_image,
+        )
 
         self._check_open()
         if self.cfg.vision is None:
@@ -506,7 +511,7 @@ class Session:
         self.llm.__dict__.setdefault("_session_engines", []).append(self.engine)
         self.engine = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:

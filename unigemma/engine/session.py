@@ -18,10 +18,11 @@ audio framing, response parsing (unigemma/realtime.py).
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
-from .scheduler import DONE, PREFILL, WAITING, Request, TokenEvent
 from .sampling import SamplingParams
+from .scheduler import DONE, PREFILL, WAITING, Request, TokenEvent
 
 __all__ = ["LiveRequest"]
 

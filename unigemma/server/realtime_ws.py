@@ -52,7 +52,7 @@ IDLE_TURN_S = 60.0                     # an open turn with no input for this lon
 
 
 class _Task:
-    __slots__ = ("rid", "fn", "future")
+    __slots__ = ("fn", "future", "rid")
 
     def __init__(self, rid: str, fn):
         self.rid, self.fn, self.future = rid, fn, concurrent.futures.Future()
@@ -102,7 +102,7 @@ class RealtimeHub:
                 continue
             try:
                 t.future.set_result(t.fn(engine))
-            except Exception as e:  # reported to the session as an error event
+            except Exception as e:  # noqa: BLE001 - any failure goes back to the session as an error event
                 t.future.set_exception(e)
         if later:
             with self.be.cv:
@@ -286,30 +286,27 @@ class _Connection:
     async def _update(self, s) -> None:
         if not isinstance(s, dict):
             raise ClientError("session.update needs 'session': an object")
-        c = dict(self.config)
+        c, messages = dict(self.config), self.messages
+        checks = {"instructions": lambda v: v is None or isinstance(v, str),
+                  "thinking": lambda v: isinstance(v, bool), "vad": lambda v: isinstance(v, bool),
+                  "temperature": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 2,
+                  "max_tokens": lambda v: isinstance(v, int) and 1 <= v <= self.service.max_model_len,
+                  "tools": lambda v: v is None or isinstance(v, list)}
         for key, value in s.items():
-            if key == "instructions" and (value is None or isinstance(value, str)):
-                c[key] = value
-            elif key in ("thinking", "vad") and isinstance(value, bool):
-                c[key] = value
-            elif key == "temperature" and isinstance(value, (int, float)) and 0 <= value <= 2:
-                c[key] = float(value)
-            elif key == "max_tokens" and isinstance(value, int) and 1 <= value <= self.service.max_model_len:
-                c[key] = value
-            elif key == "tools" and (value is None or isinstance(value, list)):
-                c[key] = value
+            if key in checks and checks[key](value):
+                c[key] = float(value) if key == "temperature" else value
             elif key == "messages" and isinstance(value, list):
                 from unigemma.inputs.template import normalize_messages
 
                 if self.prompt is not None or (self.responding is not None and not self.responding.done()):
                     raise ClientError("session.messages can only be replaced between turns", "turn_in_progress")
                 normalize_messages(value)  # shape errors now, not at the next append
-                self.messages = list(value)
+                messages = list(value)
             else:
                 raise ClientError(f"session.{key}={value!r} is not valid (instructions: string, thinking / vad: "
                                   f"bool, temperature: 0..2, max_tokens: 1..{self.service.max_model_len}, "
                                   "tools: list, messages: list of chat messages)", "invalid_session")
-        self.config = c
+        self.config, self.messages = c, messages  # all or nothing
         await self.send({"type": "session.updated", "session": c, "messages": len(self.messages)})
 
     async def _audio(self, ev: dict) -> None:
@@ -359,7 +356,7 @@ class _Connection:
         self.responding = asyncio.create_task(self._respond(h, parser, user, n_prompt))
 
     async def _respond(self, h: RequestHandle, parser, user: dict, n_prompt: int) -> None:
-        from unigemma.outputs.parser import (ContentDelta, ReasoningDelta, ToolCallEnd, ToolCallStart)
+        from unigemma.outputs.parser import ContentDelta, ReasoningDelta, ToolCallEnd, ToolCallStart
 
         content, reasoning, calls, names = [], [], [], {}
         reason, n = None, 0
@@ -407,8 +404,10 @@ class _Connection:
             self.responding.cancel()
             try:
                 await self.responding
-            except (asyncio.CancelledError, Exception):
-                pass
+            except asyncio.CancelledError:
+                pass  # what close() asked for
+            except Exception:  # the socket is gone: nothing to report to
+                log.debug("response task ended with an error after the disconnect", exc_info=True)
         await self._drop_turn()
 
 
