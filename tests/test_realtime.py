@@ -263,12 +263,18 @@ def _idle(client) -> None:
 def test_ws_same_answer_as_chat_completions(client):
     import base64
 
+    import io
+
     pcm = _pcm16(_wave(0.7, 4))
+    buf = io.BytesIO()
+    _image().save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     with client.websocket_connect("/v1/realtime") as ws:
         assert ws.receive_json()["type"] == "session.created"
         ws.send_json({"type": "session.update", "session": {"instructions": "Be short.", "temperature": 0,
                                                              "max_tokens": 10}})
         assert ws.receive_json()["type"] == "session.updated"
+        ws.send_json({"type": "input_image.append", "image": uri, "max_soft_tokens": 70})
         ws.send_json({"type": "input_text.append", "text": "Hear this:"})
         for i in range(0, len(pcm), 3000):  # odd-sized chunks: frames straddle them
             ws.send_json({"type": "input_audio.append", "audio": base64.b64encode(pcm[i:i + 3000]).decode()})
@@ -280,7 +286,9 @@ def test_ws_same_answer_as_chat_completions(client):
     r = client.post("/v1/chat/completions", json={
         "model": "unigemma", "temperature": 0, "max_tokens": 10,
         "messages": [{"role": "system", "content": "Be short."},
-                     {"role": "user", "content": [{"type": "text", "text": "Hear this:"},
+                     {"role": "user", "content": [{"type": "image_url",
+                                                   "image_url": {"url": uri, "max_soft_tokens": 70}},
+                                                  {"type": "text", "text": "Hear this:"},
                                                   {"type": "input_audio",
                                                    "input_audio": {"data": _wav_b64(pcm), "format": "wav"}}]}]})
     assert r.status_code == 200, r.text
