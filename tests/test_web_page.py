@@ -2,7 +2,7 @@
 (Selenium + the Debian chromium / chromium-driver packages) against a live server on a tiny random model: a typed
 message gets a streamed answer, an attached image is sent and shown, the markdown renderer escapes HTML, reasoning
 and tool-call deltas are rendered (from a scripted SSE stream), and a WAV fed as the fake microphone becomes a voice
-turn over /v1/realtime. A screenshot is saved in the test's tmp dir.
+turn over /v1/realtime, push-to-talk and hands-free (browser VAD). A screenshot is saved in the test tmp dir.
 
 Browser tests skip when chromium / chromedriver / selenium are missing (.ci/run installs them)."""
 
@@ -220,7 +220,8 @@ def test_browser_chat_image_markdown_voice(live, browser, tmp_path, llm):
     m = re.search(r"(\d+) prompt \+ (\d+) generated tokens \(completed\)", status)
     assert m, status
     assert int(m.group(1)) > secs * 20  # 25 audio tokens per second of speech, minus rounding
-    # 6. hands-free: the server's VAD ends the turn when the speech-like burst stops; listening then resumes
+    # 6. hands-free: the page's VAD ends the turn when the speech-like burst stops (the socket's VAD is off, so
+    # nothing else commits); listening then resumes
     drv.find_element(By.ID, "new-chat").click()
     drv.find_element(By.ID, "opt-handsfree").click()
     drv.execute_script("unigemma.startVoice()")

@@ -280,6 +280,35 @@ function wsUrl(s) {
   return u.toString();
 }
 
+// Hands-free end of turn, in the browser: 20-ms frame RMS against an adaptive noise floor with a 0.5-s hang-over
+// (the same rule as unigemma.realtime.EnergyVAD on the server).
+class BrowserVAD {
+  constructor(rate) {
+    this.frame = Math.round(rate * 0.02); this.floor = 0.001; this.ratio = 3; this.minRms = 0.01;
+    this.startFrames = 3; this.hangFrames = 25; this.speaking = false; this.run = 0; this.quiet = 0;
+    this.buf = new Float32Array(0);
+  }
+  feed(x) {  // → list of "speech_started" / "speech_stopped"
+    const all = new Float32Array(this.buf.length + x.length); all.set(this.buf); all.set(x, this.buf.length);
+    const events = []; let i = 0;
+    for (; i + this.frame <= all.length; i += this.frame) {
+      let e = 0;
+      for (let j = i; j < i + this.frame; j++) e += all[j] * all[j];
+      const rms = Math.sqrt(e / this.frame);
+      const voiced = rms > Math.max(this.minRms, this.floor * this.ratio);
+      const a = voiced ? 0.002 : (rms < this.floor ? 0.5 : 0.05);
+      this.floor = Math.max(1e-5, (1 - a) * this.floor + a * rms);
+      if (!this.speaking) {
+        this.run = voiced ? this.run + 1 : 0;
+        if (this.run >= this.startFrames) { this.speaking = true; this.quiet = 0; events.push("speech_started"); }
+      } else if (voiced) this.quiet = 0;
+      else if (++this.quiet >= this.hangFrames) { this.speaking = false; this.run = 0; events.push("speech_stopped"); }
+    }
+    this.buf = all.slice(i);
+    return events;
+  }
+}
+
 async function startVoice() {
   if (busy || voice) return;
   const s = settings(); saveSettings();
@@ -297,7 +326,7 @@ async function startVoice() {
     v.opened = true;
     ws.send(JSON.stringify({ type: "session.update", session: {
       instructions: s.system || null, thinking: s.thinking, temperature: s.temperature, max_tokens: s.maxTokens,
-      vad: s.handsfree, messages: apiMessages({ ...s, system: "" }) } }));
+      vad: false, messages: apiMessages({ ...s, system: "" }) } }));  // the page's own VAD ends hands-free turns
     for (const src of user.images) ws.send(JSON.stringify({ type: "input_image.append", image: src, max_soft_tokens: s.imageBudget }));
     if (user.content) ws.send(JSON.stringify({ type: "input_text.append", text: user.content }));
     for (const q of v.queue) ws.send(JSON.stringify(q));
@@ -317,7 +346,14 @@ async function startVoice() {
     const data = ev.inputBuffer.getChannelData(0);
     v.seconds += data.length / ctx.sampleRate;
     send({ type: "input_audio.append", audio: b64(pcm16(data)), format: "pcm16" });
+    if (v.vad) {
+      for (const e of v.vad.feed(data)) {
+        if (e === "speech_started") setStatus("hearing you…");
+        else { v.heard = true; commitVoice(); }
+      }
+    }
   };
+  if (s.handsfree) v.vad = new BrowserVAD(ctx.sampleRate);
   src.connect(node); node.connect(ctx.destination);
   v.node = node; v.capturing = true;
 }
