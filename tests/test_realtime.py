@@ -465,3 +465,19 @@ def _wait_free(client) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def test_session_vad_end_of_turn_and_resampling(llm):
+    rng = np.random.default_rng(1)
+    with Session(llm, vad=True, temperature=0, max_tokens=3) as sess:
+        events = []
+        for part in (np.zeros(4000, np.float32), _speech_like(rng, 0.5), np.zeros(12000, np.float32)):
+            events += sess.append_audio(part)
+        assert [e.kind for e in events] == ["speech_started", "speech_stopped"] and sess.end_of_turn
+        n16 = sess.prompt_ids.count(llm.config.audio_token_id)
+        sess.cancel()
+        assert not sess.end_of_turn
+        # 48 kHz input is resampled to 16 kHz: the same duration gives the same number of frames
+        sess.append_audio(np.zeros(3 * 24000, np.float32), sample_rate=48000)
+        assert sess.prompt_ids.count(llm.config.audio_token_id) == n16 == 24000 // 640
+        assert sess.commit(stream=False).finish_reason in ("stop", "length")
