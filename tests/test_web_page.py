@@ -60,6 +60,10 @@ def _chromium() -> tuple[str, str] | None:
         import selenium  # noqa: F401
     except ImportError:
         return None
+    import importlib.util
+
+    if not (importlib.util.find_spec("websockets") or importlib.util.find_spec("wsproto")):
+        return None  # uvicorn cannot serve WebSockets without one of them
     return (browser, driver) if browser and driver else None
 
 
@@ -89,7 +93,7 @@ def live(llm):
 def browser(tmp_path_factory):
     found = _chromium()
     if found is None:
-        pytest.skip("chromium, chromedriver or selenium is not installed")
+        pytest.skip("chromium, chromedriver, selenium or websockets is not installed")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
