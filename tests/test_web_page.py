@@ -208,6 +208,7 @@ def test_browser_chat_image_markdown_voice(live, browser, tmp_path, llm):
     assert details.get_attribute("hidden") is None and details.get_attribute("open") is None  # collapsed
     details.find_element(By.TAG_NAME, "summary").click()
     assert last.find_element(By.CSS_SELECTOR, ".reasoning-text").text == "Let me think."
+    drv.save_screenshot(str(tmp_path / "web_page_chat.png"))  # text, image, reasoning and tool call on screen
 
     # 5. voice: the fake microphone plays the WAV; push-to-talk for ~1.5 s, then commit
     drv.find_element(By.ID, "new-chat").click()

@@ -406,6 +406,7 @@ function finishVoice(v) {
   try { v.ws.close(); } catch (e) { /* closed */ }
   if (voice === v) voice = null;
   setBusy(false);
+  if (!v.msg) setStatus(v.stopped ? "stopped listening" : $("status").textContent);
   // hands-free: keep listening for the next turn until the user clicks the microphone again
   if (v.handsfree && !v.stopped && v.msg) setTimeout(() => { if (!voice && !busy) startVoice(); }, 300);
 }
