@@ -176,6 +176,15 @@ def test_browser_chat_image_markdown_voice(live, browser, tmp_path, llm):
     stored = drv.execute_script("return JSON.parse(localStorage.getItem('unigemma.conversations'))")
     assert len(stored) == 1 and len(stored[0]["messages"]) == 4
 
+    # a camera snapshot (Chromium's fake camera) becomes an attachment too; it is removed again unsent
+    drv.find_element(By.ID, "camera").click()
+    _wait(lambda: drv.execute_script("return document.querySelectorAll('#attachments img').length") == 1,
+          what="camera snapshot")
+    assert drv.execute_script("return document.querySelector('#attachments img').src").startswith(
+        "data:image/jpeg;base64,")
+    drv.find_element(By.CSS_SELECTOR, "#attachments button").click()
+    assert drv.execute_script("return document.querySelectorAll('#attachments img').length") == 0
+
     # 3. markdown: formatting, and HTML in the answer is shown as text, never run
     html = drv.execute_script("return unigemma.renderMarkdown(arguments[0])",
                               "# Title\n**bold** and `x<y`\n- a\n- b\n```py\n<script>alert(1)</script>\n```\n"

@@ -421,6 +421,23 @@ function addFiles(files) {
   }
 }
 
+// a camera frame becomes an attachment like any image (sent as a JPEG data URI)
+async function snapshot() {
+  let stream;
+  try { stream = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 } }); }
+  catch (e) { setStatus("camera unavailable: " + e.message); return; }
+  try {
+    const video = document.createElement("video");
+    video.muted = true; video.playsInline = true; video.srcObject = stream;
+    await video.play();
+    await new Promise((r) => (video.readyState >= 2 ? r() : video.addEventListener("loadeddata", r, { once: true })));
+    const c = document.createElement("canvas");
+    c.width = video.videoWidth || 640; c.height = video.videoHeight || 480;
+    c.getContext("2d").drawImage(video, 0, 0, c.width, c.height);
+    attachments.push(c.toDataURL("image/jpeg", 0.85)); renderAttachments();
+  } finally { for (const t of stream.getTracks()) t.stop(); }
+}
+
 function renderAttachments() {
   const box = $("attachments"); box.innerHTML = "";
   attachments.forEach((src, i) => {
@@ -445,6 +462,7 @@ function init() {
   $("stop").onclick = () => { if (abortCtl) abortCtl.abort(); if (voice) voice.send({ type: "response.cancel" }); };
   $("new-chat").onclick = () => { if (!busy) newConversation(); };
   $("attach").onclick = () => $("file-input").click();
+  $("camera").onclick = () => snapshot();
   $("file-input").onchange = (e) => { addFiles(e.target.files); e.target.value = ""; };
   $("input").addEventListener("paste", (e) => {
     const files = [...(e.clipboardData ? e.clipboardData.files : [])];
@@ -473,5 +491,5 @@ function init() {
   mic.addEventListener("pointerleave", () => { if (!settings().handsfree && voice && voice.capturing) commitVoice(); });
 }
 
-window.unigemma = { renderMarkdown, startVoice, commitVoice };  // for tests and the console
+window.unigemma = { renderMarkdown, startVoice, commitVoice, snapshot };  // for tests and the console
 init();
