@@ -124,6 +124,7 @@ def main(argv=None) -> None:
                 if live is None:
                     live = LiveRequest(eng, pc.ids, params, pc.media)
                 else:
+                    live.rewind(pc.rewind)
                     live.extend(pc.ids, pc.media)
             sync()
             chunk_times.append(time.perf_counter() - t)
@@ -131,7 +132,9 @@ def main(argv=None) -> None:
         closing = p.close()  # tokenizing the tail is part of the measured path
         t0 = time.perf_counter()
         for pc in closing[:-1]:
+            live.rewind(pc.rewind)
             live.extend(pc.ids, pc.media, prefill=False)
+        live.rewind(closing[-1].rewind)
         events = live.close(closing[-1].ids, closing[-1].media)
         next(iter(events))
         sync()

@@ -40,6 +40,17 @@ def _image():
     return Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8))
 
 
+def _collect(got: list[int], pieces) -> int:
+    """Apply pieces to an id list as the engine does; returns how many tokens were rewound."""
+    n = 0
+    for p in pieces:
+        if p.rewind:
+            del got[len(got) - p.rewind:]
+            n += p.rewind
+        got += p.ids
+    return n
+
+
 @pytest.mark.parametrize("history", [False, True])
 def test_incremental_ids_equal_build_prompt(llm, history):
     wave = _wave(1.37)
@@ -50,19 +61,52 @@ def test_incremental_ids_equal_build_prompt(llm, history):
                 {"role": "assistant", "content": "ok"}]
     p = IncrementalPrompt(llm, msgs, system="Be brief.", enable_thinking=True)
     got = list(p.head().ids)
-    got += [i for piece in p.append_text("  hello there ") for i in piece.ids]
+    _collect(got, p.append_text("  hello there "))
     for c in _chunks(wave, [100, 700, 641, 3000, 5]):
-        got += [i for piece in p.append_audio(c) for i in piece.ids]
-    got += [i for piece in p.append_image(_image(), max_soft_tokens=70) for i in piece.ids]
-    got += [i for piece in p.append_text("what is") for i in piece.ids]
-    got += [i for piece in p.append_text(" this?") for i in piece.ids]
-    got += [i for piece in p.close() for i in piece.ids]
+        _collect(got, p.append_audio(c))
+    _collect(got, p.append_image(_image(), max_soft_tokens=70))
+    _collect(got, p.append_text("what is"))
+    _collect(got, p.append_text(" this?"))
+    _collect(got, p.close())
     msg = p.message()
     ref = llm.build_prompt(msgs[:0] + [{"role": "system", "content": "Be brief."}] + msgs + [msg],
                            enable_thinking=True)
     assert got == ref.input_ids == p.ids
     assert [x["type"] for x in msg["content"]] == ["text", "audio", "image", "text"]
     assert msg["content"][3]["text"] == "what is this?"
+
+
+@pytest.mark.parametrize("holdback", [None, 0, 2])
+def test_typed_text_prefilled_early_and_rewound(llm, holdback):
+    """Text arriving character by character is sent early; whatever tokenizes differently once the segment is
+    complete is rewound, so the ids (and the greedy answer) equal the one-shot prompt's."""
+    text = "the theory of thermal things, then the otherwise-unthinkable: ¿qué? 東京 "
+    p = IncrementalPrompt(llm, text_holdback=holdback)
+    got, rewound, early = list(p.head().ids), 0, 0
+    for i in range(0, len(text), 3):
+        pieces = p.append_text(text[i:i + 3])
+        early += sum(len(x.ids) for x in pieces)
+        rewound += _collect(got, pieces)
+        assert got == p.ids
+    _collect(got, p.append_audio(_wave(0.1)))
+    _collect(got, p.append_text(" and th"))
+    rewound += _collect(got, p.close())
+    assert got == p.ids == llm.build_prompt([p.message()]).input_ids
+    if holdback is None:
+        assert early == 0
+    else:
+        assert early > 10
+    if holdback == 0:
+        assert rewound > 0  # "th" → "the" → "theory": emitting every token at once must be corrected later
+    # the same through the engine: a session typed piecemeal answers as the one-shot chat does
+    with Session(llm, temperature=0, max_tokens=8) as sess:
+        sess.turn.prompt.text_holdback = holdback
+        for i in range(0, len(text), 2):
+            sess.append_text(text[i:i + 2])
+            assert sess.prefilled == len(sess.prompt_ids)
+        res = sess.commit(stream=False)
+    ref = llm.chat([{"role": "user", "content": text}], temperature=0, max_tokens=8)
+    assert res.token_ids == ref.token_ids
 
 
 def test_audio_segments_split_at_30s(llm):
@@ -481,3 +525,20 @@ def test_session_vad_end_of_turn_and_resampling(llm):
         sess.append_audio(np.zeros(3 * 24000, np.float32), sample_rate=48000)
         assert sess.prompt_ids.count(llm.config.audio_token_id) == n16 == 24000 // 640
         assert sess.commit(stream=False).finish_reason in ("stop", "length")
+
+
+def test_ws_text_typed_piecemeal(client):
+    text = "then the theory of thermal things, thereafter the thesis"
+    with client.websocket_connect("/v1/realtime") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"max_tokens": 6}})
+        ws.receive_json()
+        for i in range(0, len(text), 2):
+            ws.send_json({"type": "input_text.append", "text": text[i:i + 2]})
+        ws.send_json({"type": "input.commit"})
+        done = _recv_until(ws, "response.done")[-1]
+    ref = client.post("/v1/chat/completions", json={"model": "unigemma", "temperature": 0, "max_tokens": 6,
+                                                    "messages": [{"role": "user", "content": text}]}).json()
+    assert done["content"] == ref["choices"][0]["message"]["content"]
+    assert done["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+    _idle(client)

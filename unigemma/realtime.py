@@ -2,8 +2,8 @@
 
     Session(llm, system=…, enable_thinking=…)
         .append_audio(chunk)   16 kHz mono chunks; every complete 640-sample frame becomes one <|audio|> soft token
-        .append_text(str)      (held until the next media part or commit: text is tokenized as one piece, exactly
-        .append_image(img)      as the chat template + build_prompt would tokenize the finished message)
+        .append_text(str)      prefilled as it arrives, but for its last few tokens (see IncrementalPrompt)
+        .append_image(img)     a PIL image / path / data URI (camera frames too): BOI + N × IMAGE + EOI
         .commit() → ChatChunk stream (or ChatResult with stream=False); the turn joins `messages`
         .cancel()
 
@@ -45,6 +45,7 @@ class Piece:
 
     ids: list[int]
     media: dict[str, Any] | None = None
+    rewind: int = 0   # drop this many of the prompt's last tokens first (text re-tokenized as more arrived)
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
@@ -58,13 +59,14 @@ class IncrementalPrompt:
     """The token ids of one user turn, built part by part (see the module docstring).
 
     `head()` gives the prompt before the turn (system prompt, history); each append returns the pieces that
-    became final with it; `close()` returns the last ones. Text is buffered because tokenization is not
-    additive: the text between two media parts is tokenized in one go, as build_prompt does.
+    became final with it; `close()` returns the last ones. Tokenization is not additive, so the text between two
+    media parts ends up tokenized in one go, as build_prompt does: early pieces of it that turn out different are
+    rewound (Piece.rewind) before the final tokens are appended.
     """
 
     def __init__(self, llm, messages: list[dict] | None = None, *, system: str | None = None,
                  tools: list[dict] | None = None, enable_thinking: bool = False, max_audio_seconds: float = 600.0,
-                 resolve=None):
+                 resolve=None, text_holdback: int | None = 4):
         if llm.tokenizer is None:
             raise ValueError(f"{llm.path} has no tokenizer.json: a realtime session needs the tokenizer")
         self.llm = llm
@@ -93,6 +95,11 @@ class IncrementalPrompt:
         self._head = Piece(p.input_ids[: len(p.input_ids) - n_last], self._on_device(p.media))
         self._tpl = before
         self._text = ""
+        # Typed text is prefilled as it arrives, all but its last `text_holdback` tokens (None: only at the next
+        # media part / commit). Tokenization is not additive, so when the segment is final it is tokenized again
+        # and any emitted tail that differs is rewound (Piece.rewind) before the rest is appended.
+        self.text_holdback = text_holdback
+        self._eager: list[int] = []
         self.parts: list[dict] = []
         self.ids: list[int] = list(self._head.ids)
         self._audio_open = False
@@ -105,9 +112,22 @@ class IncrementalPrompt:
     def head(self) -> Piece:
         return self._head
 
-    def _emit(self, ids: list[int], media: dict | None = None) -> Piece:
+    def _emit(self, ids: list[int], media: dict | None = None, rewind: int = 0) -> Piece:
+        if rewind:
+            del self.ids[len(self.ids) - rewind:]
         self.ids += ids
-        return Piece(ids, self._on_device(media))
+        return Piece(ids, self._on_device(media), rewind)
+
+    def _settle(self, s: str) -> list[Piece]:
+        """The final tokens of a text segment, given what was emitted of it early."""
+        ids = self.tok.encode(s) if s else []
+        early, self._eager = self._eager, []
+        c = 0
+        while c < min(len(early), len(ids)) and early[c] == ids[c]:
+            c += 1
+        if c == len(ids) and c == len(early):
+            return []
+        return [self._emit(ids[c:], rewind=len(early) - c)]
 
     def _on_device(self, media: dict | None) -> dict | None:
         # media tensors go where the model is (the engine embeds them as they arrive)
@@ -121,7 +141,7 @@ class IncrementalPrompt:
             self.parts.append({"type": "text", "text": text})
         s = self._tpl + text
         self._tpl, self._text = "", ""
-        return [self._emit(self.tok.encode(s))] if s else []
+        return self._settle(s)
 
     def _frames_piece(self, frames: np.ndarray) -> Piece | None:
         if frames.shape[0] == 0:
@@ -161,6 +181,16 @@ class IncrementalPrompt:
             raise TypeError(f"append_text needs a str, got {type(text).__name__}")
         out = self._close_audio()
         self._text += text
+        if self.text_holdback is not None:
+            ids = self.tok.encode(self._tpl + self._text.lstrip())
+            ready = ids[: max(0, len(ids) - self.text_holdback)]
+            early = self._eager
+            c = 0
+            while c < min(len(early), len(ready)) and early[c] == ready[c]:
+                c += 1
+            if len(ready) > c:  # new tokens (after rewinding an early tail that tokenizes differently now)
+                out.append(self._emit(ready[c:], rewind=len(early) - c))
+                self._eager = ready
         return out
 
     def append_audio(self, chunk) -> list[Piece]:
@@ -227,10 +257,10 @@ class IncrementalPrompt:
         text = self._text.strip()
         if text:
             self.parts.append({"type": "text", "text": text})
-        out.append(self._emit(self.tok.encode(self._tpl + text + self.after)))
+        out += self._settle(self._tpl + text + self.after)
         self._tpl = self._text = ""
         self.closed = True
-        return [p for p in out if p.ids]
+        return [p for p in out if p.ids or p.rewind]
 
     def message(self) -> dict:
         """The user message this turn amounts to (OpenAI shape; audio as (waveform, 16000))."""
@@ -411,17 +441,20 @@ class Session:
         from .engine.session import LiveRequest
 
         t = self.turn
-        pieces = t.pending + [p for p in pieces if p.ids]
+        pieces = t.pending + [p for p in pieces if p.ids or p.rewind]
         t.pending = []
         if t.live is None:
             if not pieces:
                 return None
             first, pieces = pieces[0], pieces[1:]
+            assert not first.rewind, "nothing was sent that could be rewound"
             t.live = LiveRequest(self.engine, first.ids, self.params, first.media, prefill=not close)
-        for p in pieces[:-1] if close else pieces:
+        last = pieces.pop() if close and pieces else Piece([])
+        for p in pieces:
+            t.live.rewind(p.rewind)
             t.live.extend(p.ids, p.media, prefill=not close)
         if close:
-            last = pieces[-1] if pieces else Piece([])
+            t.live.rewind(last.rewind)
             return t.live.close(last.ids, last.media)
         return None
 

@@ -262,6 +262,27 @@ class Scheduler:
             if seq.prompt_mask is not None:
                 seq.prompt_mask[torch.tensor(seq.tokens, device=self.device)] = True
 
+    def rewind(self, rid: str, n: int) -> None:
+        """Drop the last `n` prompt tokens of an open request (text whose tokenization changed as more of it
+        arrived); prefilled ones are cut from the cache too, as far as the sliding window still allows."""
+        seq = self.seqs.get(rid)
+        if seq is None or seq.status not in (WAITING, PREFILL) or not seq.request.open:
+            raise ValueError(f"request {rid!r} is not an open streaming request (Request(open=True), not closed)")
+        keep = len(seq.tokens) - n
+        if n < 0 or keep < 1:
+            raise ValueError(f"rewind n={n}: expected 0 <= n < {len(seq.tokens)} (the prompt's length)")
+        if seq.computed > keep and seq.slot >= 0:
+            if not self.cache.ring_view_ok(seq.slot, keep):
+                raise ValueError(f"cannot rewind {seq.computed - keep} prefilled tokens: the sliding-window cache "
+                                 f"only keeps {self.cache.spare} positions to roll back")
+            self.cache.truncate(seq.slot, keep)
+        seq.computed = min(seq.computed, keep)
+        del seq.tokens[keep:]
+        seq.prompt_len = keep
+        seq.request.prompt_ids = list(seq.tokens)
+        if seq.embeds is not None:
+            seq.embeds = seq.embeds[:keep]
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.slots or self.pending)

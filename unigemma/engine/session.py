@@ -1,6 +1,7 @@
 """Streaming input on one engine: a request whose prompt grows while it is being prefilled (`LiveRequest`).
 
     LiveRequest(engine, ids, params, media)   → Request(open=True) added; its tokens prefill on the next steps
+        .rewind(n)                             drop the last n prompt tokens (a re-tokenized text tail)
         .extend(ids, media=None)               more prompt tokens (+ media kwargs for their placeholders), prefilled
                                                at once (prefill=True) so the cache is current when the user stops
         .close(ids) → iterator of TokenEvents  the closing tokens; generation starts from the final prompt
@@ -71,6 +72,13 @@ class LiveRequest:
         self.engine.scheduler.extend(self.id, ids, media)
         if prefill:
             self.prefill()
+
+    def rewind(self, n: int) -> None:
+        """Drop the last n prompt tokens (see Scheduler.rewind)."""
+        if self.closed:
+            raise ValueError("this live request is closed")
+        if n:
+            self.engine.scheduler.rewind(self.id, n)
 
     def close(self, ids: list[int], media: dict[str, Any] | None = None) -> Iterator[TokenEvent]:
         """Append the last tokens and generate: yields this request's events until it finishes. Stopping the

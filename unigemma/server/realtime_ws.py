@@ -208,7 +208,7 @@ class _Connection:
         return self.prompt
 
     async def _apply(self, pieces, close: bool = False) -> None:
-        pieces = [p for p in pieces if p.ids]
+        pieces = [p for p in pieces if p.ids or p.rewind]
         if self.handle is None:
             if not pieces:
                 return
@@ -216,11 +216,15 @@ class _Connection:
             self.handle = self.hub.submit_open(EngineRequest(first.ids, self._params(), first.media or {}),
                                                self.loop)
         rid = self.handle.id
+
+        def apply(eng, p, last: bool) -> None:
+            if p.rewind:
+                eng.scheduler.rewind(rid, p.rewind)
+            eng.scheduler.extend(rid, p.ids, p.media, close=last)
+
         for i, p in enumerate(pieces):
             last = close and i == len(pieces) - 1
-            fut = self.hub.run(rid, lambda eng, p=p, last=last: eng.scheduler.extend(rid, p.ids, p.media,
-                                                                                     close=last))
-            await asyncio.wrap_future(fut)
+            await asyncio.wrap_future(self.hub.run(rid, lambda eng, p=p, last=last: apply(eng, p, last)))
         if close and not pieces:
             await asyncio.wrap_future(self.hub.run(rid, lambda eng: eng.scheduler.extend(rid, [], None, close=True)))
 
