@@ -73,6 +73,11 @@ def test_auth(srv, http):
     assert_error(httpx.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}x"}), 401)
     assert httpx.get(srv.url + "/health").status_code == 200  # open for liveness probes
     assert http.get("/v1/models").status_code == 200
+    # the web page loads without a key (a browser cannot send one for the page itself); the API still needs it
+    page = httpx.get(srv.url + "/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert httpx.get(srv.url + "/static/app.js").status_code == 200
+    assert_error(httpx.get(srv.url + "/v1/models"), 401)
 
 
 @pytest.mark.parametrize("body,status,param", [

@@ -97,6 +97,12 @@ class LLM:
         return chat(self, messages, tools=tools, tool_choice=tool_choice, response_format=response_format,
                     enable_thinking=enable_thinking, stream=stream, **sampling)
 
+    def session(self, **kw):
+        """A live voice / text turn whose prompt is prefilled while it grows (unigemma.realtime.Session)."""
+        from .realtime import Session
+
+        return Session(self, **kw)
+
     @property
     def eos_token_ids(self) -> list[int]:
         ids = self.generation_config.get("eos_token_id", self.config.text.eos_token_id)

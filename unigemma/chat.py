@@ -60,7 +60,8 @@ def chat(llm, messages, tools=None, tool_choice=None, response_format=None, enab
     constraint = compile_constraint(spec, llm.tokenizer) if spec is not None else None
     params = sampling_params(llm, max_tokens=max_tokens, **sampling)
     engine = _engine_for(llm, len(prompt) + (max_tokens or 0) + 1)
-    request = Request(prompt.input_ids, params, media=prompt.media or None, constraint=constraint)
+    media = {k: (v.to(llm.device) if hasattr(v, "to") else v) for k, v in prompt.media.items()} or None
+    request = Request(prompt.input_ids, params, media=media, constraint=constraint)
     names = [t.get("function", {}).get("name") for t in (declared or []) if isinstance(t, dict)]
     parser = ResponseParser(start, seed=seed_ids, tool_names=names or None)
     events = _run(engine, request)

@@ -107,7 +107,10 @@ class Metrics(Observer):
 class _Guard:
     """Runs before routing, so unknown routes are also behind the key and every response is counted."""
 
-    OPEN_PATHS = ("/health",)
+    # The web page and its static files load before a browser can send a key; the page then sends it on every
+    # API call (and the WebSocket checks it itself).
+    OPEN_PATHS = ("/health", "/")
+    OPEN_PREFIXES = ("/static/",)
 
     def __init__(self, app, settings: ServerSettings, metrics: Metrics):
         self.app = app
@@ -128,7 +131,7 @@ class _Guard:
 
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            if self.key is not None and path not in self.OPEN_PATHS:
+            if self.key is not None and path not in self.OPEN_PATHS and not path.startswith(self.OPEN_PREFIXES):
                 auth = headers.get("authorization", "")
                 given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
                 # compare_digest takes the same time wherever the first difference is
