@@ -92,3 +92,12 @@ def test_bench_and_errors(ckpt):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
     bad = run("generate", "--model", "/no/such/dir", "--prompt", "x")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_progress_bar_while_loading_in_a_terminal(ckpt):
+    child = pexpect.spawn(sys.executable, ["-m", "unigemma.cli", "generate", "--model", str(ckpt), "--device", "cpu",
+                                           "--prompt", "hi", "--max-tokens", "2"], encoding="utf-8", timeout=120)
+    child.expect("loading weights")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

@@ -30,8 +30,12 @@ def load_from_args(args):
     kw = {}
     if getattr(args, "kv_dtype", None):
         kw["kv_dtype"] = args.kv_dtype
-    return unigemma.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                         drafter=args.drafter, **kw)
+    bar = LoadProgress("quantizing weights" if args.quantize else "loading weights")
+    try:
+        return unigemma.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                             drafter=args.drafter, progress=bar, **kw)
+    finally:
+        bar.close()
 
 
 def _user_message(text: str, images: list[str], audios: list[str]) -> dict:
@@ -230,3 +234,32 @@ def cmd_bench(args) -> int:
         r.update(device=str(dev), config=llm.path.name)
         print(json.dumps(r) if args.json else f"{r['bench']:<8} {r['value']:>12.1f} {r['unit']}")
     return 0
+
+
+class LoadProgress:
+    """A progress bar (rich) on stderr while tensors are read / quantized; silent when stderr is not a terminal."""
+
+    def __init__(self, label: str = "loading weights"):
+        self.label = label
+        self.bar = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

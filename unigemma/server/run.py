@@ -71,8 +71,15 @@ def serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=getattr(logging, str(get_level(args)).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = unigemma.load(args.model, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", None),
-                        quantize=getattr(args, "quantize", None), drafter=getattr(args, "drafter", None))
+    from ..interactive import LoadProgress
+
+    bar = LoadProgress("quantizing weights" if getattr(args, "quantize", None) else "loading weights")
+    try:
+        llm = unigemma.load(args.model, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", None),
+                            quantize=getattr(args, "quantize", None), drafter=getattr(args, "drafter", None),
+                            progress=bar)
+    finally:
+        bar.close()
     settings = settings_from_args(args, Path(str(llm.path)).name or "unigemma")
     app = create_app(llm, settings)
     host = getattr(args, "host", "127.0.0.1")
