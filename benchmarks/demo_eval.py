@@ -1,0 +1,325 @@
+"""Task accuracy of the bundled demo model on the demo test split, through the real engine; JSON lines.
+
+    python benchmarks/demo_eval.py [--model unigemma/demo/model] [--data build/demo/data/test.jsonl]
+                                   [--per-task 30] [--tasks shape colour digit ...] [--out results.jsonl]
+
+Each test record's conversation up to its first assistant message is rendered with the model's template
+(`llm.build_prompt`), decoded greedily by `unigemma.engine.generate.generate` (the engine the CLI and API use),
+and parsed by `unigemma.outputs.parser.parse_response`. Lines (DESIGN.md §6): `bench: "demo_eval"`,
+`metric: "accuracy"` (or `tool_call_validity`, `right_tool`, `schema_valid`, ...), `value` in [0, 1], `task`,
+`n`, plus `subset` ("seen" / "held_out" voices and fonts) where the split marks it.
+
+    image tasks (shape, colour, describe, count, text)   answer == expected (case-insensitive, trimmed)
+    audio tasks (digit, number, transcribe)               same; held-out voices reported apart
+    arithmetic                                            with thinking on, for every problem; `add` = the + ones
+    tool      first model turn: tool_call_validity = calls parse, name declared, arguments valid for the schema
+              (no call expected: a plain answer counts as valid); right_tool = called names == expected names
+    json      constrained decoding (response_format json_schema, llguidance) through the server's Service, the
+              only path that applies grammars: schema_valid and exact (value == expected)
+
+What this does not do: train anything, or measure MTP drafting (it reports a line only when the model folder has
+a drafter beside it: unigemma/demo/drafter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+IMAGE_TASKS = ("shape", "colour", "describe", "count", "text")
+AUDIO_TASKS = ("digit", "number", "transcribe")
+ALL_TASKS = IMAGE_TASKS + AUDIO_TASKS + ("arithmetic", "tool", "json")
+
+
+def read_records(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def select(records: list[dict], tasks: list[str], per_task: int | None) -> list[dict]:
+    """The first `per_task` records of each task (file order: the split's seeded shuffle), keeping
+    seen/held-out balance by taking them alternately when a task has both."""
+    by: dict[str, list[dict]] = collections.defaultdict(list)
+    for r in records:
+        if r["task"] in tasks:
+            by[r["task"]].append(r)
+    out = []
+    for t in tasks:
+        rs = by.get(t, [])
+        if per_task is not None and len(rs) > per_task:
+            held = [r for r in rs if r.get("held_out")]
+            seen = [r for r in rs if not r.get("held_out")]
+            if held and seen:
+                k = per_task // 2
+                rs = seen[: per_task - min(k, len(held))] + held[: min(k, len(held))]
+            else:
+                rs = rs[:per_task]
+        out += rs
+    return out
+
+
+def absolute_media(messages: list[dict], base: Path) -> list[dict]:
+    """Media paths in the split are relative to the JSONL file; the prompt builder takes them as given."""
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for p in c:
+                p = dict(p)
+                for key in ("image", "audio"):
+                    if p.get("type") == key and isinstance(p.get(key), str):
+                        p[key] = str(base / p[key])
+                parts.append(p)
+            m = dict(m, content=parts)
+        out.append(m)
+    return out
+
+
+def prompt_messages(rec: dict) -> list[dict]:
+    msgs = rec["messages"]
+    first = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return msgs[:first]
+
+
+def norm(text: str | None) -> str:
+    return " ".join((text or "").strip().lower().split()).rstrip(".")
+
+
+# --- running one prompt ---------------------------------------------------------------------------------------
+
+def run_engine(llm, messages: list[dict], tools, thinking: bool, max_tokens: int, speculative: bool = True):
+    from unigemma.engine.generate import generate
+    from unigemma.outputs.parser import parse_response, start_state_for_prompt
+
+    prompt = llm.build_prompt(messages, tools=tools, enable_thinking=thinking)
+    res = generate(llm, prompt.input_ids, media=prompt.media or None, max_tokens=max_tokens, temperature=0.0,
+                   speculative=speculative)
+    text = llm.tokenizer.decode(res.token_ids, skip_special_tokens=False)
+    names = [t["function"]["name"] for t in tools or []]
+    return parse_response(text, start_state_for_prompt(prompt.text), tool_names=names or None), res
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def openai_messages(messages: list[dict]) -> list[dict]:
+    """Dataset parts (absolute paths) → OpenAI request parts with data: URIs (the server reads no paths here)."""
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for p in c:
+                if p.get("type") == "image":
+                    parts.append({"type": "image_url", "image_url": {"url": _data_uri(Path(p["image"]), "image/png")}})
+                elif p.get("type") == "audio":
+                    data = base64.b64encode(Path(p["audio"]).read_bytes()).decode()
+                    parts.append({"type": "input_audio", "input_audio": {"data": data, "format": "wav"}})
+                else:
+                    parts.append(p)
+            m = dict(m, content=parts)
+        out.append(m)
+    return out
+
+
+class ConstrainedRunner:
+    """JSON-schema-constrained chat completions through the server's Service (in process, no HTTP)."""
+
+    def __init__(self, llm):
+        from unigemma.server.service import ServerSettings, Service
+
+        self.svc = Service(llm, ServerSettings(max_concurrency=1))
+        self.svc.start()
+
+    def __call__(self, messages: list[dict], response_format: dict, max_tokens: int) -> dict:
+        from unigemma.server.protocol import ChatCompletionRequest
+
+        req = ChatCompletionRequest(model="unigemma", messages=openai_messages(messages), temperature=0.0,
+                                    max_tokens=max_tokens, response_format=response_format)
+        prep = self.svc.prepare_chat(req)
+        return asyncio.run(self.svc.chat(req, prep))["choices"][0]["message"]
+
+    def close(self) -> None:
+        self.svc.shutdown()
+
+
+# --- scoring ----------------------------------------------------------------------------------------------
+
+def tool_scores(rec: dict, parsed) -> tuple[bool, bool, bool]:
+    """(valid, right tool, exact arguments) for the first model turn of a tool record."""
+    import jsonschema
+
+    expected = rec["meta"].get("calls") or []
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {}) for t in rec.get("tools") or []}
+    calls = parsed.tool_calls
+    if not expected:
+        ok = not calls and bool(parsed.content.strip())
+        return ok, ok, ok
+    if not calls:
+        return False, False, False
+    valid = not parsed.warnings
+    got = []
+    for c in calls:
+        name = c["function"]["name"]
+        try:
+            args = json.loads(c["function"]["arguments"] or "{}")
+            if name not in schemas:
+                raise ValueError(name)
+            jsonschema.validate(args, schemas[name])
+        except (ValueError, jsonschema.ValidationError):
+            valid = False
+            args = None
+        got.append((name, args))
+    right = sorted(n for n, _ in got) == sorted(c["name"] for c in expected)
+    exact = right and sorted(json.dumps(a, sort_keys=True) for _, a in got) == sorted(
+        json.dumps(c["arguments"], sort_keys=True) for c in expected)
+    return valid, right, exact
+
+
+def evaluate(llm, records: list[dict], base: Path, log=None) -> list[dict]:
+    """Score every record; returns per-record result dicts (task, subset, metric → bool)."""
+    import jsonschema
+
+    constrained = None
+    results = []
+    try:
+        for rec in records:
+            msgs = absolute_media(prompt_messages(rec), base)
+            task = rec["task"]
+            r: dict[str, Any] = {"id": rec["id"], "task": task, "held_out": bool(rec.get("held_out"))}
+            t0 = time.perf_counter()
+            if task == "json":
+                if constrained is None:
+                    constrained = ConstrainedRunner(llm)
+                msg = constrained(msgs, rec["response_format"], 96)
+                schema = rec["response_format"]["json_schema"]["schema"]
+                try:
+                    value = json.loads(msg.get("content") or "")
+                    jsonschema.validate(value, schema)
+                    r["schema_valid"] = True
+                except (ValueError, jsonschema.ValidationError):
+                    value, r["schema_valid"] = None, False
+                r["accuracy"] = value == rec["meta"]["value"]
+                r["output"] = msg.get("content")
+            elif task == "tool":
+                parsed, _ = run_engine(llm, msgs, rec.get("tools"), bool(rec.get("enable_thinking")), 160)
+                r["tool_call_validity"], r["right_tool"], r["accuracy"] = tool_scores(rec, parsed)
+                r["output"] = parsed.tool_calls or parsed.content
+            elif task == "arithmetic":
+                parsed, _ = run_engine(llm, msgs, None, True, 96)  # thinking on for every problem
+                r["accuracy"] = norm(parsed.content) == norm(rec["answer"])
+                r["op"] = rec["meta"]["op"]
+                r["output"] = parsed.content
+            else:
+                parsed, _ = run_engine(llm, msgs, None, bool(rec.get("enable_thinking")), 24)
+                r["accuracy"] = norm(parsed.content) == norm(rec["answer"])
+                r["output"] = parsed.content
+            r["seconds"] = round(time.perf_counter() - t0, 3)
+            r["expected"] = rec["answer"]
+            results.append(r)
+            if log is not None:
+                log(r)
+    finally:
+        if constrained is not None:
+            constrained.close()
+    return results
+
+
+def summarize(results: list[dict], device: str, model: str) -> list[dict]:
+    lines = []
+
+    def line(task: str, metric: str, rows: list[dict], subset: str | None = None, key: str | None = None):
+        if not rows:
+            return
+        key = key or metric
+        v = sum(bool(x[key]) for x in rows) / len(rows)
+        d = {"bench": "demo_eval", "impl": "unigemma", "metric": metric, "value": round(v, 4), "unit": "fraction",
+             "device": device, "task": task, "n": len(rows), "config": {"model": model, "decoding": "greedy"}}
+        if subset:
+            d["subset"] = subset
+        lines.append(d)
+
+    by = collections.defaultdict(list)
+    for r in results:
+        by[r["task"]].append(r)
+    for task, rows in by.items():
+        if task == "tool":
+            line(task, "tool_call_validity", rows)
+            line(task, "right_tool", rows)
+            line(task, "accuracy", rows)  # right tool with exactly the expected arguments
+        elif task == "json":
+            line(task, "schema_valid", rows)
+            line(task, "accuracy", rows)
+        elif task == "arithmetic":
+            line(task, "accuracy", rows)
+            line("arithmetic_add", "accuracy", [r for r in rows if r.get("op") == "+"])
+        else:
+            line(task, "accuracy", rows)
+            held = [r for r in rows if r["held_out"]]
+            if held:
+                line(task, "accuracy", [r for r in rows if not r["held_out"]], "seen")
+                line(task, "accuracy", held, "held_out")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    import platform
+
+    import torch
+
+    import unigemma
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
+    p.add_argument("--data", default="build/demo/data/test.jsonl", help="demo split JSONL (make_data.py)")
+    p.add_argument("--tasks", nargs="*", default=list(ALL_TASKS), choices=ALL_TASKS)
+    p.add_argument("--per-task", type=int, default=None, help="at most this many records per task")
+    p.add_argument("--out", default=None, help="also write the summary lines here")
+    p.add_argument("--details", default=None, help="write per-record results (JSON lines) here")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    data = Path(a.data)
+    if not data.is_file():
+        raise SystemExit(f"{data}: no such split; generate it with scripts/demo/make_data.py (see scripts/demo/README.md)")
+    llm = unigemma.load(a.model, device="cpu")
+    records = select(read_records(data), a.tasks, a.per_task)
+    det = open(a.details, "w", encoding="utf-8") if a.details else None
+
+    def log(r: dict) -> None:
+        if det is not None:
+            det.write(json.dumps(r, ensure_ascii=False) + "\n")
+            det.flush()
+
+    t0 = time.perf_counter()
+    results = evaluate(llm, records, data.parent, log)
+    device = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    lines = summarize(results, device, str(llm.path))
+    lines.append({"bench": "demo_eval", "impl": "unigemma", "metric": "seconds", "value": round(
+        time.perf_counter() - t0, 1), "unit": "s", "device": device, "task": "all", "n": len(results)})
+    out = open(a.out, "w", encoding="utf-8") if a.out else None
+    for d in lines:
+        s = json.dumps(d)
+        print(s)
+        if out is not None:
+            out.write(s + "\n")
+    for fh in (out, det):
+        if fh is not None:
+            fh.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
