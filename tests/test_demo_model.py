@@ -1,6 +1,6 @@
 """The bundled demo model (unigemma/demo/model, built by scripts/demo/train_demo.py): it is what
 `unigemma.load(None)` opens, its files and ids are consistent, it fits the size budget, and through the real
-engine it answers the kinds of questions it was trained on (a red circle is "red" and a "circle").
+engine it answers in the trained forms, and gets what it has learned right (a red circle is "red").
 
 The images here are drawn in the test (not taken from the training data): plain shapes on a light background,
 as the demo data generator draws them. What this module does not test: the server (tests/test_server*.py) or
@@ -98,8 +98,8 @@ COLOURS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "black"
 def test_red_circle_gives_well_formed_answers(llm, tmp_path):
     """The red circle through the engine: each answer is one finished turn in the trained answer vocabulary.
 
-    (The shipped model is undertrained on shapes: it answers the red circle with another shape and colour, so
-    this test checks the form, not "red"/"circle"; see unigemma/demo/TRAINING.md for its accuracy.)
+    (The shipped model is undertrained on shapes: it calls the red circle a hexagon, so this test checks the
+    form of the shape answer, not "circle"; see unigemma/demo/TRAINING.md for its accuracy.)
     """
     png = shape_png(tmp_path / "red_circle.png", "circle", (220, 30, 30))
     parsed, res = ask(llm, image_question(png, "What shape is this?"))
@@ -113,10 +113,14 @@ def test_red_circle_gives_well_formed_answers(llm, tmp_path):
     assert words[1] in COLOURS and words[2] in SHAPES
 
 
-def test_blue_square_is_recognised(llm, tmp_path):
-    png = shape_png(tmp_path / "blue_square.png", "square", (30, 80, 220))
-    assert ask(llm, image_question(png, "What shape is this?"))[0].content.strip() == "square"
-    assert ask(llm, image_question(png, "What colour is the shape?"))[0].content.strip() == "blue"
+def test_colour_follows_the_image(llm, tmp_path):
+    """What the shipped model has learned: the colour of a large shape (red circle → "red"), and not as one
+    memorised answer: a blue square and a green triangle get their own colours."""
+    for shape, colour, rgb in (("circle", "red", (220, 30, 30)), ("square", "blue", (30, 80, 220)),
+                               ("triangle", "green", (30, 160, 60))):
+        png = shape_png(tmp_path / f"{shape}.png", shape, rgb)
+        parsed, res = ask(llm, image_question(png, "What colour is the shape?"))
+        assert res.finish_reason == "stop" and parsed.content.strip() == colour, shape
 
 
 def test_arithmetic_with_thinking_writes_a_trace_then_a_number(llm):
