@@ -17,8 +17,8 @@ and parsed by `unigemma.outputs.parser.parse_response`. Lines (DESIGN.md §6): `
     json      constrained decoding (response_format json_schema, llguidance) through the server's Service, the
               only path that applies grammars: schema_valid and exact (value == expected)
 
-What this does not do: train anything, or measure MTP drafting (it reports a line only when the model folder has
-a drafter beside it: unigemma/demo/drafter).
+What this does not do: train anything, or measure MTP drafting (no demo drafter is shipped yet; acceptance and
+speedup lines belong here once unigemma/demo/drafter exists).
 """
 
 from __future__ import annotations

@@ -313,7 +313,8 @@ def stage_report(work: Path, eval_lines: Path | None, out: Path, notes: str = ""
         f"{summary.get('tokens') or 0:,} tokens; AdamW lr {o['lr']}, betas {o['betas']}, warm-up "
         f"{o['warmup_steps']}, {o['schedule']} to {o['min_lr_ratio']}×, grad clip {o['grad_clip']}",
         f"- final train loss (mean of the last {len(tail)} logged steps): "
-        f"{sum(m['loss'] for m in tail) / max(1, len(tail)):.4f}; validation loss: {summary.get('eval_loss')}",
+        f"{sum(m['loss'] for m in tail) / max(1, len(tail)):.4f}; validation loss: "
+        f"{summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "(no validation split)",
     ]
     if notes:
         lines += ["", notes.strip()]
