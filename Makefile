@@ -3,7 +3,7 @@ PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test test-fast setup
+.PHONY: serve test test-fast setup demo-model
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -16,3 +16,7 @@ test: setup
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not gpu and not slow"
+
+# Regenerate the bundled demo model from scratch (data, tokenizer, training, export; fixed seeds; ~2 h on 2 CPU cores)
+demo-model: setup
+	$(MAKE) -f Makefile.demo demo-model
