@@ -105,7 +105,7 @@ def main(argv=None) -> None:
         path, label = build_random(a.config, Path(tmp.name)), f"random-{a.config}"
     llm = unigemma.load(path, device=a.device, dtype="float32" if a.device == "cpu" else "bfloat16")
     params = sampling_params(llm, max_tokens=1, temperature=0)
-    eng = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, None, max_slots=1, max_model_len=4096,
+    eng = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, None, max_slots=1, max_model_len=min(4096, llm.config.text.max_position_embeddings),
                  prefix_cache=False, speculative=None, device=llm.device)
     wave = speech(a.seconds)
     step = int(16000 * a.chunk_ms / 1000)

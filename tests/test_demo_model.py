@@ -128,3 +128,22 @@ def test_arithmetic_with_thinking_writes_a_trace_then_a_number(llm):
     assert res.finish_reason == "stop" and not parsed.warnings
     assert parsed.reasoning.startswith("ones:") and "tens:" in parsed.reasoning
     assert parsed.content.strip().isdigit()
+
+
+def test_live_session_on_the_demo_model():
+    """A voice turn prefilled while it arrives (its context is capped by the model's 2,048 positions) answers like
+    the one-shot chat of the same audio."""
+    import numpy as np
+
+    import unigemma
+
+    llm = unigemma.load(None, device="cpu")
+    wave = (0.1 * np.sin(np.arange(16000 * 2) * 0.05)).astype(np.float32)
+    sess = llm.session(temperature=0, max_tokens=8)
+    for i in range(0, wave.size, 3200):
+        sess.append_audio(wave[i:i + 3200])
+    live = "".join(c.content for c in sess.commit())
+    sess.close()
+    one = llm.chat([{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)}]}], temperature=0,
+                   max_tokens=8)
+    assert live == one.content

@@ -410,6 +410,8 @@ class Session:
         self.max_tokens = max_tokens
         self.params = sampling_params(llm, max_tokens=max_tokens, **sampling)  # validates the options now
         self.sampling = sampling
+        # never more context than the model has positions for (the demo model has 2,048)
+        max_model_len = min(max_model_len, llm.config.text.max_position_embeddings)
         self.engine = _session_engine(llm, max_model_len)
         self.vad = EnergyVAD() if vad is True else (vad or None)
         self.end_of_turn = False
