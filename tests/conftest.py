@@ -3,3 +3,23 @@ import sys
 
 # tests import small helpers (refmodels.py, ...) from this folder
 sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture()
+def no_grad():
+    """Inference only, without leaking a global no-grad state into other test modules (training tests need grad).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("no_grad")`."""
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -7,13 +7,7 @@ import torch
 import unigemma
 from refmodels import IMG, make_reference
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only, without leaking a global no-grad state into other test modules."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 @pytest.fixture(scope="module", params=["keqv", "kvshare"])

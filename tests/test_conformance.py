@@ -12,13 +12,7 @@ import torch
 import unigemma
 from refmodels import AUD, BOA, BOI, EOA, EOI, IMG, VID, make_reference
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only, without leaking a global no-grad state into other test modules."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def grid_positions(w: int, h: int, slots: int) -> torch.Tensor:

@@ -13,22 +13,7 @@ from unigemma.engine.generate import Engine, GenerationChunk, Request, generate
 from unigemma.engine.sampling import SamplingParams
 from unigemma.testing import write_tiny_tokenizer
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only, without leaking a global no-grad state into other test modules."""
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,23 +13,10 @@ from unigemma.engine.generate import Engine, Request
 from unigemma.engine.prefix_cache import BlockKeys, media_runs
 from unigemma.engine.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _no_grad():
-    """Inference only, without leaking a global no-grad state into other test modules."""
-    with torch.no_grad():
-        yield
 TOK = ByteTokenizer()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def greedy(n):
