@@ -751,8 +751,26 @@ def task_counts(n: int, weights: dict[str, float] = TASK_WEIGHTS) -> dict[str, i
     return counts
 
 
-def task_schedule(n: int, seed: int, split: str) -> list[str]:
-    tasks = [t for t, c in task_counts(n).items() for _ in range(c)]
+def parse_weights(text: str) -> dict[str, float]:
+    """'shape=0.2,digit=0.3,...' → a full weight table: tasks left out keep weight 0."""
+    weights = {t: 0.0 for t in TASK_WEIGHTS}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in weights:
+            raise ValueError(f"--train-weights: unknown task {name!r}; tasks are {', '.join(TASK_WEIGHTS)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--train-weights: {part!r} is not TASK=NUMBER") from None
+        if weights[name] < 0:
+            raise ValueError(f"--train-weights: {name} must be >= 0, got {value}")
+    if sum(weights.values()) <= 0:
+        raise ValueError("--train-weights: at least one task needs a weight > 0")
+    return weights
+
+
+def task_schedule(n: int, seed: int, split: str, weights: dict[str, float] = TASK_WEIGHTS) -> list[str]:
+    tasks = [t for t, c in task_counts(n, weights).items() for _ in range(c)]
     Random(f"{seed}:{split}:order").shuffle(tasks)
     return tasks
 
@@ -764,13 +782,14 @@ def _clear(directory: Path) -> None:
             p.unlink()
 
 
-def generate_split(out: Path, split: str, n: int, seed: int, res: Resources, pool: Any = None) -> list[dict]:
+def generate_split(out: Path, split: str, n: int, seed: int, res: Resources, pool: Any = None,
+                   weights: dict[str, float] = TASK_WEIGHTS) -> list[dict]:
     """Make `n` examples of `split` (media files + returned records, in index order)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     (out / split).mkdir(parents=True, exist_ok=True)
     _clear(out / split)
-    jobs = [Job(str(out), split, seed, i, t, res) for i, t in enumerate(task_schedule(n, seed, split))]
+    jobs = [Job(str(out), split, seed, i, t, res) for i, t in enumerate(task_schedule(n, seed, split, weights))]
     if pool is None:
         return [make_example(j) for j in jobs]
     return list(pool.imap(make_example, jobs, chunksize=16))
@@ -788,8 +807,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def generate(out: str | Path, sizes: dict[str, int], seed: int = 0, *, jobs: int = 1, install: bool = True,
-             res: Resources | None = None) -> dict:
-    """Write every split and manifest.json under `out`; returns the manifest."""
+             res: Resources | None = None, train_weights: dict[str, float] | None = None) -> dict:
+    """Write every split and manifest.json under `out`; returns the manifest.
+
+    `train_weights` changes the task mix of the train split only (a focused second training stage); val and
+    test keep TASK_WEIGHTS, so they are the same files whatever the train mix.
+    """
+    weights = {s: (train_weights if s == "train" and train_weights else TASK_WEIGHTS) for s in SPLITS}
     out = Path(out)
     for split, n in sizes.items():
         if split not in SPLITS or not isinstance(n, int) or n < 0:
@@ -801,7 +825,7 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int = 0, *, jobs: int
     pool = multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else None
     try:
         for split, n in sizes.items():
-            write_jsonl(out / f"{split}.jsonl", generate_split(out, split, n, seed, res, pool))
+            write_jsonl(out / f"{split}.jsonl", generate_split(out, split, n, seed, res, pool, weights[split]))
     finally:
         if pool is not None:
             pool.close()
@@ -809,7 +833,8 @@ def generate(out: str | Path, sizes: dict[str, int], seed: int = 0, *, jobs: int
     manifest = {
         "generator": "scripts/demo/make_data.py", "format_version": 1, "seed": seed,
         "split_seeds": {s: f"{seed}:{s}:<index>" for s in sizes},
-        "counts": {s: task_counts(n) for s, n in sizes.items()},
+        "counts": {s: task_counts(n, weights[s]) for s, n in sizes.items()},
+        "train_weights": weights["train"],
         "sample_rate": SAMPLE_RATE, "max_soft_tokens": MAX_SOFT_TOKENS, "image_sizes": sorted(set(IMAGE_SIZES)),
         "voices": {"train": list(TRAIN_VOICES), "held_out": list(HELD_OUT_VOICES)},
         "variants": {"train": list(TRAIN_VARIANTS), "held_out": list(HELD_OUT_VARIANTS)},
@@ -870,10 +895,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker processes (the output does not depend on it)")
     p.add_argument("--no-install", action="store_true", help="never apt-get install espeak-ng / fonts")
+    p.add_argument("--train-weights", default=None, metavar="TASK=W,...",
+                   help="task mix of the train split only (unnamed tasks get 0); val/test keep the default mix")
     args = p.parse_args(argv)
+    try:
+        train_weights = parse_weights(args.train_weights) if args.train_weights else None
+    except ValueError as e:
+        p.error(str(e))
     start = time.perf_counter()
     manifest = generate(args.out, {"train": args.train, "val": args.val, "test": args.test}, args.seed,
-                        jobs=max(1, args.jobs), install=not args.no_install)
+                        jobs=max(1, args.jobs), install=not args.no_install, train_weights=train_weights)
     took = time.perf_counter() - start
     for split, counts in manifest["counts"].items():
         print(f"{split}: {sum(counts.values())} examples  " + " ".join(f"{t}={c}" for t, c in counts.items()))

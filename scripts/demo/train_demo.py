@@ -53,8 +53,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 # --- data, tokenizer, conversion -------------------------------------------------------------------------
 
-def stage_data(work: Path, sizes: dict[str, int], seed: int) -> None:
+def stage_data(work: Path, sizes: dict[str, int], seed: int, train_weights: str | None = None) -> None:
     cmd = [sys.executable, str(HERE / "make_data.py"), "--out", str(work / "data"), "--seed", str(seed)]
+    if train_weights:
+        cmd += ["--train-weights", train_weights]
     for split, n in sizes.items():
         cmd += [f"--{split}", str(n)]
     subprocess.run(cmd, check=True)
@@ -342,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=DEFAULT_SIZES["train"])
     p.add_argument("--val", type=int, default=DEFAULT_SIZES["val"])
     p.add_argument("--test", type=int, default=DEFAULT_SIZES["test"])
+    p.add_argument("--train-weights", default=None, metavar="TASK=W,...",
+                   help="data: task mix of the train split (make_data.py --train-weights)")
     p.add_argument("--steps", type=int, default=None, help="override optim.steps")
     p.add_argument("--deadline", default=None, help="HH:MM: fit the schedule to end by then (non-reproducible)")
     p.add_argument("--chunk", type=int, default=100, help="steps per resumable chunk with --deadline")
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         t = time.time()
         if stage == "data":
-            stage_data(work, {"train": a.train, "val": a.val, "test": a.test}, a.seed)
+            stage_data(work, {"train": a.train, "val": a.val, "test": a.test}, a.seed, a.train_weights)
         elif stage == "tokenizer":
             stage_tokenizer(work)
         elif stage == "convert":
