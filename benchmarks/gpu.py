@@ -1,38 +1,125 @@
 """GPU benchmark (issue 9): the 12B geometry with random bf16 weights — the cost equals the real model's.
 
-Prints one JSON object per line (DESIGN.md §6). Measured in one run: memory bandwidth (→ the decode limit), unigemma
-decode (eager and with the decode step captured in a CUDA graph) at batch 1/8/32, prefill of 2,048 tokens, the
-reference (`transformers` generate) decode on the same weights, and correctness checks (greedy tokens eager vs graph;
-bf16 logits vs the reference, top-1 agreement).
+Prints one JSON object per line (DESIGN.md §6: `bench`, `metric`, `value`, `unit`, `impl` unigemma… / reference /
+limit…, `batch`, `device`, `config`) and, with --out, writes the same lines to a file as they are measured (a run
+cut short keeps what it measured). Sections, in the order they run (--sections picks; "default" = all but long):
 
-    python benchmarks/gpu.py                 # on a CUDA machine
-    python benchmarks/gpu.py --tiny          # a small geometry, runs on CPU too (smoke test)
+    bandwidth    read bandwidth → the decode limit (weight bytes ÷ bandwidth)
+    correctness  a small random model (fp32): greedy tokens, 64 of them, eager vs CUDA graph vs the engine's runner
+    decode       batch 1: eager, CUDA graph (and --compile: inductor + graph); 12B greedy eager vs graph
+    throughput   batch 1/8/32/64: the runner's decode step (CUDA graphs per batch bucket) and the whole engine
+                 (continuous batching: scheduler + sampler); aggregate tokens/s and the ratio to batch 1
+    prefill      2,048 tokens whole and 32,768 chunked as the engine does (ModelRunner.prefill_chunk), per chunk
+                 size; FLOP/s and the fraction of the bf16 peak (by device name, or --peak-tflops)
+    reference    transformers 5.24.0 on the same weights: bf16 top-1 agreement, decode tokens/s, prefill of 2,048;
+                 the ratios unigemma / reference
+    mtp          a random drafter of the published assistant geometry (hidden 1024, 4 layers, centroid head):
+                 one drafter step (as the engine runs it, and captured in a CUDA graph) vs one target decode
+                 step, and verifying k = 2, 4, 6 drafts (one step of k + 1 tokens) vs one decode step
+    long         a 131,072-token prompt prefilled in chunks, then decoded (and 262,144 when the GPU has
+                 > 100 GB): peak GPU memory, KV bytes of full vs sliding layers, prefill time, decode tokens/s
+    quant        int8 / int4 weight-only decode (unigemma.quant) vs bf16 (the bf16 model is freed first, so
+                 this runs last), top-1 agreement with bf16
+
+Device plan — two calls, each under 6 minutes on one H100 or H200 (run with the device tool's timeout_s=360), at
+the published depth (the 48 layers are what the memory and long-context figures are about; --layers N reduces
+the depth when only per-layer figures are wanted, and `config` then says "12b-Nlayers"):
+
+    python benchmarks/gpu.py --out $OUT --budget 270
+    python benchmarks/gpu.py --sections bandwidth,long --tag long --out $OUT --budget 270
+
+The first measures everything but long context (estimated 2–3 minutes, not yet timed on a GPU: every section
+prints a `plan` / `section_s` line); the second the long-context figures (131,072 estimated at under a minute;
+262,144 on an H200 at 2–3 minutes, skipped with a `plan` / `skipped` line when the time of 131,072 predicts it
+would not fit). --out $OUT names the files <date>-<device>-gpu.jsonl and <date>-<device>-gpu-long.jsonl, ready
+for benchmarks/results/. --budget 270: a section (or long-context length) that would start after 270 s is
+listed as skipped instead of run, which leaves the last section's ~60 s before the 6 minutes. A section that
+fails prints an `error` line and the run goes on. Not in the two calls: --compile (inductor, ~30 s to build per
+12 layers); a third call `--layers 12 --sections bandwidth,decode --compile` measures it if time is left.
+
+Decode caches have the engine's default context (--max-len 4096), so sliding layers hold their ring of
+window + 31 entries as when served; the whole engine runs with the same max_model_len.
+
+    python benchmarks/gpu.py --tiny --sections all --long 4096     # a small geometry on CPU (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
+import re
+import sys
 import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from unigemma.config import UnifiedConfig, gemma4_12b_config
-from unigemma.model.unified import Gemma4Unified
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unigemma.config import FULL, SLIDING, AssistantConfig, UnifiedConfig, gemma4_12b_config  # noqa: E402
+from unigemma.model.unified import Gemma4Unified  # noqa: E402
+
+SECTIONS = ("bandwidth", "correctness", "decode", "throughput", "prefill", "reference", "mtp", "long", "quant")
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "long")
+
+# Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12),
+             ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
 
 RESULTS: list[dict] = []
+DEVICE_NAME = "cpu"
+_OUT = None
 
 
 def emit(**kw):
     kw.setdefault("device", DEVICE_NAME)
     RESULTS.append(kw)
-    print(json.dumps(kw), flush=True)
+    line = json.dumps(kw)
+    print(line, flush=True)
+    if _OUT is not None:
+        _OUT.write(line + "\n")
+        _OUT.flush()
 
 
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its name (None: unknown, or a CPU)."""
+    for key, v in PEAK_BF16:
+        if key.lower() in device_name.lower():
+            return v
+    return None
+
+
+def device_slug(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'h100' (the results file naming); 'cpu' stays 'cpu'."""
+    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", device_name)
+    if m:
+        return m.group(1).lower()
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"
+
+
+def out_path(out: str, device_name: str, tag: str | None, date: str | None = None) -> Path:
+    """--out: a file path as given, or a folder (existing, or written with a trailing /) that gets
+    <date>-<device>-gpu[-tag].jsonl."""
+    p = Path(out)
+    if p.is_dir() or out.endswith(("/", "\\")):
+        date = date or time.strftime("%Y-%m-%d")
+        return p / f"{date}-{device_slug(device_name)}-gpu{'-' + tag if tag else ''}.jsonl"
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------------------
 
 def tiny_config() -> UnifiedConfig:
     return UnifiedConfig.from_dict({"model_type": "gemma4_unified", "text_config": {
@@ -42,13 +129,12 @@ def tiny_config() -> UnifiedConfig:
         "final_logit_softcapping": 30.0}})
 
 
-def build(cfg: UnifiedConfig, device, dtype=torch.bfloat16, seed=0) -> Gemma4Unified:
-    with torch.device("meta"):
-        m = Gemma4Unified(cfg)
-    m = m.to_empty(device=device)
+def fill_random(m: torch.nn.Module, device, seed: int = 0) -> None:
+    """Random weights in place (norm weights ≈ 1, matrices scaled by 1/√fan_in); float32 draws, one tensor at a
+    time, copied into the module's dtype (the same values whatever that dtype is)."""
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for n, p in m.named_parameters():
+        for _, p in m.named_parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=device))
             else:
@@ -56,10 +142,110 @@ def build(cfg: UnifiedConfig, device, dtype=torch.bfloat16, seed=0) -> Gemma4Uni
         for n, b in m.named_buffers():
             if n.endswith("layer_scalar"):
                 b.fill_(1.0)
+            elif n.endswith("token_ordering"):  # the centroid head's vocabulary order: a permutation
+                b.copy_(torch.randperm(b.numel(), generator=torch.Generator().manual_seed(seed)).to(device))
+
+
+def build(cfg: UnifiedConfig, device, dtype=torch.bfloat16, seed=0) -> Gemma4Unified:
+    """The model made directly in `dtype` on `device` (a 12B never exists in float32)."""
+    with torch.device("meta"):
+        m = Gemma4Unified(cfg).to(dtype)
+    m = m.to_empty(device=device)
+    fill_random(m, device, seed)
     if cfg.tie_word_embeddings:
         m.lm_head.weight = m.model.language_model.embed_tokens.weight
-    return m.to(dtype).eval()
+    return m.eval()
 
+
+def drafter_config(cfg: UnifiedConfig, tiny: bool) -> AssistantConfig:
+    """The MTP drafter geometry: the published 12B assistant as far as known (spec/mtp-drafting.md §9, unconfirmed:
+    hidden 1024, 4 layers = 3 sliding + 1 full, 16 query heads, intermediate 8192, centroid head 2048 / top-32);
+    attention geometry (kv heads, head dims, window) is the target's, which its reuse layers read."""
+    t = cfg.raw["text_config"]
+    hidden, layers, heads, inter, cent, top = (128, 2, 4, 512, 64, 8) if tiny else (1024, 4, 16, 8192, 2048, 32)
+    keep = ("vocab_size", "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+            "attention_k_eq_v", "sliding_window", "rope_parameters", "max_position_embeddings")
+    tc = {k: t[k] for k in keep if k in t}
+    tc.update(model_type="gemma4_unified_text", hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads,
+              layer_types=[SLIDING] * (layers - 1) + [FULL])
+    return AssistantConfig.from_dict({"model_type": "gemma4_unified_assistant", "text_config": tc,
+                                      "backbone_hidden_size": cfg.text.hidden_size, "use_ordered_embeddings": True,
+                                      "num_centroids": cent, "centroid_intermediate_top_k": top})
+
+
+def build_drafter(cfg: AssistantConfig, device, dtype=torch.bfloat16, seed=1):
+    from unigemma.model.assistant import Gemma4Assistant
+
+    with torch.device("meta"):
+        m = Gemma4Assistant(cfg).to(dtype)
+    m = m.to_empty(device=device)
+    fill_random(m, device, seed)
+    if cfg.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    return m.eval()
+
+
+def resident_bytes(model) -> int:
+    """Bytes of every parameter and buffer, shared tensors once (a tied or quantized head counted once)."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            n += t.numel() * t.element_size()
+    return n
+
+
+def layer_linear_params(cfg_text, model=None) -> int:
+    """Weights of the decoder layers' matrices (what every prompt token multiplies), from the config."""
+    H = cfg_text.hidden_size
+    n = 0
+    for i, t in enumerate(cfg_text.layer_types):
+        d, kv, nh = cfg_text.layer_head_dim[i], cfg_text.layer_kv_heads[i], cfg_text.num_attention_heads
+        n += H * nh * d * 2  # q_proj, o_proj
+        if cfg_text.kv_sharing_modes[i] != "reuse":
+            k_eq_v = cfg_text.attention_k_eq_v and t == FULL
+            n += H * kv * d * (1 if k_eq_v else 2)
+        n += 3 * H * cfg_text.layer_intermediate_size(i)
+    return n
+
+
+def _sum_min(a: int, b: int, w: int) -> int:
+    """Σ_{v=a}^{b} min(v, w) for integers 1 ≤ a ≤ b (0 when a > b)."""
+    if a > b:
+        return 0
+    lo_end = min(b, w)
+    s = (lo_end * (lo_end + 1) - (a - 1) * a) // 2 if a <= lo_end else 0
+    return s + max(0, b - max(a - 1, w)) * w
+
+
+def prefill_flops(cfg_text, start: int, end: int) -> float:
+    """FLOPs of prefilling positions [start, end) after [0, start) are cached: 2 · layer weights per token, one
+    LM-head row, and attention over the visible keys (full: all earlier ones; sliding: the last W), 4 · d per
+    (query head, key) pair (q·k and p·v). Masked-out pairs are not counted (a kernel that computes them spends
+    more)."""
+    n = end - start
+    flops = 2.0 * layer_linear_params(cfg_text) * n + 2.0 * cfg_text.hidden_size * cfg_text.vocab_size
+    W = cfg_text.sliding_window
+    for i, t in enumerate(cfg_text.layer_types):
+        pairs = _sum_min(start + 1, end, W) if t == SLIDING else (end * (end + 1) - start * (start + 1)) // 2
+        flops += 4.0 * cfg_text.num_attention_heads * cfg_text.layer_head_dim[i] * pairs
+    return flops
+
+
+def kv_bytes(cache) -> dict[str, int]:
+    """Bytes the cache holds per layer type (K and V of every storing layer)."""
+    out = {FULL: 0, SLIDING: 0}
+    for t, lk in zip(cache.config.layer_types, cache.layers):
+        if lk is not None:
+            out[t] += (lk.k.numel() * lk.k.element_size()) + (lk.v.numel() * lk.v.element_size())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timing helpers
+# ------------------------------------------------------------------------------------------------------------
 
 def bandwidth(device) -> float:
     """Bytes/s of reading memory (a large reduction), the figure decode is bound by."""
@@ -74,6 +260,18 @@ def bandwidth(device) -> float:
         x.sum()
     sync()
     return n * reps / (time.perf_counter() - t)
+
+
+def per_call(fn, reps: int, warmup: int = 2) -> float:
+    """Seconds per call of fn (device work included: synchronised around the timed loop)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
 
 
 class GraphDecoder:
@@ -122,6 +320,8 @@ def compiled_step(model, cache, kv_len):
 
 @torch.inference_mode()
 def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1, compile: bool = False):
+    """Prefill `prompt` (1, P) into `batch` slots, then greedy-decode `new_tokens` steps with model.run (eager, or
+    one CUDA graph); returns (seconds of the decode steps, tokens (batch, new_tokens))."""
     cache = model.make_cache(slots=batch, max_len=max_len)
     dev = prompt.device
     P = prompt.shape[1]
@@ -148,92 +348,310 @@ def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1, 
     return dt, torch.cat(out, 1)
 
 
-def main():
-    global DEVICE_NAME
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--layers", type=int, default=None, help="reduce depth (figures scale per layer)")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--compile", action="store_true", help="also measure the inductor-compiled decode step")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    DEVICE_NAME = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    cfg = tiny_config() if args.tiny else gemma4_12b_config()
-    if args.layers:
-        t = cfg.raw["text_config"]
-        t["num_hidden_layers"] = args.layers
-        t.pop("layer_types", None)
-        cfg = UnifiedConfig.from_dict(cfg.raw)
-    cfg.vision = cfg.audio = None
-    name = "tiny" if args.tiny else ("12b" if not args.layers else f"12b-{args.layers}layers")
-    torch.manual_seed(0)
+def make_runner(model, slots: int, max_len: int, graphs: bool):
+    from unigemma.engine.runner import ModelRunner
 
-    bw = bandwidth(device)
-    emit(bench="bandwidth", impl="limit", metric="read_bytes_per_s", value=bw, unit="B/s", config=name)
-    model = build(cfg, device)
-    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # cpu_column_major=False: the benchmark's model is shared by every section; leave its weights as built
+    return ModelRunner(model, slots, max_len, cuda_graphs=graphs, cpu_column_major=False)
+
+
+@torch.inference_mode()
+def runner_decode(model, batch: int, prompt, new_tokens: int, graphs: bool, max_len: int = 0):
+    """The engine's decode step (ModelRunner.decode: rows 0..B−1 of its cache, a CUDA graph per batch bucket) at
+    `batch` rows after prefilling `prompt` (1, P) into each; returns (seconds, tokens (batch, new_tokens)).
+    max_len: the cache's context (the engine's max_model_len; at least what the run needs)."""
+    dev = prompt.device
+    P = prompt.shape[1]
+    runner = make_runner(model, batch, max(max_len, P + new_tokens + 8), graphs)
+    for a in range(0, batch, 16):  # the prompts in groups of 16 rows: one forward each
+        n = min(16, batch - a)
+        model.run(prompt.expand(n, P), position_ids=torch.arange(P, device=dev)[None].expand(n, P),
+                  cache=runner.cache, slots=torch.arange(a, a + n, device=dev), kv_len=P, compute_logits=False)
+    runner.warm_up(batch, (1,), P + 1)  # captures (if any) outside the timed loop: first and last kv bucket
+    runner.warm_up(batch, (1,), P + new_tokens)
+    tok = torch.full((batch, 1), 7, dtype=torch.long, device=dev)
+    pos = torch.full((batch, 1), P, dtype=torch.long, device=dev)
+    out = []
+    sync()
+    t = time.perf_counter()
+    for i in range(new_tokens):
+        logits, _ = runner.decode(tok, pos, P + i + 1)
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        pos = pos + 1
+        out.append(tok)
+    sync()
+    dt = time.perf_counter() - t
+    del runner
+    return dt, torch.cat(out, 1)
+
+
+def engine_decode(model, batch: int, prompt_len: int, new_tokens: int, vocab: int,
+                  max_len: int = 0) -> tuple[float, int]:
+    """The whole engine (continuous batching: scheduler, greedy sampler, runner) with `batch` requests running:
+    tokens/s over `new_tokens` steps taken once every request has its first token (requests are long enough that
+    none finishes inside the window); returns (tokens/s, tokens counted)."""
+    from unigemma.engine.generate import Engine, Request
+    from unigemma.engine.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [[2] + torch.randint(10, vocab, (prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
+    eng = Engine(model, None, [], max_slots=batch, max_model_len=max(max_len, prompt_len + batch + new_tokens + 16),
+                 speculative=None, prefix_cache=False, cpu_column_major=False)
+
+    def start(max_tokens):
+        rids = [eng.add(Request(p, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)))
+                for p in prompts]
+        started = set()
+        while len(started) < len(rids):
+            started.update(e.request_id for e in eng.step() if e.token_id is not None)
+        return rids
+
+    def drain(rids):
+        for r in rids:
+            eng.cancel(r)
+        while eng.has_work:
+            eng.step()
+        for r in rids:
+            eng.forget(r)
+
+    drain(start(2))  # warm-up: graphs for every batch bucket on the way up to `batch`
+    rids = start(batch + new_tokens + 8)
+    sync()
+    t = time.perf_counter()
+    emitted = 0
+    for _ in range(new_tokens):
+        emitted += sum(e.token_id is not None for e in eng.step())
+    sync()
+    dt = time.perf_counter() - t
+    drain(rids)
+    return emitted / dt, emitted
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run's shared state
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    device: torch.device
+    cfg: UnifiedConfig
+    name: str
+    tiny: bool
+    t0: float = field(default_factory=time.perf_counter)
+    bw: float | None = None
+    peak: float | None = None
+    figures: dict = field(default_factory=dict)
+    _model: Gemma4Unified | None = None
+    _prompt: torch.Tensor | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def model(self) -> Gemma4Unified:
+        if self._model is None:
+            with torch.inference_mode(False):  # plain tensors, whichever section asks first
+                self._model = build(self.cfg, self.device)
+        return self._model
+
+    def free_model(self) -> None:
+        self._model = None
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    @property
+    def weight_bytes(self) -> int:
+        return resident_bytes(self.model)
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        if self._prompt is None:
+            g = torch.Generator().manual_seed(0)
+            V = self.cfg.text.vocab_size
+            self._prompt = torch.randint(10, V, (1, self.args.prompt), generator=g).to(self.device)
+        return self._prompt
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def over_budget(self, extra: float = 0.0) -> bool:
+        return self.args.budget is not None and self.elapsed() + extra > self.args.budget
+
+    def common(self, **kw) -> dict:
+        return {"config": self.name, **kw}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------------------
+
+def sec_bandwidth(ctx: Ctx):
+    ctx.bw = bandwidth(ctx.device)
+    emit(bench="bandwidth", impl="limit", metric="read_bytes_per_s", value=ctx.bw, unit="B/s", config=ctx.name)
+    wb = ctx.weight_bytes
     # decode reads every weight once per token (the tied LM head is the embedding table: counted once)
-    limit_tps = bw / wbytes
-    emit(bench="decode", impl="limit", metric="tokens_per_s", value=limit_tps, unit="tok/s", batch=1, config=name,
-         weight_bytes=wbytes)
+    emit(bench="decode", impl="limit", metric="tokens_per_s", value=ctx.bw / wb, unit="tok/s", batch=1,
+         config=ctx.name, weight_bytes=wb)
 
-    V = cfg.text.vocab_size
-    prompt = torch.randint(10, V, (1, args.prompt), device=device)
-    max_len = args.prompt + args.new_tokens + 8
-    dt, toks_eager = decode_run(model, prompt, args.new_tokens, max_len, graph=False)
-    emit(bench="decode", impl="unigemma-eager", metric="tokens_per_s", value=args.new_tokens / dt, unit="tok/s",
-         batch=1, config=name, prompt_tokens=args.prompt, new_tokens=args.new_tokens)
-    if device.type == "cuda":
-        dt, toks_graph = decode_run(model, prompt, args.new_tokens, max_len, graph=True)
-        emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=args.new_tokens / dt, unit="tok/s",
-             batch=1, config=name, prompt_tokens=args.prompt, new_tokens=args.new_tokens, cuda_graph=True,
-             fraction_of_limit=(args.new_tokens / dt) / limit_tps)
-        same = int((toks_eager == toks_graph).all().item())
-        emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph", value=same, unit="bool",
-             config=name, new_tokens=args.new_tokens)
-        if args.compile:
-            t0 = time.perf_counter()
-            dt, toks_comp = decode_run(model, prompt, args.new_tokens, max_len, graph=True, compile=True)
-            emit(bench="decode", impl="unigemma-compiled", metric="tokens_per_s", value=args.new_tokens / dt,
-                 unit="tok/s", batch=1, config=name, cuda_graph=True, compile_s=time.perf_counter() - t0 - dt,
-                 fraction_of_limit=(args.new_tokens / dt) / limit_tps)
-            emit(bench="correctness", impl="unigemma-compiled", metric="greedy_matches_eager_tokens",
-                 value=(toks_eager == toks_comp).float().mean().item(), unit="fraction", config=name)
-        for b in [int(x) for x in args.batches.split(",") if int(x) > 1]:
-            bp = prompt.expand(b, -1)[:1]
-            dt, _ = decode_run(model, bp, args.new_tokens, max_len, graph=True, batch=b)
-            emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=b * args.new_tokens / dt,
-                 unit="tok/s", batch=b, config=name, cuda_graph=True)
 
-    # prefill
+def sec_correctness(ctx: Ctx):
+    """Greedy tokens of a small random fp32 model, 64 steps: model.run eager vs one CUDA graph vs the runner."""
+    cfg = tiny_config()
+    cfg.vision = cfg.audio = None
+    m = build(cfg, ctx.device, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(10, cfg.text.vocab_size, (1, 100), generator=g).to(ctx.device)
+    n = 64
+    max_len = 256  # > window + spare: sliding layers use the ring as in the engine's default configuration
+    _, eager = decode_run(m, prompt, n, max_len, graph=False)
+    common = dict(config="tiny", dtype="float32", new_tokens=n)
+    if ctx.cuda:
+        _, graph = decode_run(m, prompt, n, max_len, graph=True)
+        emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph",
+             value=int(torch.equal(eager, graph)), unit="bool", **common)
+        if ctx.args.compile:
+            _, comp = decode_run(m, prompt, n, max_len, graph=True, compile=True)
+            emit(bench="correctness", impl="unigemma-compiled", metric="greedy_eager_equals_compiled",
+                 value=int(torch.equal(eager, comp)), unit="bool", **common)
+    _, run = runner_decode(m, 1, prompt, n, graphs=ctx.cuda, max_len=max_len)
+    emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_runner", value=int(torch.equal(eager, run)),
+         unit="bool", cuda_graph=ctx.cuda, **common)
+
+
+def _divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    diff = (a != b).flatten().nonzero()
+    return int(diff[0]) if diff.numel() else None
+
+
+def sec_decode(ctx: Ctx):
+    a = ctx.args
+    model, prompt = ctx.model, ctx.prompt
+    max_len = a.max_len
+    limit = ctx.bw / ctx.weight_bytes if ctx.bw else None
+    common = ctx.common(batch=1, prompt_tokens=a.prompt, new_tokens=a.new_tokens, max_len=max_len)
+    dt, toks_eager = decode_run(model, prompt, a.new_tokens, max_len, graph=False)
+    emit(bench="decode", impl="unigemma-eager", metric="tokens_per_s", value=a.new_tokens / dt, unit="tok/s",
+         **common)
+    ctx.figures["decode_eager"] = a.new_tokens / dt
+    if not ctx.cuda:
+        return
+    dt, toks_graph = decode_run(model, prompt, a.new_tokens, max_len, graph=True)
+    tps = a.new_tokens / dt
+    ctx.figures["decode"] = tps
+    emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=tps, unit="tok/s", cuda_graph=True,
+         ms_per_token=1e3 / tps, fraction_of_limit=tps / limit if limit else None, **common)
+    emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph",
+         value=int(torch.equal(toks_eager, toks_graph)), unit="bool", config=ctx.name, new_tokens=a.new_tokens,
+         first_divergence=_divergence(toks_eager, toks_graph))
+    if a.compile:
+        t0 = time.perf_counter()
+        dt, toks_comp = decode_run(model, prompt, a.new_tokens, max_len, graph=True, compile=True)
+        tps = a.new_tokens / dt
+        emit(bench="decode", impl="unigemma-compiled", metric="tokens_per_s", value=tps, unit="tok/s",
+             cuda_graph=True, compile_s=time.perf_counter() - t0 - dt,
+             fraction_of_limit=tps / limit if limit else None, **common)
+        emit(bench="correctness", impl="unigemma-compiled", metric="greedy_matches_eager_tokens",
+             value=(toks_eager == toks_comp).float().mean().item(), unit="fraction", config=ctx.name,
+             first_divergence=_divergence(toks_eager, toks_comp))
+
+
+def sec_throughput(ctx: Ctx):
+    a = ctx.args
+    model, prompt = ctx.model, ctx.prompt
+    base = None
+    for b in a.batches:
+        dt, _ = runner_decode(model, b, prompt, a.new_tokens, graphs=ctx.cuda, max_len=a.max_len)
+        tps = b * a.new_tokens / dt
+        base = tps if b == 1 else base
+        emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=tps, unit="tok/s", batch=b,
+             cuda_graph=ctx.cuda, path="runner", ms_per_step=1e3 * dt / a.new_tokens,
+             vs_batch1=tps / base if base else None,
+             **ctx.common(prompt_tokens=a.prompt, new_tokens=a.new_tokens, max_len=a.max_len))
+        ctx.figures[f"runner_b{b}"] = tps
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    base = None
+    for b in a.engine_batches:
+        tps, n = engine_decode(model, b, a.prompt, a.new_tokens, ctx.cfg.text.vocab_size, a.max_len)
+        base = tps if b == 1 else base
+        emit(bench="decode", impl="unigemma-engine", metric="tokens_per_s", value=tps, unit="tok/s", batch=b,
+             cuda_graph=ctx.cuda, path="engine (continuous batching, greedy sampler)", tokens=n,
+             vs_batch1=tps / base if base else None,
+             **ctx.common(prompt_tokens=a.prompt, new_tokens=a.new_tokens, max_len=a.max_len))
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+def _emit_prefill(ctx: Ctx, n: int, dt: float, flops: float, **extra):
+    tf = flops / dt
+    emit(bench="prefill", impl="unigemma", metric="tokens_per_s", value=n / dt, unit="tok/s", batch=1,
+         prompt_tokens=n, ms=dt * 1e3, tflops=tf / 1e12, fraction_of_peak=tf / ctx.peak if ctx.peak else None,
+         **ctx.common(**extra))
+    if ctx.peak:
+        emit(bench="prefill", impl="limit", metric="tokens_per_s", value=ctx.peak * n / flops, unit="tok/s", batch=1,
+             prompt_tokens=n, peak_tflops=ctx.peak / 1e12, flops=flops, **ctx.common(**extra))
+
+
+@torch.inference_mode()
+def chunked_prefill(model, runner, ids: list[int], chunk: int, slot: int = 0):
+    """The engine's prefill of one prompt: runner.chunk_end / runner.prefill_chunk, chunk by chunk (the last
+    chunk computes the logits of the last token); returns that chunk's output."""
+    start, out = 0, None
+    while start < len(ids):
+        end = runner.chunk_end(ids, start, chunk)
+        out = runner.prefill_chunk(slot, ids, start, end, need_logits=end == len(ids))
+        start = end
+    return out
+
+
+def sec_prefill(ctx: Ctx):
+    a = ctx.args
+    model, dev, V = ctx.model, ctx.device, ctx.cfg.text.vocab_size
+    g = torch.Generator().manual_seed(2)
     with torch.inference_mode():
-        for n in (2048,):
-            ids = torch.randint(10, V, (1, n), device=device)
+        for n in a.prefill:  # one forward over the whole prompt
+            ids = torch.randint(10, V, (1, n), generator=g).to(dev)
+            w = min(n, 128)
             cache = model.make_cache(slots=1, max_len=n + 8)
-            model.run(ids[:, :128], position_ids=torch.arange(128, device=device)[None], cache=cache, logits_to_keep=1)
+            model.run(ids[:, :w], position_ids=torch.arange(w, device=dev)[None], cache=cache, logits_to_keep=1)
+            best = math.inf
+            for _ in range(2):
+                cache = model.make_cache(slots=1, max_len=n + 8)
+                sync()
+                t = time.perf_counter()
+                model.run(ids, position_ids=torch.arange(n, device=dev)[None], cache=cache, logits_to_keep=1)
+                sync()
+                best = min(best, time.perf_counter() - t)
+            del cache
+            ctx.figures[f"prefill_{n}"] = n / best
+            _emit_prefill(ctx, n, best, prefill_flops(ctx.cfg.text, 0, n), chunk=n)
+    for n in a.prefill_chunked:
+        ids = torch.randint(10, V, (n,), generator=g).tolist()
+        for c in a.chunks:
+            runner = make_runner(model, 1, n + 8, graphs=False)
+            chunked_prefill(model, runner, ids[: min(n, 2 * c)], c)  # warm-up: the kernels of this chunk size
+            runner.cache.reset_slot(0)
             sync()
-            cache = model.make_cache(slots=1, max_len=n + 8)
             t = time.perf_counter()
-            model.run(ids, position_ids=torch.arange(n, device=device)[None], cache=cache, logits_to_keep=1)
+            chunked_prefill(model, runner, ids, c)
             sync()
             dt = time.perf_counter() - t
-            flops = 2 * wbytes / 2 * n  # ≈ 2 · params · tokens (attention extra not counted)
-            emit(bench="prefill", impl="unigemma", metric="tokens_per_s", value=n / dt, unit="tok/s",
-                 prompt_tokens=n, config=name, ms=dt * 1e3, tflops=flops / dt / 1e12)
+            del runner
+            if ctx.cuda:
+                torch.cuda.empty_cache()
+            ctx.figures[f"prefill_{n}_c{c}"] = n / dt
+            _emit_prefill(ctx, n, dt, prefill_flops(ctx.cfg.text, 0, n), chunk=c, path="runner.prefill_chunk")
 
-    if not args.no_reference:
-        reference(model, cfg, prompt, args, name, device)
 
+def build_reference(model, cfg, device):
+    """transformers' Gemma4UnifiedForConditionalGeneration sharing `model`'s weights (no copy)."""
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-def reference(model, cfg, prompt, args, name, device):
-    try:
-        from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
-    except ImportError as e:
-        emit(bench="decode", impl="reference", metric="error", value=str(e), unit="", config=name)
-        return
     t = cfg.raw["text_config"]
     rc = Gemma4UnifiedConfig(text_config={k: v for k, v in t.items() if k != "model_type"})
     with torch.device("meta"):
@@ -252,13 +670,20 @@ def reference(model, cfg, prompt, args, name, device):
         setattr(rot, f"{lt}_original_inv_freq", inv.clone())
     emb = ref.model.language_model.embed_tokens
     emb.embed_scale = torch.tensor(cfg.text.hidden_size ** 0.5, device=device)
-    ref = ref.to(device).eval()
+    return ref.to(device).eval()
+
+
+def sec_reference(ctx: Ctx):
+    a, cfg, device, model, prompt = ctx.args, ctx.cfg, ctx.device, ctx.model, ctx.prompt
+    ref = build_reference(model, cfg, device)
     with torch.inference_mode():
-        a = ref(input_ids=prompt[:, :256]).logits.argmax(-1)
-        b = model(prompt[:, :256]).argmax(-1)
+        n_agree = min(256, prompt.shape[1])
+        x = ref(input_ids=prompt[:, :n_agree]).logits.argmax(-1)
+        y = model(prompt[:, :n_agree]).argmax(-1)
         emit(bench="correctness", impl="unigemma", metric="bf16_top1_agreement_vs_reference",
-             value=(a == b).float().mean().item(), unit="fraction", config=name, tokens=256)
-        n = min(args.new_tokens, 32)
+             value=(x == y).float().mean().item(), unit="fraction", config=ctx.name, tokens=n_agree)
+        # decode: generate n tokens minus a 1-token generate (the prefill)
+        n = min(a.new_tokens, 32)
         ref.generate(prompt, max_new_tokens=2, do_sample=False)
         sync()
         t0 = time.perf_counter()
@@ -269,10 +694,380 @@ def reference(model, cfg, prompt, args, name, device):
         ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         sync()
         dt = time.perf_counter() - t0 - t_prefill
-        emit(bench="decode", impl="reference", metric="tokens_per_s", value=(n - 1) / dt, unit="tok/s", batch=1,
-             config=name, prompt_tokens=args.prompt, new_tokens=n)
+        tps = (n - 1) / dt
+        emit(bench="decode", impl="reference", metric="tokens_per_s", value=tps, unit="tok/s", batch=1,
+             ms_per_token=1e3 / tps, **ctx.common(prompt_tokens=a.prompt, new_tokens=n))
+        ours = ctx.figures.get("decode", ctx.figures.get("decode_eager"))
+        if ours:
+            emit(bench="decode", impl="unigemma", metric="speedup_vs_reference", value=ours / tps, unit="x", batch=1,
+                 cuda_graph="decode" in ctx.figures, **ctx.common(prompt_tokens=a.prompt))
+        # prefill of the first whole-prompt length (2,048): one forward with a cache, logits of the last token
+        g = torch.Generator().manual_seed(2)
+        for n in a.prefill[:1]:
+            ids = torch.randint(10, cfg.text.vocab_size, (1, n), generator=g).to(device)
+            ref(input_ids=ids[:, : min(n, 128)], use_cache=True, logits_to_keep=1)
+            best = math.inf
+            for _ in range(2):
+                sync()
+                t = time.perf_counter()
+                ref(input_ids=ids, use_cache=True, logits_to_keep=1)
+                sync()
+                best = min(best, time.perf_counter() - t)
+            flops = prefill_flops(cfg.text, 0, n)
+            emit(bench="prefill", impl="reference", metric="tokens_per_s", value=n / best, unit="tok/s", batch=1,
+                 prompt_tokens=n, ms=best * 1e3, tflops=flops / best / 1e12,
+                 fraction_of_peak=flops / best / ctx.peak if ctx.peak else None, **ctx.common())
+            ours = ctx.figures.get(f"prefill_{n}")
+            if ours:
+                emit(bench="prefill", impl="unigemma", metric="speedup_vs_reference", value=ours / (n / best),
+                     unit="x", batch=1, prompt_tokens=n, **ctx.common())
+    del ref
+    gc.collect()
 
 
-DEVICE_NAME = "cpu"
+@torch.inference_mode()
+def sec_mtp(ctx: Ctx):
+    """Drafter step and verification cost at batch 1, against the target's decode step (runner, CUDA graphs)."""
+    from unigemma.engine.speculative import MTPProposer
+
+    a, model, dev = ctx.args, ctx.model, ctx.device
+    dcfg = drafter_config(ctx.cfg, ctx.tiny)
+    drafter = build_drafter(dcfg, dev)
+    dt_ = dcfg.text
+    geometry = dict(hidden=dt_.hidden_size, layers=dt_.num_hidden_layers, heads=dt_.num_attention_heads,
+                    intermediate=dt_.intermediate_size, centroids=dcfg.num_centroids,
+                    top_k=dcfg.centroid_intermediate_top_k, weight_bytes=resident_bytes(drafter))
+    P = a.prompt
+    ks = a.verify_k
+    runner = make_runner(model, 1, max(a.max_len, P + max(ks) + 16), graphs=ctx.cuda)
+    ids = ctx.prompt[0].tolist()
+    chunked_prefill(model, runner, ids, max(P, 1))
+    runner.warm_up(1, tuple(sorted({1, *(k + 1 for k in ks)})), P + max(ks) + 1)
+    reps = 20 if ctx.cuda else 3
+    V = ctx.cfg.text.vocab_size
+
+    def target_step(T):
+        tok = torch.randint(10, V, (1, T), device=dev)
+        pos = torch.arange(P, P + T, device=dev)[None]
+        return lambda: runner.decode(tok, pos, P + T)
+
+    step_s = per_call(target_step(1), reps)
+    common = ctx.common(batch=1, prompt_tokens=P, cuda_graph=ctx.cuda)
+    emit(bench="mtp", impl="unigemma", metric="target_step_ms", value=step_s * 1e3, unit="ms", **common)
+    for k in ks:
+        s = per_call(target_step(k + 1), reps)
+        emit(bench="mtp", impl="unigemma", metric="verify_ms", value=s * 1e3, unit="ms", k=k, **common)
+        emit(bench="mtp", impl="unigemma", metric="verify_vs_decode_step", value=s / step_s, unit="x", k=k,
+             target="close to 1", **common)
+
+    # the engine's drafter: MTPProposer.propose (k chained drafter forwards, eager, then one host sync)
+    seq = SimpleNamespace(tokens=ids + [7], slot=0, spec_state={},
+                          hidden=torch.randn(ctx.cfg.text.hidden_size, device=dev).to(torch.bfloat16))
+    prop = MTPProposer(drafter, model, runner.cache)
+    kd = 4
+    draft_s = per_call(lambda: prop.propose([seq], kd), max(2, reps // 4)) / kd
+    emit(bench="mtp", impl="unigemma", metric="draft_step_ms", value=draft_s * 1e3, unit="ms", path="MTPProposer",
+         drafts_per_call=kd, drafter=geometry, **{**common, "cuda_graph": False})
+    emit(bench="mtp", impl="unigemma", metric="draft_vs_target_step", value=draft_s / step_s, unit="fraction",
+         target=0.10, path="MTPProposer", **{**common, "cuda_graph": False})
+    if ctx.cuda:  # one drafter forward captured in a CUDA graph: what the drafter costs without launch overhead
+        c = runner.cache
+        shared, masks = {}, {}
+        for t in prop.types:
+            lk = c.layers[prop.store[t]]
+            if t == FULL:
+                shared[t] = (lk.k[:1, :, :P], lk.v[:1, :, :P])
+                masks[t] = torch.ones(1, P, dtype=torch.bool, device=dev)
+            else:
+                shared[t] = (lk.k[:1], lk.v[:1])
+                rp = c.ring_pos[:1]
+                masks[t] = (rp < P) & (rp >= P - dcfg.text.sliding_window - 1)
+        x = torch.cat([model.language_model.embed(torch.tensor([[7]], device=dev)), seq.hidden.view(1, 1, -1)], -1)
+        pos = torch.tensor([[P]], device=dev)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                drafter(x, pos, shared, masks)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            drafter(x, pos, shared, masks)
+        g_s = per_call(graph.replay, reps * 5)
+        emit(bench="mtp", impl="unigemma-graph", metric="draft_step_ms", value=g_s * 1e3, unit="ms",
+             path="drafter forward in a CUDA graph", drafter=geometry, **common)
+        emit(bench="mtp", impl="unigemma-graph", metric="draft_vs_target_step", value=g_s / step_s, unit="fraction",
+             target=0.10, path="drafter forward in a CUDA graph", **common)
+        del graph
+    del runner, prop, drafter
+    gc.collect()
+
+
+def sec_long(ctx: Ctx):
+    a, model, dev, cfg = ctx.args, ctx.model, ctx.device, ctx.cfg.text
+    max_pos = cfg.max_position_embeddings
+    V = cfg.vocab_size
+    prev = None  # (context, prefill seconds) of the last length measured: predicts the next one (quadratic)
+    for L in a.long:
+        new = a.long_new
+        prompt_len = min(L, max_pos - new - 1)
+        if prev is not None and a.budget is not None:
+            guess = prev[1] * (prompt_len / prev[0]) ** 2 + 15
+            if ctx.over_budget(guess):
+                emit(bench="plan", impl="unigemma", metric="skipped", value=f"long {L}", unit="",
+                     reason=f"~{guess:.0f} s predicted, {a.budget - ctx.elapsed():.0f} s of the budget left",
+                     config=ctx.name)
+                continue
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        common = ctx.common(batch=1, prompt_tokens=prompt_len, context_tokens=prompt_len + new, chunk=a.long_chunk)
+        ids = torch.randint(10, V, (prompt_len,), generator=torch.Generator().manual_seed(4)).tolist()
+        runner = make_runner(model, 1, prompt_len + new + 1, graphs=ctx.cuda)
+        kv = kv_bytes(runner.cache)
+        sync()
+        t = time.perf_counter()
+        out = chunked_prefill(model, runner, ids, a.long_chunk)
+        sync()
+        dt = time.perf_counter() - t
+        prev = (prompt_len, dt)
+        flops = prefill_flops(cfg, 0, prompt_len)
+        tf = flops / dt
+        emit(bench="long_context", impl="unigemma", metric="prefill_tokens_per_s", value=prompt_len / dt,
+             unit="tok/s", prefill_s=dt, tflops=tf / 1e12, fraction_of_peak=tf / ctx.peak if ctx.peak else None,
+             **common)
+        c = runner.cache
+        emit(bench="long_context", impl="unigemma", metric="kv_bytes", value=kv[FULL], unit="B", layer_type=FULL,
+             layers=cfg.layer_types.count(FULL), entries_per_layer=c.max_len + 1, **common)
+        n_sliding = sum(1 for t_, lk in zip(cfg.layer_types, c.layers) if t_ == SLIDING and lk is not None)
+        emit(bench="long_context", impl="unigemma", metric="kv_bytes", value=kv[SLIDING], unit="B",
+             layer_type=SLIDING, layers=n_sliding, entries_per_layer=c.ring + 1, window=c.window,
+             if_unbounded=kv[SLIDING] // (c.ring + 1) * (c.max_len + 1), **common)
+        with torch.inference_mode():
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            pos = torch.full((1, 1), prompt_len, dtype=torch.long, device=dev)
+            runner.warm_up(1, (1,), prompt_len + new)
+            sync()
+            t = time.perf_counter()
+            for i in range(new):
+                logits, _ = runner.decode(tok, pos, prompt_len + i + 1)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                pos = pos + 1
+            sync()
+            dt = time.perf_counter() - t
+        tps = new / dt
+        limit = None
+        if ctx.bw:  # every weight plus the K/V a step reads at this length (full layers: all of it; ring: all)
+            limit = ctx.bw / (ctx.weight_bytes + kv[FULL] * (prompt_len + new) / (c.max_len + 1) + kv[SLIDING])
+        emit(bench="long_context", impl="unigemma", metric="decode_tokens_per_s", value=tps, unit="tok/s",
+             new_tokens=new, cuda_graph=ctx.cuda, fraction_of_limit=tps / limit if limit else None, **common)
+        if limit:
+            emit(bench="long_context", impl="limit", metric="decode_tokens_per_s", value=limit, unit="tok/s",
+                 new_tokens=new, **common)
+        if ctx.cuda:
+            emit(bench="long_context", impl="unigemma", metric="peak_memory_bytes",
+                 value=torch.cuda.max_memory_allocated(), unit="B", weight_bytes=ctx.weight_bytes,
+                 device_memory_bytes=torch.cuda.get_device_properties(dev).total_memory, **common)
+        del runner, out
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+def sec_quant(ctx: Ctx):
+    """int8 / int4 weight-only decode against bf16, same loop (model.run, one CUDA graph), same random weights."""
+    from unigemma.quant import QuantConfig, quantize_model
+
+    a, dev, cfg = ctx.args, ctx.device, ctx.cfg
+    prompt = ctx.prompt
+    max_len = a.max_len
+    n_agree = min(128, prompt.shape[1])
+    bf16 = ctx.figures.get("decode" if ctx.cuda else "decode_eager")
+    with torch.inference_mode():
+        ref_top1 = ctx.model(prompt[:, :n_agree]).argmax(-1)
+    if bf16 is None:
+        dt, _ = decode_run(ctx.model, prompt, a.new_tokens, max_len, graph=ctx.cuda)
+        bf16 = a.new_tokens / dt
+    common = ctx.common(batch=1, prompt_tokens=a.prompt, new_tokens=a.new_tokens, cuda_graph=ctx.cuda,
+                        max_len=max_len)
+    emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=bf16, unit="tok/s",
+         weight_bytes=ctx.weight_bytes, section="quant", **common)
+    ctx.free_model()  # one 12B at a time: each variant is rebuilt (same seed, same weights) and quantized
+    for q in a.quant:
+        qc = QuantConfig(bits=8) if q == "int8" else QuantConfig(bits=4, group_size=32)
+        m = build(cfg, dev)
+        sync()
+        t = time.perf_counter()
+        quantize_model(m, qc)
+        sync()
+        quant_s = time.perf_counter() - t
+        if ctx.cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+        with torch.inference_mode():
+            agree = (m(prompt[:, :n_agree]).argmax(-1) == ref_top1).float().mean().item()
+        emit(bench="correctness", impl=f"unigemma-{q}", metric="top1_agreement_vs_bf16", value=agree,
+             unit="fraction", config=ctx.name, tokens=n_agree)
+        dt, _ = decode_run(m, prompt, a.new_tokens, max_len, graph=ctx.cuda)
+        tps = a.new_tokens / dt
+        wb = resident_bytes(m)
+        limit = ctx.bw / wb if ctx.bw else None
+        kernels = sorted({getattr(mod, "kernel", None) or "dequantize" for mod in m.modules()
+                          if type(mod).__name__ == "QuantLinear"})
+        emit(bench="decode", impl=f"unigemma-{q}", metric="tokens_per_s", value=tps, unit="tok/s", weight_bytes=wb,
+             vs_bf16=tps / bf16, target=2.0 if q == "int4" else None, quantize_s=quant_s, kernels=kernels,
+             fraction_of_limit=tps / limit if limit else None, **common)
+        if limit:
+            emit(bench="decode", impl=f"limit:unigemma-{q}", metric="tokens_per_s", value=limit, unit="tok/s",
+                 weight_bytes=wb, **common)
+        del m
+        gc.collect()
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+RUN = {"bandwidth": sec_bandwidth, "correctness": sec_correctness, "decode": sec_decode,
+       "throughput": sec_throughput, "prefill": sec_prefill, "reference": sec_reference, "mtp": sec_mtp,
+       "long": sec_long, "quant": sec_quant}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+# ------------------------------------------------------------------------------------------------------------
+
+def _ints(value: str, flag: str) -> list[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {value!r}: expected comma-separated integers, e.g. 1,8,32") from None
+    if not out or min(out) < 1:
+        raise SystemExit(f"{flag} {value!r}: expected one or more integers >= 1")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a small geometry and short lengths (runs on CPU)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
+    ap.add_argument("--layers", type=int, default=None, help="reduce depth (per-layer figures scale; config says so)")
+    ap.add_argument("--sections", default="default",
+                    help=f"comma-separated subset of {','.join(SECTIONS)}; 'default' = all but long; 'all'")
+    ap.add_argument("--new-tokens", type=int, default=None, help="decode steps timed (default 64; tiny 16)")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens before decoding (default 512; tiny 64)")
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="context of the decode caches (the engine's max_model_len; default 4096; tiny 256): sliding "
+                    "layers then hold a ring of window + 31 entries, as served")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference section")
+    ap.add_argument("--batches", default=None, help="runner decode batches (default 1,8,32,64; tiny 1,4,64)")
+    ap.add_argument("--engine-batches", default=None, help="engine decode batches (default 1,64; tiny 1,8)")
+    ap.add_argument("--prefill", default=None, help="prompt lengths prefilled in one forward (default 2048; tiny 256)")
+    ap.add_argument("--prefill-chunked", default=None,
+                    help="prompt lengths prefilled chunk by chunk like the engine (default 32768; tiny 1024)")
+    ap.add_argument("--chunks", default=None, help="prefill chunk sizes for those (default 512,2048; tiny 128,512)")
+    ap.add_argument("--long", default=None,
+                    help="long-context lengths (default 131072, plus 262144 on a GPU with > 100 GB; tiny 2048)")
+    ap.add_argument("--long-chunk", type=int, default=None, help="prefill chunk of the long prompts (default 2048; "
+                    "tiny 256)")
+    ap.add_argument("--long-new", type=int, default=16, help="tokens decoded after each long prompt")
+    ap.add_argument("--verify-k", default="2,4,6", help="draft lengths whose verification step is timed")
+    ap.add_argument("--quant", default="int8,int4", help="weight-only variants: int8, int4")
+    ap.add_argument("--compile", action="store_true", help="also the inductor-compiled decode step (slow to build)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: by device name)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: sections (and long lengths) that would start past it are skipped, not run")
+    ap.add_argument("--out", default=None, help="write the JSON lines to this file, or into this folder as "
+                    "<date>-<device>-gpu[-tag].jsonl")
+    ap.add_argument("--tag", default=None, help="suffix of the --out file name (e.g. long)")
+    a = ap.parse_args(argv)
+    t = a.tiny
+    a.new_tokens = a.new_tokens or (16 if t else 64)
+    a.prompt = a.prompt or (64 if t else 512)
+    a.max_len = max(a.max_len or (256 if t else 4096), a.prompt + a.new_tokens + 8)
+    a.batches = _ints(a.batches or ("1,4,64" if t else "1,8,32,64"), "--batches")
+    a.engine_batches = _ints(a.engine_batches or ("1,8" if t else "1,64"), "--engine-batches")
+    a.prefill = _ints(a.prefill or ("256" if t else "2048"), "--prefill")
+    a.prefill_chunked = _ints(a.prefill_chunked or ("1024" if t else "32768"), "--prefill-chunked")
+    a.chunks = _ints(a.chunks or ("128,512" if t else "512,2048"), "--chunks")
+    a.long_chunk = a.long_chunk or (256 if t else 2048)
+    a.verify_k = _ints(a.verify_k, "--verify-k")
+    a.quant = [q for q in a.quant.split(",") if q]
+    bad = sorted(set(a.quant) - {"int8", "int4"})
+    if bad:
+        raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4)")
+    if a.sections in ("default", "all"):
+        a.sections = list(DEFAULT_SECTIONS if a.sections == "default" else SECTIONS)
+    else:
+        want = [s for s in a.sections.split(",") if s]
+        bad = sorted(set(want) - set(SECTIONS))
+        if bad:
+            raise SystemExit(f"--sections: unknown {bad} (accepted: {', '.join(SECTIONS)}, default, all)")
+        a.sections = [s for s in SECTIONS if s in want]  # always the canonical order (quant frees the model: last)
+    if a.no_reference and "reference" in a.sections:
+        a.sections.remove("reference")
+    if a.long_new < 1:
+        raise SystemExit(f"--long-new {a.long_new}: expected an integer >= 1")
+    return a
+
+
+def main(argv=None) -> list[dict]:
+    """Run the selected sections; returns the emitted lines (also printed, and written to --out)."""
+    global DEVICE_NAME, _OUT
+    a = parse_args(argv)
+    RESULTS.clear()
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    DEVICE_NAME = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cfg = tiny_config() if a.tiny else gemma4_12b_config()
+    if a.layers:
+        t = cfg.raw["text_config"]
+        t["num_hidden_layers"] = a.layers
+        t.pop("layer_types", None)
+        cfg = UnifiedConfig.from_dict(cfg.raw)
+    cfg.vision = cfg.audio = None
+    name = ("tiny" if a.tiny else "12b") + (f"-{a.layers}layers" if a.layers else "")
+    if a.long is None:
+        big = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory > 100e9
+        a.long = [2048] if a.tiny else ([131072, 262144] if big else [131072])
+    elif isinstance(a.long, str):
+        a.long = _ints(a.long, "--long")
+    torch.manual_seed(0)
+    ctx = Ctx(a, device, cfg, name, a.tiny)
+    ctx.peak = a.peak_tflops * 1e12 if a.peak_tflops else (peak_flops(DEVICE_NAME) if device.type == "cuda" else None)
+    out = None
+    if a.out:
+        path = out_path(a.out, DEVICE_NAME, "-".join(x for x in (a.tag, None if not a.tiny else "tiny") if x) or None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = _OUT = open(path, "w", encoding="utf-8")
+        print(f"# writing {path}", file=sys.stderr, flush=True)
+    try:
+        emit(bench="env", impl="unigemma", metric="torch_version", value=torch.__version__, unit="", config=name,
+             cuda=torch.version.cuda, sections=a.sections, peak_tflops=ctx.peak / 1e12 if ctx.peak else None,
+             device_memory_bytes=torch.cuda.get_device_properties(device).total_memory if ctx.cuda else None)
+        for sec in a.sections:
+            if ctx.over_budget():
+                emit(bench="plan", impl="unigemma", metric="skipped", value=sec, unit="", config=name,
+                     reason=f"budget of {a.budget:.0f} s spent ({ctx.elapsed():.0f} s)")
+                continue
+            t = time.perf_counter()
+            try:
+                with torch.no_grad():
+                    RUN[sec](ctx)
+            except Exception as e:  # one failing section (e.g. out of memory) must not lose the others
+                traceback.print_exc()
+                emit(bench=sec, impl="unigemma", metric="error", value=f"{type(e).__name__}: {e}"[:2000], unit="",
+                     config=name)
+                gc.collect()
+                if ctx.cuda:
+                    torch.cuda.empty_cache()
+            emit(bench="plan", impl="unigemma", metric="section_s", value=round(time.perf_counter() - t, 3), unit="s",
+                 section=sec, config=name)
+    finally:
+        if out is not None:
+            out.close()
+            _OUT = None
+    return list(RESULTS)
+
+
 if __name__ == "__main__":
     main()
