@@ -2,6 +2,7 @@
 
     python scripts/demo/train_demo.py all --work build/demo            every stage below, in order
     python scripts/demo/train_demo.py data | tokenizer | convert | config | train | export | report
+    python scripts/demo/train_demo.py drafter | export-drafter                the MTP drafter of a trained target
 
 Stages (all outputs under --work, git-ignored, except `export`, which writes unigemma/demo/model/):
     data       scripts/demo/make_data.py (train/val/test splits, fixed seed)
@@ -16,13 +17,20 @@ Stages (all outputs under --work, git-ignored, except `export`, which writes uni
     export     the final checkpoint (float32, or --dtype bfloat16), tokenizer, template and generation config, into
                unigemma/demo/model/ (what `unigemma.load(None)` opens)
     report     unigemma/demo/TRAINING.md from the run's metrics (and demo_eval.py lines, --eval-lines)
+    drafter    the MTP drafter (`gemma4_unified_assistant`) distilled against a frozen target (--target, default
+               the shipped unigemma/demo/model) by the same loop with task `drafter` (scripts/demo/drafter.yaml):
+               drafter/config.json sized by `drafter_config`, drafter/{train,val}.jsonl = the text-only
+               conversations of data/{train,val}.train.jsonl (the long answers drafting pays on), drafter/run/
+    export-drafter  its final checkpoint → unigemma/demo/drafter/ (config, weights, generation_config.json with
+               num_assistant_tokens), which `unigemma.load(None)` loads beside the demo model
 
-Reproducible runs use a fixed `optim.steps` (demo.yaml, or --steps). `--deadline HH:MM` instead fits the run to a
-wall-clock budget: it trains in chunks (each one resumes the previous checkpoint exactly) and after each chunk
-re-plans the total step count from the measured speed, so the cosine schedule still ends at the deadline. That
-makes the step count depend on the machine's load; the run's TRAINING.md records the steps actually taken.
+Reproducible runs use a fixed `optim.steps` (demo.yaml / drafter.yaml, or --steps). `--deadline HH:MM` instead fits
+the run (train or drafter) to a wall-clock budget: it trains in chunks (each one resumes the previous checkpoint
+exactly) and after each chunk re-plans the total step count from the measured speed, so the cosine schedule still
+ends at the deadline. That makes the step count depend on the machine's load; the run's TRAINING.md records the
+steps actually taken.
 
-What this script does not do: evaluate generation (benchmarks/demo_eval.py does) or train the MTP drafter.
+What this script does not do: evaluate generation or drafting speed (benchmarks/demo_eval.py does).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ sys.path.insert(0, str(REPO))
 DEFAULT_SIZES = {"train": 8000, "val": 300, "test": 600}
 LOADER_KEYS = ("messages", "tools", "enable_thinking")
 SHIP_DIR = REPO / "unigemma" / "demo" / "model"
+DRAFTER_DIR = REPO / "unigemma" / "demo" / "drafter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -121,6 +130,46 @@ def model_config(ids: dict, hidden: int = 256, layers: int = 6, intermediate: in
             "video_token_id": ids["video_token_id"], "boi_token_id": ids["boi_token_id"],
             "eoi_token_id": ids["eoi_token_id"], "boa_token_id": ids["boa_token_id"],
             "eoa_token_index": ids["eoa_token_index"], "tie_word_embeddings": True, "dtype": "float32"}
+
+
+DRAFTER_COPY = ("vocab_size", "num_key_value_heads", "head_dim", "global_head_dim", "num_global_key_value_heads",
+                "attention_k_eq_v", "sliding_window", "hidden_activation", "rms_norm_eps", "max_position_embeddings",
+                "rope_parameters", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def drafter_config(target: dict, layers: int = 1, hidden: int = 256, intermediate: int = 1024,
+                   heads: int | None = None) -> dict:
+    """A `gemma4_unified_assistant` config.json for the MTP drafter of `target` (a gemma4_unified config dict).
+
+    The drafter has no K/V of its own: each layer reads the K/V of the target's last layer of its type, so the
+    head geometry (head_dim per layer type, K/V heads, k_eq_v), window, RoPE and vocabulary are copied from the
+    target (the keys it states; unstated ones take the same defaults in both); only the width, MLP, query heads
+    (default: the target's) and depth are the drafter's. The last layer is full attention (as every decoder's is);
+    with two or more layers the others are sliding. No centroid head: the demo vocabulary is small enough for a
+    dense one. The defaults are sized for speed (scripts/demo/drafter.yaml has the measured costs)."""
+    from unigemma.config import UnifiedConfig
+
+    t = target["text_config"]
+    tc = UnifiedConfig.from_dict(target, "target config").text
+    if layers < 1:
+        raise ValueError(f"drafter layers must be >= 1, got {layers}")
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    missing = sorted(set(types) - set(tc.layer_types))
+    if missing:
+        raise ValueError(f"the target has no {missing} layers for a {layers}-layer drafter to read K/V from")
+    heads = heads or tc.num_attention_heads
+    for lt in set(types):
+        kv = tc.layer_kv_heads[tc.store_layer(lt)]
+        if heads % kv:
+            raise ValueError(f"drafter heads {heads} must be a multiple of the target's {kv} K/V heads on {lt} "
+                             "layers")
+    text = {"model_type": "gemma4_unified_text", "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "layer_types": types,
+            "tie_word_embeddings": True, "use_bidirectional_attention": None}
+    text.update({k: json.loads(json.dumps(t[k])) for k in DRAFTER_COPY if k in t})
+    return {"architectures": ["Gemma4UnifiedAssistantForCausalLM"], "model_type": "gemma4_unified_assistant",
+            "text_config": text, "backbone_hidden_size": tc.hidden_size, "use_ordered_embeddings": False,
+            "tie_word_embeddings": True, "dtype": "float32"}
 
 
 def stage_config(work: Path, **sizes: Any) -> dict:
@@ -268,7 +317,115 @@ def stage_export(final: Path, tokenizer: Path, out: Path = SHIP_DIR, dtype: str 
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
+# --- the MTP drafter ------------------------------------------------------------------------------------------
+
+def text_only(src: Path, dst: Path) -> int:
+    """Copy the conversations of `src` (loader JSONL) that carry no image / audio part; returns how many."""
+    n = 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, encoding="utf-8") as fi, open(dst, "w", encoding="utf-8") as fo:
+        for line in fi:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if any(isinstance(m.get("content"), list) and any(p.get("type") in ("image", "audio", "video")
+                                                              for p in m["content"]) for m in rec["messages"]):
+                continue
+            fo.write(line if line.endswith("\n") else line + "\n")
+            n += 1
+    return n
+
+
+def stage_drafter(work: Path, config: Path, target: Path, overrides: list[str], sizes: dict, data: Path,
+                  all_data: bool = False, deadline: str | None = None, chunk: int = 100, fresh: bool = True) -> dict:
+    """Distil the drafter of `target` with unigemma's loop (task: drafter); returns the run summary.
+
+    Writes work/drafter/config.json (checked against the target by `unigemma.train.drafter.check_geometry`
+    before any training), the training files and work/drafter/run. `overrides` (--set, --steps) come last."""
+    from unigemma.config import AssistantConfig, load_config
+    from unigemma.train.drafter import check_geometry
+
+    target = target.resolve()
+    if not (target / "config.json").is_file():
+        raise SystemExit(f"--target {target}: no config.json; give the trained demo model's folder (the shipped "
+                         "unigemma/demo/model, or a run's final/ checkpoint)")
+    d = work / "drafter"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = drafter_config(json.loads((target / "config.json").read_text(encoding="utf-8")), **sizes)
+    check_geometry(load_config(target), AssistantConfig.from_dict(cfg, "drafter config"))
+    (d / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    files = {}
+    for split in ("train", "val"):
+        src = data / f"{split}.train.jsonl"
+        if not src.is_file():
+            if split == "train":
+                raise SystemExit(f"{src}: no converted training split; run the data and convert stages first "
+                                 "(or pass --drafter-data FOLDER holding train.train.jsonl)")
+            continue
+        if all_data:
+            files[split] = src.resolve()
+        else:
+            files[split] = d / f"{split}.jsonl"
+            print(f"[train_demo] drafter {split}: {text_only(src, files[split])} text-only conversations",
+                  file=sys.stderr, flush=True)
+    base = [f"drafter.target={target}", f"drafter.init={d / 'config.json'}", f"output_dir={d / 'run'}",
+            f"data.train={files['train']}"]
+    base += [f"data.eval={files['val']}"] if "val" in files else ["data.eval=null"]
+    summary = stage_train(config, base + overrides, deadline, chunk, fresh=fresh)
+    report = json.loads((Path(summary["final"]) / "train_report.json").read_text(encoding="utf-8"))
+    summary["acceptance"] = {k: report[k] for k in ("acceptance_rate", "acceptance_rate_initial",
+                                                    "tokens_per_round", "k") if k in report}
+    summary["target"] = str(target)
+    return summary
+
+
+def stage_export_drafter(final: Path, out: Path = DRAFTER_DIR, dtype: str = "float32") -> int:
+    """The drafter's final checkpoint → `out` (config.json, model.safetensors, generation_config.json)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from unigemma.checkpoint import weight_files
+
+    cfg = json.loads((final / "config.json").read_text(encoding="utf-8"))
+    if cfg.get("model_type") != "gemma4_unified_assistant":
+        raise SystemExit(f"{final} holds a {cfg.get('model_type')!r} checkpoint, not the MTP drafter "
+                         "(gemma4_unified_assistant); run the drafter stage first")
+    gen_f = final / "generation_config.json"
+    gen = json.loads(gen_f.read_text(encoding="utf-8")) if gen_f.is_file() else {}
+    if not gen.get("num_assistant_tokens"):
+        raise SystemExit(f"{gen_f}: no num_assistant_tokens (the drafter task writes it); re-run the drafter stage")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg["dtype"] = dtype
+    tdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    state: dict = {}
+    for f in weight_files(final):
+        state.update(load_file(str(f)))
+    state = {k: (v.to(tdtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    gen = {"num_assistant_tokens": int(gen["num_assistant_tokens"]),
+           "num_assistant_tokens_schedule": gen.get("num_assistant_tokens_schedule", "constant")}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+
+
 # --- the training log -----------------------------------------------------------------------------------
+
+def _drafter_line(work: Path) -> str:
+    f = work / "drafter_summary.json"
+    if not f.is_file():
+        return "- no MTP drafter in this run (unigemma/demo/drafter/ comes from the drafter stage)"
+    s = json.loads(f.read_text(encoding="utf-8"))
+    cfg = json.loads((Path(s["final"]) / "config.json").read_text(encoding="utf-8"))["text_config"]
+    acc = s.get("acceptance", {})
+    rate = f", acceptance {acc['acceptance_rate']:.3f} at k={acc.get('k')} on held-out prompts" \
+        if "acceptance_rate" in acc else ""
+    return (f"- MTP drafter (unigemma/demo/drafter, `gemma4_unified_assistant`): {cfg['num_hidden_layers']} layer(s) "
+            f"({', '.join(t.split('_')[0] for t in cfg['layer_types'])}), hidden {cfg['hidden_size']}, MLP "
+            f"{cfg['intermediate_size']}; distilled for {s['steps']} steps in {s['seconds'] / 60:.0f} min{rate}")
+
 
 def stage_report(work: Path, eval_lines: Path | None, out: Path, notes: str = "") -> str:
     """unigemma/demo/TRAINING.md: what was trained, on what, for how long, and the final metrics."""
@@ -302,7 +459,7 @@ def stage_report(work: Path, eval_lines: Path | None, out: Path, notes: str = ""
         f"{text['vocab_size']}",
         f"- vision embedder: patch 16, pooling 3, mm_embed_dim {cfg['vision_config']['mm_embed_dim']}, position "
         f"table {cfg['vision_config']['mm_posemb_size']}; audio embedder: 640-sample frames → hidden",
-        "- no MTP drafter yet (unigemma/demo/drafter/ is not shipped)", "",
+        _drafter_line(work), "",
         "## Data", "",
         f"- `make_data.py --seed {manifest['seed']}`: " + ", ".join(
             f"{s} {sum(c.values())}" for s, c in manifest["counts"].items()) + " conversations",
@@ -337,7 +494,8 @@ def stage_report(work: Path, eval_lines: Path | None, out: Path, notes: str = ""
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["all", "data", "tokenizer", "convert", "config", "train", "export", "report"])
+    p.add_argument("stage", choices=["all", "data", "tokenizer", "convert", "config", "train", "export", "report",
+                                      "drafter", "export-drafter"])
     p.add_argument("--work", default=str(REPO / "build" / "demo"), help="folder for intermediate files")
     p.add_argument("--config", default=str(HERE / "demo.yaml"), help="training config (paths relative to it)")
     p.add_argument("--seed", type=int, default=0)
@@ -354,6 +512,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir (default: start afresh)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", default=str(SHIP_DIR), help="export: shipped model folder")
+    p.add_argument("--target", default=str(SHIP_DIR),
+                   help="drafter: the frozen target model folder (default: the shipped demo model)")
+    p.add_argument("--drafter-config", default=str(HERE / "drafter.yaml"),
+                   help="drafter: training config (task: drafter; paths relative to it)")
+    p.add_argument("--drafter-data", default=None,
+                   help="drafter: folder with {train,val}.train.jsonl (default: WORK/data, the convert stage's)")
+    p.add_argument("--drafter-all-data", action="store_true",
+                   help="drafter: train on every conversation, not only the text-only ones")
+    p.add_argument("--drafter-layers", type=int, default=1)
+    p.add_argument("--drafter-hidden", type=int, default=256)
+    p.add_argument("--drafter-intermediate", type=int, default=1024)
+    p.add_argument("--drafter-out", default=str(DRAFTER_DIR), help="export-drafter: shipped drafter folder")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="export: weight dtype (float32 fits the 40 MB budget without a drafter and keeps CPU "
                         "inference in fp32; bfloat16 halves the size)")
@@ -380,6 +550,22 @@ def main(argv: list[str] | None = None) -> int:
             summary = json.loads(summary_path.read_text(encoding="utf-8"))
             size = stage_export(Path(summary["final"]), work / "tokenizer", Path(a.out), a.dtype)
             print(f"exported {a.out}: {size / 1e6:.1f} MB")
+        elif stage == "drafter":
+            overrides = list(a.set) + ([f"optim.steps={a.steps}"] if a.steps else []) + [f"seed={a.seed}"]
+            sizes = {"layers": a.drafter_layers, "hidden": a.drafter_hidden, "intermediate": a.drafter_intermediate}
+            data = Path(a.drafter_data) if a.drafter_data else work / "data"
+            summary = stage_drafter(work, Path(a.drafter_config), Path(a.target), overrides, sizes, data,
+                                    a.drafter_all_data, a.deadline, a.chunk, fresh=not a.resume)
+            (work / "drafter_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            print(json.dumps({"steps": summary["steps"], "seconds": summary["seconds"],
+                              "eval_loss": summary["eval_loss"], **summary["acceptance"]}))
+        elif stage == "export-drafter":
+            if not (work / "drafter_summary.json").is_file():
+                raise SystemExit(f"{work / 'drafter_summary.json'}: no drafter run in this --work folder; run the "
+                                 "drafter stage first (with the same --work)")
+            summary = json.loads((work / "drafter_summary.json").read_text(encoding="utf-8"))
+            size = stage_export_drafter(Path(summary["final"]), Path(a.drafter_out), a.dtype)
+            print(f"exported {a.drafter_out}: {size / 1e6:.1f} MB")
         elif stage == "report":
             stage_report(work, Path(a.eval_lines) if a.eval_lines else None,
                          Path(a.out).parent / "TRAINING.md", a.notes)
