@@ -19,6 +19,11 @@ def demo_model_path() -> Path:
     return Path(__file__).resolve().parent / "demo" / "model"
 
 
+def demo_drafter_path() -> Path:
+    """Folder of the bundled demo model's MTP drafter (unigemma/demo/drafter; `load(None)` uses it when present)."""
+    return Path(__file__).resolve().parent / "demo" / "drafter"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -127,8 +132,13 @@ def _read_generation_config(path: Path) -> dict:
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
-         drafter: str | Path | None = None, progress=None, kv_dtype=None) -> LLM:
+         drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
     """Load a gemma4_unified checkpoint folder (None: the bundled demo model).
+
+    drafter: an MTP drafter folder (`gemma4_unified_assistant`) → `llm.drafter`, which generation uses for
+    speculative decoding; None: the bundled demo drafter when `path` is None and unigemma/demo/drafter exists, else
+    none; False: no drafter. The drafter's generation_config.json (num_assistant_tokens) becomes
+    `llm.drafter.generation_config`, the engine's draft length.
 
     quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
     linears (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
@@ -139,7 +149,12 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     from . import quant
     from .inputs.tokenizer import Tokenizer
 
+    if drafter is True:
+        raise ValueError("drafter=True is ambiguous: pass a drafter folder, None (the bundled demo drafter with the "
+                         "bundled model) or False (no drafter)")
     if path is None:
+        if drafter is None and (demo_drafter_path() / "config.json").is_file():
+            drafter = demo_drafter_path()
         path = demo_model_path()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
@@ -164,13 +179,15 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
                          "target model's folder as the path")
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     draft = None
-    if drafter is not None:
-        draft, dcfg = build_model(Path(drafter), dtype=next(model.parameters()).dtype, device=dev)
+    if drafter is not None and drafter is not False:
+        dpath = Path(drafter)
+        draft, dcfg = build_model(dpath, dtype=next(model.parameters()).dtype, device=dev)
         if not isinstance(dcfg, AssistantConfig):
             raise ValueError(f"drafter {drafter} is a {dcfg.model_type} checkpoint, not gemma4_unified_assistant")
         if dcfg.backbone_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"drafter backbone_hidden_size {dcfg.backbone_hidden_size} != target hidden_size "
                              f"{cfg.text.hidden_size}")
+        draft.generation_config = _read_generation_config(dpath)
     llm = LLM(model, cfg, tok, path, dev, draft)
     llm.quantization = stored or (qcfg.to_json() if qcfg is not None else None)  # None: float weights
     llm.kv_dtype = kv or next(model.parameters()).dtype

@@ -15,9 +15,20 @@ import time
 from pathlib import Path
 
 
+DRAFTER_HELP = ("MTP drafter checkpoint folder (default: the bundled demo drafter with the bundled model, none "
+                "otherwise); 'none' turns speculative drafting with a drafter off")
+
+
+def drafter_arg(value: str | None):
+    """--drafter → load(drafter=...): a folder, None (the default), or False for 'none' / 'off'."""
+    if value is not None and value.strip().lower() in ("none", "off"):
+        return False
+    return value
+
+
 def add_model_flags(s) -> None:
     s.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
-    s.add_argument("--drafter", default=None, help="MTP drafter checkpoint folder")
+    s.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     s.add_argument("--quantize", default=None, choices=["int8", "int4"])
@@ -33,7 +44,7 @@ def load_from_args(args):
     bar = LoadProgress("quantizing weights" if args.quantize else "loading weights")
     try:
         return unigemma.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                             drafter=args.drafter, progress=bar, **kw)
+                             drafter=drafter_arg(args.drafter), progress=bar, **kw)
     finally:
         bar.close()
 

@@ -22,7 +22,9 @@ from .service import ServerSettings
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `unigemma serve` flags (the CLI calls this on its subparser)."""
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
-    p.add_argument("--drafter", default=None, help="MTP drafter checkpoint folder")
+    from ..interactive import DRAFTER_HELP
+
+    p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
@@ -71,13 +73,13 @@ def serve(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=getattr(logging, str(get_level(args)).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..interactive import LoadProgress
+    from ..interactive import LoadProgress, drafter_arg
 
     bar = LoadProgress("quantizing weights" if getattr(args, "quantize", None) else "loading weights")
     try:
         llm = unigemma.load(args.model, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", None),
-                            quantize=getattr(args, "quantize", None), drafter=getattr(args, "drafter", None),
-                            progress=bar)
+                            quantize=getattr(args, "quantize", None),
+                            drafter=drafter_arg(getattr(args, "drafter", None)), progress=bar)
     finally:
         bar.close()
     settings = settings_from_args(args, Path(str(llm.path)).name or "unigemma")
