@@ -2,6 +2,7 @@
 
     python benchmarks/demo_eval.py [--model unigemma/demo/model] [--data build/demo/data/test.jsonl]
                                    [--per-task 30] [--tasks shape colour digit ...] [--out results.jsonl]
+                                   [--drafter FOLDER | --no-drafter] [--mtp-per-task 30]
 
 Each test record's conversation up to its first assistant message is rendered with the model's template
 (`llm.build_prompt`), decoded greedily by `unigemma.engine.generate.generate` (the engine the CLI and API use),
@@ -17,8 +18,21 @@ and parsed by `unigemma.outputs.parser.parse_response`. Lines (DESIGN.md §6): `
     json      constrained decoding (response_format json_schema, llguidance) through the server's Service, the
               only path that applies grammars: schema_valid and exact (value == expected)
 
-What this does not do: train anything, or measure MTP drafting (no demo drafter is shipped yet; acceptance and
-speedup lines belong here once unigemma/demo/drafter exists).
+MTP drafting, when the loaded model has a drafter (`unigemma.load(None)` loads unigemma/demo/drafter beside the
+demo model; --drafter FOLDER another one; --no-drafter none): the prompts of the selected tool, arithmetic
+and json records (the long answers; json unconstrained here), each decoded greedily three times through the
+same engine, interleaved: plain (`speculative=False`), with the drafter at the engine's default adaptive draft
+length, and with a fixed draft length k = the drafter's num_assistant_tokens. Lines with `task: "mtp"`:
+
+    acceptance  accepted ÷ drafted tokens of the fixed-k pass, summed over prompts (the engine's per-request
+                speculative counters, `usage.drafted_tokens` / `accepted_tokens`): the drafter's own quality
+    speedup     decode tokens/s with the drafter (adaptive, what generation uses) ÷ plain; decode = the tokens
+                after the first streamed chunk, over the time after it (prefill excluded); `config` also has the
+                fixed-k speedup and both token rates
+    identical   fraction of prompts whose token ids are the same in all three passes (greedy speculation must
+                not change the output)
+
+What this does not do: train anything.
 """
 
 from __future__ import annotations
@@ -236,6 +250,90 @@ def evaluate(llm, records: list[dict], base: Path, log=None) -> list[dict]:
     return results
 
 
+# --- MTP drafting -------------------------------------------------------------------------------------------
+
+MTP_TASKS = {"tool": 160, "arithmetic": 96, "json": 96}  # max_tokens, as the accuracy runs give them
+
+
+def _decode_run(llm, prompt, max_tokens: int, speculative: bool, fixed_k: bool) -> dict:
+    """One greedy streamed generation: token ids, decode tokens and seconds after the first chunk, spec counters."""
+    from unigemma.engine import generate as gen
+
+    eng = gen._engine_for(llm, len(prompt.input_ids) + max_tokens + 1)  # the engine generate() is about to use
+    ctl = eng.scheduler.controller
+    adaptive = ctl.adaptive
+    ctl.adaptive = not fixed_k
+    try:
+        ids, t_first, n_first, usage = [], None, 0, None
+        for ch in gen.generate(llm, prompt.input_ids, media=prompt.media or None, max_tokens=max_tokens,
+                               temperature=0.0, speculative=speculative, stream=True):
+            ids += ch.token_ids
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), len(ch.token_ids)
+            usage = ch.usage or usage
+        t_end = time.perf_counter()
+    finally:
+        ctl.adaptive = adaptive
+    return {"ids": ids, "decode_tokens": len(ids) - n_first, "decode_s": t_end - (t_first or t_end),
+            "drafted": usage.drafted_tokens if usage else 0, "accepted": usage.accepted_tokens if usage else 0}
+
+
+def evaluate_mtp(llm, records: list[dict], base: Path, log=None) -> dict:
+    """Plain vs drafter decoding of the selected long-answer records (see the module docstring)."""
+    tot = {m: {"decode_tokens": 0, "decode_s": 0.0, "drafted": 0, "accepted": 0} for m in ("plain", "mtp", "fixed")}
+    same, n = 0, 0
+    modes = [("plain", False, False), ("mtp", True, False), ("fixed", True, True)]
+    for i, rec in enumerate(r for r in records if r["task"] in MTP_TASKS):
+        msgs = absolute_media(prompt_messages(rec), base)
+        thinking = True if rec["task"] == "arithmetic" else bool(rec.get("enable_thinking"))
+        prompt = llm.build_prompt(msgs, tools=rec.get("tools"), enable_thinking=thinking)
+        if i == 0:  # warm-up: first-call costs out of the timings
+            _decode_run(llm, prompt, 8, True, False)
+        runs = {}
+        for name, spec, fixed in modes[i % 3:] + modes[: i % 3]:  # rotate the order: load drift hits all alike
+            runs[name] = _decode_run(llm, prompt, MTP_TASKS[rec["task"]], spec, fixed)
+        for name, r in runs.items():
+            for key in tot[name]:
+                tot[name][key] += r[key]
+        ok = runs["plain"]["ids"] == runs["mtp"]["ids"] == runs["fixed"]["ids"]
+        same += ok
+        n += 1
+        if log is not None:
+            log({"id": rec["id"], "task": "mtp", "source_task": rec["task"], "identical": ok,
+                 **{f"{k}_{key}": r[key] for k, r in runs.items() for key in ("decode_tokens", "decode_s",
+                                                                               "drafted", "accepted")}})
+    rate = {k: v["decode_tokens"] / v["decode_s"] if v["decode_s"] > 0 else None for k, v in tot.items()}
+    return {"n": n, "identical": same, "totals": tot, "tokens_per_s": rate}
+
+
+def mtp_lines(res: dict, llm, device: str, model: str) -> list[dict]:
+    if not res["n"]:
+        return []
+    k = int((getattr(llm.drafter, "generation_config", None) or {}).get("num_assistant_tokens", 4))
+    tot, rate = res["totals"], res["tokens_per_s"]
+    cfg = {"model": model, "decoding": "greedy", "tasks": sorted(MTP_TASKS)}
+    common = {"bench": "demo_eval", "impl": "unigemma", "device": device, "task": "mtp", "n": res["n"]}
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    acc = tot["fixed"]["accepted"] / tot["fixed"]["drafted"] if tot["fixed"]["drafted"] else None
+    adaptive_acc = tot["mtp"]["accepted"] / tot["mtp"]["drafted"] if tot["mtp"]["drafted"] else None
+    return [
+        {**common, "metric": "acceptance", "value": None if acc is None else round(acc, 4), "unit": "fraction",
+         "config": {**cfg, "draft": f"fixed k={k}", "drafted": tot["fixed"]["drafted"],
+                    "accepted": tot["fixed"]["accepted"], "adaptive_acceptance":
+                        None if adaptive_acc is None else round(adaptive_acc, 4),
+                    "adaptive_drafted": tot["mtp"]["drafted"]}},
+        {**common, "metric": "speedup", "value": ratio(rate["mtp"], rate["plain"]), "unit": "x",
+         "config": {**cfg, "draft": "adaptive", "plain_tokens_per_s": ratio(rate["plain"], 1),
+                    "mtp_tokens_per_s": ratio(rate["mtp"], 1), "fixed_k_speedup": ratio(rate["fixed"], rate["plain"]),
+                    "decode_tokens": tot["plain"]["decode_tokens"]}},
+        {**common, "metric": "identical", "value": round(res["identical"] / res["n"], 4), "unit": "fraction",
+         "config": cfg},
+    ]
+
+
 def summarize(results: list[dict], device: str, model: str) -> list[dict]:
     lines = []
 
@@ -288,14 +386,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the summary lines here")
     p.add_argument("--details", default=None, help="write per-record results (JSON lines) here")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--drafter", default=None,
+                   help="MTP drafter folder (default: the bundled demo drafter with the bundled model; 'none': off)")
+    p.add_argument("--no-drafter", action="store_true", help="load no drafter: no MTP lines")
+    p.add_argument("--mtp-per-task", type=int, default=None,
+                   help="MTP timing: at most this many tool / arithmetic / json records each (default: --per-task)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     data = Path(a.data)
     if not data.is_file():
         raise SystemExit(f"{data}: no such split; generate it with scripts/demo/make_data.py (see scripts/demo/README.md)")
-    llm = unigemma.load(a.model, device="cpu")
-    records = select(read_records(data), a.tasks, a.per_task)
+    from unigemma.interactive import drafter_arg
+
+    llm = unigemma.load(a.model, device="cpu", drafter=False if a.no_drafter else drafter_arg(a.drafter))
+    all_records = read_records(data)
+    records = select(all_records, a.tasks, a.per_task)
     det = open(a.details, "w", encoding="utf-8") if a.details else None
 
     def log(r: dict) -> None:
@@ -307,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(llm, records, data.parent, log)
     device = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     lines = summarize(results, device, str(llm.path))
+    if llm.drafter is not None:
+        mtp_tasks = [t for t in a.tasks if t in MTP_TASKS]
+        mtp = evaluate_mtp(llm, select(all_records, mtp_tasks, a.mtp_per_task or a.per_task), data.parent, log)
+        lines += mtp_lines(mtp, llm, device, str(llm.path))
     lines.append({"bench": "demo_eval", "impl": "unigemma", "metric": "seconds", "value": round(
         time.perf_counter() - t0, 1), "unit": "s", "device": device, "task": "all", "n": len(results)})
     out = open(a.out, "w", encoding="utf-8") if a.out else None
