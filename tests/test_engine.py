@@ -226,3 +226,92 @@ def test_stream_closed_early_frees_the_slot():
     stream.close()
     assert eng.scheduler.slots == [] and not eng.has_work
     assert eng.output(first[0].request_id).finish_reason == "cancelled"
+
+
+# --- packed CPU weights (multi-token steps) ------------------------------------------------------------------
+
+def test_packed_linear_matches_linear_and_follows_its_weight():
+    """PackedLinear: the packed copy serves 2+ rows without grad, F.linear the rest; results equal nn.Linear's; a
+    weight changed in place or replaced is repacked; copies, pickles and state dicts are those of an nn.Linear."""
+    import copy
+    import io
+
+    import torch.nn.functional as F
+
+    from unigemma.engine.runner import PackedLinear, pack_linear_weights, packing_available
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Linear(40, 24, bias=False))
+    keys = list(net.state_dict())
+    if not packing_available():  # a torch build without oneDNN: nothing is packed, the model is untouched
+        assert pack_linear_weights(net) == 0 and type(net[0]) is torch.nn.Linear
+        return
+    assert pack_linear_weights(net, min_size=40 * 48 + 1) == 0  # only weights of at least min_size elements
+    assert pack_linear_weights(net, max_bytes=100) == 0         # the copies would exceed the budget
+    assert type(net[0]) is torch.nn.Linear
+    assert pack_linear_weights(net) == 2
+    assert isinstance(net[0], PackedLinear) and isinstance(net[0], torch.nn.Linear) and list(net.state_dict()) == keys
+
+    def ref(x):
+        return F.linear(F.linear(x, net[0].weight, net[0].bias), net[1].weight)
+
+    for shape in [(1, 48), (2, 48), (5, 48), (9, 48), (1, 7, 48), (3, 4, 48), (48,)]:
+        x = torch.randn(shape)
+        assert torch.allclose(net(x), ref(x), atol=1e-5), shape
+    # routing: a stand-in packed copy (of 2·W) shows which path each call takes
+    lin = net[1]
+    lin.repack()
+    real, key = lin._packed, lin._packed_key
+    lin._packed = torch.ops.mkldnn._reorder_linear_weight(2 * lin.weight.detach(), 8)
+    x = torch.randn(4, 40)
+    assert torch.allclose(lin(x), 2 * F.linear(x, lin.weight), atol=1e-5)   # several rows: the packed copy
+    assert torch.allclose(lin(x[:1]), F.linear(x[:1], lin.weight))          # one row: the weight itself
+    with torch.enable_grad():
+        w_grad = lin(x.requires_grad_()).sum()
+        assert torch.allclose(w_grad, F.linear(x, lin.weight).sum(), atol=1e-4)  # grad mode: the weight itself
+        w_grad.backward()
+        assert lin.weight.grad is not None
+    lin.weight.grad = None
+    lin._packed, lin._packed_key = real, key
+    # the weight changes in place (load_state_dict, optimizer steps) or is replaced: the copy follows
+    with torch.no_grad():
+        lin.weight.mul_(-3.0)
+    x = torch.randn(6, 40)
+    assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-5)
+    lin.weight.data = torch.randn(24, 40).t().contiguous().t()
+    assert torch.allclose(lin(x), F.linear(x, lin.weight), atol=1e-5)
+    # deep copies and pickles carry the weights, not the opaque packed copy (rebuilt on first use)
+    x = torch.randn(3, 48)
+    twin = copy.deepcopy(net)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert torch.allclose(other(x), net(x), atol=1e-6)
+
+
+def test_packed_verify_step_matches_the_whole_forward(tmp_path):
+    """A verification-shaped decode step (T = 1 + k tokens past the sliding window) through packed weights gives
+    the logits of the plain no-cache forward computed before anything was packed; one-token steps still match."""
+    from unigemma.engine.runner import PackedLinear, packing_available
+
+    make_reference("kvshare", tmp_path, seed=4)
+    llm = unigemma.load(tmp_path, device="cpu", dtype="float32")
+    ids = prompt_ids(30, seed=5)
+    drafts = prompt_ids(8, seed=6)[1:]
+    whole = llm.model(torch.tensor([ids + drafts]))[0]           # before packing: plain nn.Linear
+    r = ModelRunner(llm.model, 2, 64, cpu_packed=True)
+    assert (r.packed > 0) == packing_available()
+    if r.packed:
+        assert isinstance(llm.model.language_model.layers[0].mlp.down_proj, PackedLinear)
+    for s in range(0, len(ids) - 1, 6):
+        e = min(s + 6, len(ids) - 1)
+        r.prefill_chunk(1, ids, s, e, need_logits=False)
+    r.cache.copy_slot(1, 0)  # decode runs over rows 0..B−1
+    L = len(ids) - 1
+    for T in (1, 3, 5, 8):
+        toks = torch.tensor([ids[-1:] + drafts[: T - 1]])
+        logits, _ = r.decode(toks, torch.arange(L, L + T)[None], L + T)
+        assert (logits[0] - whole[L:L + T]).abs().max() < 1e-4, T
+        r.cache.truncate(0, L)  # rejected: roll back, the next T writes the same positions again

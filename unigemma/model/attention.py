@@ -12,7 +12,9 @@ derived from the placeholder token ids, so callers need not pass token-type ids.
 
 With a cache the keys come from it: full layers read entries [0, kv_len) after writing this step's keys; sliding
 layers either write first and read the ring (short steps: decode, verification) or read the ring as it was and
-concatenate this chunk's keys (long prefill chunks, which would overwrite keys still needed).
+concatenate this chunk's keys (long prefill chunks, which would overwrite keys still needed). With GQA, cached
+forwards of a few tokens (decode, verification) fold each K/V head's query heads into the query axis instead of
+copying the cached K/V once per query head.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ class AttentionPlan:
     slots: torch.Tensor | None = None
     kv_len: int = 0
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    folded: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+    def folded_mask(self, layer_type: str, group: int) -> torch.Tensor:
+        """masks[layer_type] (B, 1, T, S) repeated for `group` query heads folded into the query axis:
+        (B, 1, group·T, S), row g·T + t = query t (built once per forward)."""
+        key = (layer_type, group)
+        m = self.folded.get(key)
+        if m is None:
+            base = self.masks[layer_type]
+            B, _, T, S = base.shape
+            m = self.folded[key] = base[:, :, None].expand(B, 1, group, T, S).reshape(B, 1, group * T, S)
+        return m
 
 
 def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype,
@@ -156,6 +170,9 @@ def finish_plan(plan: AttentionPlan) -> None:
         c.ring_pos[:, c.ring] = EMPTY
 
 
+_FOLD_MAX_T = 64  # cached forwards of up to this many tokens fold GQA heads into the query axis (no K/V copy)
+
+
 class Attention(nn.Module):
     """q/k/v projections → per-head RMSNorm → RoPE (q, k) → cache → softmax(q·kᵀ · 1.0 + mask) · v → o_proj.
 
@@ -212,6 +229,13 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.view(B, n_kv, group, self.head_dim), k, v, attn_mask=mask,
                                                  scale=1.0)
             return self.o_proj(out.reshape(B, 1, self.num_heads * self.head_dim))
+        if group > 1 and plan.cache is not None and T <= _FOLD_MAX_T:
+            # A few query tokens against the cache (verification): fold the same way, (B, KV, group·T, d) with the
+            # mask repeated per head, rather than copying the cached K/V `group` times.
+            out = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, self.head_dim), k, v,
+                                                 attn_mask=plan.folded_mask(self.layer_type, group), scale=1.0)
+            out = out.view(B, self.num_heads, T, self.head_dim)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if group > 1:  # GQA: each KV head serves `group` consecutive query heads
             k = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
             v = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.num_heads, -1, self.head_dim)
