@@ -12,6 +12,7 @@ from refmodels import make_reference
 from unigemma.config import FULL, SLIDING
 from unigemma.engine.generate import Engine, Request
 from unigemma.engine.sampling import SamplingParams
+from unigemma.engine.runner import packing_available
 from unigemma.engine.speculative import DraftController, NgramIndex, SpecStats, expected_tokens
 
 pytestmark = pytest.mark.usefixtures("no_grad", "one_thread")
@@ -217,3 +218,120 @@ def test_adaptive_engine_drafts_little_without_repetition():
     spec = run(Engine(m, TOK, [EOS], speculative="lookup"), [Request(p, SamplingParams(0.0, max_tokens=40))])
     assert spec[0].token_ids == plain[0].token_ids
     assert spec[0].usage.drafted_tokens < 15
+
+
+# --- packed CPU weights, rejections, the sliding window, the controller's warm-up ------------------------------
+
+@pytest.fixture(scope="module")
+def packed_pair(tmp_path_factory):
+    """Its own target + drafter (packing changes the modules in place, so other tests' models stay plain)."""
+    root = tmp_path_factory.mktemp("packed")
+    make_reference("kvshare", root / "t", seed=2)
+    make_drafter(root / "d", "kvshare")
+    return unigemma.load(root / "t", device="cpu", dtype="float32", drafter=root / "d")
+
+
+class CorruptedOracle:
+    """Drafts what plain decoding produced next, with every `bad`-th position (absolute) made wrong: drafts are
+    accepted up to a planted error and rejected there, so steps mix acceptances, rejections and rollbacks."""
+
+    name = "oracle"
+
+    def __init__(self, sequences: list[list[int]], vocab: int, bad: int = 4):
+        self.sequences, self.vocab, self.bad = sequences, vocab, bad
+
+    def propose(self, seqs, k):
+        out = []
+        for s in seqs:
+            L = len(s.tokens)
+            full = next((f for f in self.sequences if f[:L] == s.tokens), None)
+            d = [] if full is None else list(full[L:L + k])
+            out.append([(t + 1) % self.vocab if (L + j) % self.bad == 0 else t for j, t in enumerate(d)])
+        return out
+
+
+def _engine(llm, spec, **kw):
+    kw.setdefault("max_slots", 3)
+    return Engine(llm.model, None, llm.eos_token_ids, llm.drafter if spec == "mtp" else None, max_model_len=96,
+                  speculative=spec, cpu_packed=True, **kw)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_packed_speculation_identical_across_the_window_and_after_rejections(packed_pair, sampled):
+    """With oneDNN-packed weights (verify steps of several tokens) and a tight ring (spare 6), speculative output ==
+    plain output for lookup, MTP and an oracle with planted errors, well past the window of 8, greedy and seeded;
+    every verification writes into the ring first (T <= spare: never the concatenating path)."""
+    llm = packed_pair
+    W = llm.config.text.sliding_window
+
+    def reqs():
+        return [Request(prompt(20, s), SamplingParams(0.9 if sampled else 0.0, seed=s if sampled else None,
+                                                     max_tokens=40, ignore_eos=True)) for s in (1, 2, 3)]
+
+    plain_eng = _engine(llm, None)
+    plain = run(plain_eng, reqs())
+    assert (plain_eng.runner.packed > 0) == packing_available()  # cpu_packed=True packs wherever the build can
+    assert 20 + 40 > 5 * W
+    full = [r.prompt_ids + o.token_ids for r, o in zip(reqs(), plain)]
+    for spec in ("lookup", "mtp", CorruptedOracle(full, llm.config.text.vocab_size)):
+        eng = _engine(llm, spec, adaptive=False, num_draft_tokens=5, spare=6, prefill_chunk=7)
+        assert eng.scheduler.controller.max_draft + 1 <= eng.cache.spare
+        steps = []
+        decode = eng.runner.decode
+
+        def spy(tokens, positions, kv_len, _decode=decode):
+            steps.append(tokens.shape[1])
+            return _decode(tokens, positions, kv_len)
+
+        eng.runner.decode = spy
+        outs = run(eng, reqs())
+        name = getattr(spec, "name", spec)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in plain], name
+        assert max(steps) <= eng.cache.spare, name
+        if name in ("mtp", "oracle"):  # (sampled text rarely repeats itself: lookup may find nothing to draft)
+            assert max(steps) == eng.scheduler.controller.max_draft + 1 == 5, name
+            assert all(o.usage.drafted_tokens > 0 for o in outs), name
+        if name == "oracle":
+            assert all(0 < o.usage.accepted_tokens < o.usage.drafted_tokens for o in outs)
+
+
+def test_adaptive_keeps_drafting_when_drafts_are_good(packed_pair):
+    """speculative with the adaptive controller (the default): drafts that are always right keep being verified at
+    the longest length, on measured costs of the packed CPU model."""
+    llm = packed_pair
+    req = lambda: Request(prompt(20, 7), SamplingParams(0.0, max_tokens=60, ignore_eos=True))
+    plain = run(_engine(llm, None), [req()])[0]
+    eng = _engine(llm, CorruptedOracle([req().prompt_ids + plain.token_ids], llm.config.text.vocab_size, bad=10**9),
+                  num_draft_tokens=4)
+    for _ in range(2):  # the second request starts with measured costs (and a warmed-up controller)
+        out = run(eng, [req()])[0]
+        assert out.token_ids == plain.token_ids
+        assert out.usage.acceptance_rate == 1.0 and out.usage.drafted_tokens >= 0.7 * 60  # at most 4 of every 5
+        assert out.usage.mean_accepted_length > 3
+
+
+def test_controller_ignores_warmup_steps_and_stalls():
+    """The first step of each shape (kernel builds, graph captures) is not a cost sample, and one stalled step
+    moves an estimate by at most 2x: otherwise a draft length that happened to look dear once is never tried
+    again, and its estimate never recovers."""
+    c = DraftController(max_draft=4, warmup=1)
+    c.observe_step(1, 1, 0.050)
+    c.observe_step(1, 5, 0.050)   # first plain and first verify step: one-time costs, ignored
+    assert c.step_cost == {}
+    c.observe_step(1, 1, 0.010)
+    c.observe_step(1, 5, 0.012)
+    assert c.choose([0.8], [4], rows=1) == 4
+    c.observe_step(1, 5, 0.500)   # one step stalled by another process
+    assert c.step_cost[(1, 5)] < 0.012 * 1.25
+    assert c.choose([0.8], [4], rows=1) == 4
+    c.observe_draft(4, 0.040)     # the first drafter call (lazy tables): ignored too
+    assert c.draft_cost == 0.0
+    c.observe_draft(4, 0.004)
+    assert c.draft_cost == pytest.approx(0.001)
+    # without warm-up the first verify sample would have ruled the longest drafts out
+    naive = DraftController(max_draft=4)
+    naive.observe_step(1, 1, 0.010)
+    naive.observe_step(1, 5, 0.050)
+    assert naive.choose([0.8], [4], rows=1) < 4
+    with pytest.raises(ValueError, match="warmup"):
+        DraftController(4, warmup=-1)

@@ -52,7 +52,9 @@ class Engine:
     Not thread-safe: one thread adds requests and calls `step()` (a server runs it in one worker). Records of
     finished requests stay available to `output()` until `forget()` (generate_stream forgets by default).
     On CPU the model's Linear weights are re-laid out column-major in place (faster decode, same values);
-    pass cpu_column_major=False to keep them as loaded.
+    pass cpu_column_major=False to keep them as loaded. Large ones also get a oneDNN-packed copy for steps of
+    several tokens (verification, prefill; runner.PackedLinear) when the copies add at most 512 MiB;
+    cpu_packed=False turns that off, True packs every float32 Linear whatever the size.
     """
 
     def __init__(self, model, tokenizer=None, eos_token_ids: Seq[int] | None = None, drafter=None, *,
@@ -61,7 +63,7 @@ class Engine:
                  speculative: Any = "auto", num_draft_tokens: int | None = None, adaptive: bool = True,
                  prefix_cache: bool = True, prefix_block_size: int = 16, prefix_cache_bytes: int | None = None,
                  cuda_graphs: bool | None = None, cpu_column_major: bool = True, spare: int = 32,
-                 logprobs_mode: str = "processed"):
+                 logprobs_mode: str = "processed", cpu_packed: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -74,7 +76,8 @@ class Engine:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
                              f"({max_pos})")
         self.runner = ModelRunner(model, max_slots, max_model_len, device=device, dtype=dtype, spare=spare,
-                                  cuda_graphs=cuda_graphs, cpu_column_major=cpu_column_major)
+                                  cuda_graphs=cuda_graphs, cpu_column_major=cpu_column_major,
+                                  cpu_packed=cpu_packed)
         cache = self.runner.cache
         pc = PrefixCache(cache, prefix_block_size, prefix_cache_bytes, self.runner.media_ids) if prefix_cache \
             else None
@@ -85,7 +88,7 @@ class Engine:
             # must leave the window intact (a ring as long as the context never loses anything)
             k = max(0, min(k, cache.spare - 2))
         controller = DraftController(k if proposer is not None else 0, adaptive=adaptive,
-                                     marginal_prior=0.005 if self.runner.device.type == "cuda" else 0.02)
+                                     marginal_prior=0.005 if self.runner.device.type == "cuda" else 0.02, warmup=1)
         self.scheduler = Scheduler(self.runner, eos_token_ids=self.eos_token_ids, tokenizer=tokenizer,
                                    prefill_chunk=prefill_chunk, prefix_cache=pc, proposer=proposer,
                                    controller=controller, logprobs_mode=logprobs_mode)

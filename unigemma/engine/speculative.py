@@ -237,15 +237,19 @@ class DraftController:
     """
 
     def __init__(self, max_draft: int, adaptive: bool = True, prior_alpha: float = 0.6,
-                 marginal_prior: float = 0.02, ema: float = 0.2, recovery: float = 0.02):
+                 marginal_prior: float = 0.02, ema: float = 0.2, recovery: float = 0.02, warmup: int = 0):
         if max_draft < 0:
             raise ValueError(f"num_draft_tokens={max_draft}: expected an integer >= 0")
+        if warmup < 0:
+            raise ValueError(f"warmup={warmup}: expected an integer >= 0")
         self.max_draft = max_draft
         self.adaptive = adaptive
         self.prior_alpha = prior_alpha
         self.marginal = marginal_prior   # extra cost per extra token, relative to a plain step of the batch
         self.ema = ema
         self.recovery = recovery
+        self.warmup = warmup             # first steps of each (rows, T) not taken as cost samples (see observe_step)
+        self.seen: dict[tuple, int] = {}
         self.step_cost: dict[tuple[int, int], float] = {}
         self.draft_cost = 0.0            # seconds per drafter call (0 for prompt lookup)
 
@@ -255,8 +259,20 @@ class DraftController:
         return 1.0 + self.marginal * (tokens - 1)
 
     def observe_step(self, rows: int, T: int, seconds: float) -> None:
+        """A step of `rows` rows × T tokens took `seconds`.
+
+        The first `warmup` steps of each shape are not cost samples: they pay one-time work (oneDNN kernel
+        builds, CUDA graph captures, allocator growth) that would otherwise make that draft length look 1.5-2x
+        dearer, and a length that looks dear is never tried again, so its estimate would never recover. Later
+        samples move the estimate by at most a factor of 2 (one step stalled by another process does not either)."""
         key = (rows, T)
+        n = self.seen.get(key, 0)
+        self.seen[key] = n + 1
+        if n < self.warmup:
+            return
         old = self.step_cost.get(key)
+        if old is not None:
+            seconds = min(max(seconds, 0.5 * old), 2.0 * old)
         self.step_cost[key] = seconds if old is None else old + self.ema * (seconds - old)
         base = self.step_cost.get((rows, 1))
         if not base:
@@ -272,9 +288,18 @@ class DraftController:
                 self.marginal += self.ema * (m - self.marginal)
 
     def observe_draft(self, k: int, seconds: float) -> None:
+        """A proposer call for k drafts took `seconds` (warm-up and outliers as in observe_step)."""
         if k > 0:
+            n = self.seen.get(("draft", 0), 0)
+            self.seen[("draft", 0)] = n + 1
+            if n < self.warmup:
+                return
             per = seconds / k
-            self.draft_cost = per if self.draft_cost == 0 else self.draft_cost + self.ema * (per - self.draft_cost)
+            if self.draft_cost == 0:
+                self.draft_cost = per
+            else:
+                per = min(max(per, 0.5 * self.draft_cost), 2.0 * self.draft_cost)
+                self.draft_cost += self.ema * (per - self.draft_cost)
 
     def cost(self, rows: int, k: int) -> float:
         """Seconds for a step of `rows` rows with k drafts each: measured, else scaled from the nearest
