@@ -363,3 +363,38 @@ def test_cli(work, tmp_path):
     assert main([str(y), "--set", "optim.lr=1e-3", "--set", "log.every=1"]) == 0
     assert (tmp_path / "cli_out" / "final" / "model.safetensors").is_file()
     assert main([str(y), "--set", "optim.bogus=1"]) == 2
+
+
+def test_init_gives_attention_a_usable_temperature(monkeypatch):
+    """Gemma 4 attention has scale 1 (the q/k norm scales are the temperature): init_weights sets them to
+    head_dim^-1/4, so fresh heads spread their attention instead of starting one-hot (scales of one give logits
+    with std sqrt(head_dim) and a saturated softmax whose gradient is ~0)."""
+    import torch.nn.functional as F
+
+    cfg = tiny_config(hidden=64)
+    cfg["text_config"].update(head_dim=64, global_head_dim=64, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = Gemma4Unified(UnifiedConfig.from_dict(cfg))
+    init_weights(model, 0.02)
+    norms = {n: p for n, p in model.named_parameters() if n.endswith(("q_norm.weight", "k_norm.weight"))}
+    assert len(norms) == 2 * 2 and all(torch.allclose(p, torch.full_like(p, 64 ** -0.25)) for p in norms.values())
+
+    logit_std = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, scale=None, **kw):
+        if q.shape[-2] == k.shape[-2] and q.shape[1] % k.shape[1] == 0:
+            kk = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            logit_std.append(float((q @ kk.transpose(-1, -2) * (1.0 if scale is None else scale)).std()))
+        return real(q, k, v, attn_mask=attn_mask, scale=scale, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(30, 500, (2, 24))
+    with torch.no_grad():
+        model.run(ids)
+        assert logit_std and max(logit_std) < 2.5, logit_std  # ~1: the usual 1/sqrt(d) temperature
+        for p in norms.values():
+            p.fill_(1.0)
+        logit_std.clear()
+        model.run(ids)
+    assert min(logit_std) > 5.0, logit_std  # scales of one: std ~ sqrt(64) = 8, one-hot heads

@@ -67,10 +67,21 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
-    """Normal(0, std) for matrices and embeddings; norms and layer scalars keep their ones."""
+    """Normal(0, std) for matrices and embeddings; q_norm / k_norm scales head_dim^-1/4; other norms and layer
+    scalars keep their ones.
+
+    Gemma 4 attention has no 1/sqrt(head_dim) factor: logits = (q_norm(q) · k_norm(k)) with scale 1, so the two
+    norm scales carry the softmax temperature. Left at one, the logits of unit-RMS q and k have a standard
+    deviation of sqrt(head_dim) (8 for 64-wide heads) from the first step: every head is one-hot, its gradient
+    through the saturated softmax is ~0, and attention freezes on positions instead of learning to read content
+    (a model trained so learns answer formats but never copies a name or digit from the prompt). Scales of
+    head_dim^-1/4 make the product head_dim^-1/2, the usual temperature; training is free to sharpen it.
+    """
     with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() >= 2:
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(p.numel() ** -0.25)
+            elif p.dim() >= 2:
                 p.normal_(0.0, std)
 
 
