@@ -95,39 +95,40 @@ SHAPES = {"circle", "square", "triangle", "star", "diamond", "hexagon", "cross"}
 COLOURS = {"red", "green", "blue", "yellow", "orange", "purple", "pink", "black"}
 
 
-def test_red_circle_gives_well_formed_answers(llm, tmp_path):
-    """The red circle through the engine: each answer is one finished turn in the trained answer vocabulary.
-
-    (The shipped model is undertrained on shapes: it calls the red circle a hexagon, so this test checks the
-    form of the shape answer, not "circle"; see unigemma/demo/TRAINING.md for its accuracy.)
-    """
+def test_red_circle_gives_well_formed_and_right_answers(llm, tmp_path):
+    """The red circle through the engine: each answer is one finished turn, and the right one."""
     png = shape_png(tmp_path / "red_circle.png", "circle", (220, 30, 30))
     parsed, res = ask(llm, image_question(png, "What shape is this?"))
     assert res.finish_reason == "stop" and not parsed.warnings and not parsed.tool_calls and not parsed.reasoning
-    assert parsed.content.strip() in SHAPES
+    assert parsed.content.strip() == "circle"
     parsed, res = ask(llm, image_question(png, "What colour is the shape?"))
-    assert res.finish_reason == "stop" and parsed.content.strip() in COLOURS
+    assert res.finish_reason == "stop" and parsed.content.strip() == "red"
     parsed, res = ask(llm, image_question(png, "Describe the image."))
     words = parsed.content.strip().split()
     assert res.finish_reason == "stop" and len(words) == 3 and words[0] == "a"
     assert words[1] in COLOURS and words[2] in SHAPES
 
 
-def test_colour_follows_the_image(llm, tmp_path):
-    """What the shipped model has learned: the colour of a large shape (red circle → "red"), and not as one
-    memorised answer: a blue square and a green triangle get their own colours."""
-    for shape, colour, rgb in (("circle", "red", (220, 30, 30)), ("square", "blue", (30, 80, 220)),
-                               ("triangle", "green", (30, 160, 60))):
-        png = shape_png(tmp_path / f"{shape}.png", shape, rgb)
-        parsed, res = ask(llm, image_question(png, "What colour is the shape?"))
-        assert res.finish_reason == "stop" and parsed.content.strip() == colour, shape
+@pytest.mark.parametrize("shape,colour,rgb", [("circle", "red", (220, 30, 30)), ("square", "blue", (30, 80, 220)),
+                                              ("triangle", "green", (30, 160, 60))])
+def test_shape_and_colour_follow_the_image(llm, tmp_path, shape, colour, rgb):
+    """Not one memorised answer: three shapes in three colours each get their own shape and colour."""
+    png = shape_png(tmp_path / f"{shape}.png", shape, rgb)
+    parsed, res = ask(llm, image_question(png, "What colour is the shape?"))
+    assert res.finish_reason == "stop" and parsed.content.strip() == colour
+    parsed, res = ask(llm, image_question(png, "What shape is in the picture?"))
+    assert res.finish_reason == "stop" and parsed.content.strip() == shape
 
 
-def test_arithmetic_with_thinking_writes_a_trace_then_a_number(llm):
-    parsed, res = ask(llm, [{"role": "user", "content": "What is 23 + 45?"}], thinking=True, max_tokens=80)
+@pytest.mark.parametrize("a,b", [(17, 25), (48, 24), (77, 21)])
+def test_addition_with_thinking_copies_the_digits_and_carries(llm, a, b):
+    """Problems held out of the training split (make_data.eval_pool): the trace reads the operands' digits from
+    the prompt (ones, then tens with the carry), and the answer is the sum."""
+    parsed, res = ask(llm, [{"role": "user", "content": f"What is {a} + {b}?"}], thinking=True, max_tokens=80)
     assert res.finish_reason == "stop" and not parsed.warnings
-    assert parsed.reasoning.startswith("ones:") and "tens:" in parsed.reasoning
-    assert parsed.content.strip().isdigit()
+    assert parsed.reasoning.startswith(f"ones: {a % 10} + {b % 10} = {a % 10 + b % 10}"), parsed.reasoning
+    assert "tens:" in parsed.reasoning and parsed.reasoning.strip().endswith(f"{a} + {b} = {a + b}")
+    assert parsed.content.strip() == str(a + b)
 
 
 def test_live_session_on_the_demo_model():
