@@ -21,7 +21,7 @@ from unigemma.engine.generate import generate
 from unigemma.outputs.parser import parse_response, start_state_for_prompt
 
 SHIPPED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-           "generation_config.json")
+           "generation_config.json", "processor_config.json")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ are added by the engine and inputs layers; this module only loads and wires.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ class LLM:
         self.device = device
         self.drafter = drafter
         self.generation_config = _read_generation_config(path)
+        self.default_image_tokens = read_default_image_tokens(path)
 
     # --- prompts ----------------------------------------------------------------------------------------------
     @property
@@ -78,8 +80,10 @@ class LLM:
     def build_prompt(self, messages, tools=None, enable_thinking: bool = False, add_generation_prompt: bool = True,
                      resolve=None, limits=None, **template_kwargs):
         """Messages (with images / audio / video parts) → `Prompt` (token ids + the model's media tensors)."""
-        from .inputs.prompt import build_prompt
+        from .inputs.prompt import MediaLimits, build_prompt
 
+        if limits is None:
+            limits = MediaLimits(default_image_tokens=self.default_image_tokens)
         return build_prompt(messages, self.tokenizer, self.template, self.config, tools=tools,
                             enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
                             resolve=resolve, limits=limits, **template_kwargs)
@@ -129,6 +133,30 @@ def _read_generation_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: invalid JSON ({e})") from None
     return d if isinstance(d, dict) else {}
+
+
+def read_default_image_tokens(path: Path) -> int:
+    """The image soft-token budget a checkpoint's processor uses when a request names none: `max_soft_tokens` of
+    processor_config.json's "image_processor" (or of preprocessor_config.json); 280 when neither file sets it."""
+    from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, SOFT_TOKEN_BUDGETS
+
+    for name, keys in (("processor_config.json", ("image_processor", "max_soft_tokens")),
+                       ("preprocessor_config.json", ("max_soft_tokens",))):
+        f = Path(path) / name
+        if not f.is_file():
+            continue
+        try:
+            value = json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: invalid JSON ({e})") from None
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or value not in SOFT_TOKEN_BUDGETS:
+            raise ValueError(f"{f}: {'.'.join(keys)} must be one of {SOFT_TOKEN_BUDGETS}, got {value!r}")
+        return int(value)
+    return DEFAULT_MAX_SOFT_TOKENS
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,

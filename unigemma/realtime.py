@@ -229,17 +229,14 @@ class IncrementalPrompt:
         return out
 
     def append_image(self, image, max_soft_tokens: int | None = None) -> list[Piece]:
-        """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default 280)."""
-        from .inputs.image import (
-            DEFAULT_MAX_SOFT_TOKENS,
-            check_budget,
-            preprocess_image,
-        )
+        """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default: the model's,
+        `llm.default_image_tokens`, 280 unless its processor config says otherwise)."""
+        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, preprocess_image
 
         self._check_open()
         if self.cfg.vision is None:
             raise ValueError("this model has no vision_config: it cannot take images")
-        budget = check_budget(int(max_soft_tokens or DEFAULT_MAX_SOFT_TOKENS))
+        budget = check_budget(int(max_soft_tokens or getattr(self.llm, "default_image_tokens", DEFAULT_MAX_SOFT_TOKENS)))
         feats = preprocess_image(image, budget)
         out = self._close_audio() + self._flush_text()
         c = self.cfg

@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO))
 DEFAULT_SIZES = {"train": 8000, "val": 300, "test": 600}
 LOADER_KEYS = ("messages", "tools", "enable_thinking")
 SHIP_DIR = REPO / "unigemma" / "demo" / "model"
+DEMO_IMAGE_TOKENS = 70  # make_data.MAX_SOFT_TOKENS and demo.yaml data.image_soft_tokens
 DRAFTER_DIR = REPO / "unigemma" / "demo" / "drafter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -314,6 +315,9 @@ def stage_export(final: Path, tokenizer: Path, out: Path = SHIP_DIR, dtype: str 
     gen = {"bos_token_id": text["bos_token_id"], "pad_token_id": text["pad_token_id"],
            "eos_token_id": eos if isinstance(eos, list) else [eos], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    # The image budget the demo was trained at: requests that name none (CLI, server, API) use it.
+    proc = {"image_processor": {"max_soft_tokens": DEMO_IMAGE_TOKENS}}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n", encoding="utf-8")
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
@@ -408,6 +412,9 @@ def stage_export_drafter(final: Path, out: Path = DRAFTER_DIR, dtype: str = "flo
     gen = {"num_assistant_tokens": int(gen["num_assistant_tokens"]),
            "num_assistant_tokens_schedule": gen.get("num_assistant_tokens_schedule", "constant")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    # The image budget the demo was trained at: requests that name none (CLI, server, API) use it.
+    proc = {"image_processor": {"max_soft_tokens": DEMO_IMAGE_TOKENS}}
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n", encoding="utf-8")
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 

@@ -99,14 +99,15 @@ def check_budget(max_soft_tokens: int) -> int:
 _DETAIL_BUDGETS = {"low": 70, "auto": DEFAULT_MAX_SOFT_TOKENS, "high": 1120}
 
 
-def budget_for_detail(detail: str | None) -> int:
-    """Map the OpenAI `image_url.detail` field to a soft-token budget: low 70, auto/None 280, high 1120."""
+def budget_for_detail(detail: str | None, default: int = DEFAULT_MAX_SOFT_TOKENS) -> int:
+    """Map the OpenAI `image_url.detail` field to a soft-token budget: low 70, high 1120, auto/None `default` (the
+    model's own default: its processor config's max_soft_tokens, else 280)."""
     if detail is None:
-        return DEFAULT_MAX_SOFT_TOKENS
+        return default
     key = str(detail).lower()
     if key not in _DETAIL_BUDGETS:
         raise ValueError(f"image detail must be one of 'low', 'auto', 'high', got {detail!r}")
-    return _DETAIL_BUDGETS[key]
+    return default if key == "auto" else _DETAIL_BUDGETS[key]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ class MediaLimits:
     max_image_pixels: int = 50_000_000
     max_audio_seconds: float = 600.0
     max_video_frames: int = 128
-    default_image_tokens: int = 280
+    default_image_tokens: int = 280   # an image part with no max_soft_tokens / detail (LLM: the model's default)
     video_tokens: int = 70
     video_frames: int = 32
 
@@ -66,16 +66,16 @@ def media_parts(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _image_source(part: dict) -> tuple[Any, int]:
+def _image_source(part: dict, default: int = 280) -> tuple[Any, int]:
     if part["type"] == "image":
         src = part.get("image")
-        budget = part.get("max_soft_tokens") or 280
+        budget = part.get("max_soft_tokens") or default
     else:
         url = part["image_url"]
         src = url if isinstance(url, str) else url.get("url")
         detail = None if isinstance(url, str) else url.get("detail")
         budget = part.get("max_soft_tokens") or (url.get("max_soft_tokens") if isinstance(url, dict) else None) \
-            or budget_for_detail(detail)
+            or budget_for_detail(detail, default)
     return src, check_budget(int(budget))
 
 
@@ -122,7 +122,7 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         part = next(media_iter)
         kind = PLACEHOLDERS[piece]
         if kind == "image":
-            src, budget = _image_source(part)
+            src, budget = _image_source(part, limits.default_image_tokens)
             src = resolve("image", src) if resolve else src
             feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels)
             images.append(feats)

@@ -403,7 +403,7 @@ class Service:
         elif req.max_soft_tokens is not None:
             budget = check_budget(req.max_soft_tokens)
         else:
-            budget = budget_for_detail(part.image_url.detail)
+            budget = budget_for_detail(part.image_url.detail, getattr(self.llm, "default_image_tokens", 280))
         return server_media.load_image(part.image_url.url, budget, self.policy, what=where)
 
     def _expand(self, text: str, images: list, audios: list, videos: list):
