@@ -412,9 +412,6 @@ def stage_export_drafter(final: Path, out: Path = DRAFTER_DIR, dtype: str = "flo
     gen = {"num_assistant_tokens": int(gen["num_assistant_tokens"]),
            "num_assistant_tokens_schedule": gen.get("num_assistant_tokens_schedule", "constant")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
-    # The image budget the demo was trained at: requests that name none (CLI, server, API) use it.
-    proc = {"image_processor": {"max_soft_tokens": DEMO_IMAGE_TOKENS}}
-    (out / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n", encoding="utf-8")
     return sum(p.stat().st_size for p in out.iterdir() if p.is_file())
 
 
