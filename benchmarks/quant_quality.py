@@ -43,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import unigemma  # noqa: E402
 from unigemma.quant import GROUP_SIZES, QuantConfig  # noqa: E402
 from unigemma.train.data import (IGNORE, DataError, MediaIds, Record, build_example, chat_template_for,  # noqa: E402
-                                 collate, collect_media, model_inputs, render_record, to_device, tokenize_rendered)
+                                 collate, collect_media, model_inputs, read_jsonl, render_record, to_device,
+                                 tokenize_rendered)
 
 DEFAULT_VARIANTS = ("int8", "int4-g32", "int4-g64", "int4-g128")
-LOADER_KEYS = ("messages", "tools", "enable_thinking")  # what the training loader reads from a record
 # issue 6: (max perplexity increase, min top-1 agreement); the int4 agreement figure is stated for group 32
 TARGETS = {8: (0.02, 0.99), 4: (0.08, 0.95)}
 
@@ -86,32 +86,12 @@ def config_fields(qc: QuantConfig | None) -> dict:
 
 # --- data -----------------------------------------------------------------------------------------------------
 def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
-    """The first `limit` records of a chat JSONL file, reduced to the keys the training loader reads."""
+    """The first `limit` records of a chat JSONL file; keys other than the loader's (id, task, meta, ...) ignored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file (expected a chat JSONL file, e.g. "
                                 "build/demo/data/val.jsonl from scripts/demo/make_data.py)")
-    out: list[Record] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, list):
-                obj = {"messages": obj}
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-                raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
-            rec = {k: obj[k] for k in LOADER_KEYS if obj.get(k) is not None}
-            out.append(Record(rec["messages"], rec.get("tools"), bool(rec.get("enable_thinking", False)), where))
-    if not out:
-        raise DataError(f"{path}: no records")
-    return out
+    return read_jsonl(path, extra_keys="ignore", limit=limit)
 
 
 def build_examples(records: list[Record], base: Path, tokenizer, config, max_seq_len: int,

@@ -140,8 +140,9 @@ def test_variant_names_and_records(tmp_path):
         with pytest.raises(ValueError, match=match):
             qq.parse_variant(bad)
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n\n"
-                 + json.dumps([{"role": "user", "content": "a"}]) + "\n{oops\n")
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    p.write_text(json.dumps({"id": 1, "task": "x", "meta": {}, "messages": turn}) + "\n\n"
+                 + json.dumps(turn) + "\n{oops\n")
     assert [r.where for r in qq.read_records(p, limit=2)] == [f"{p}:1", f"{p}:3"]  # bare lists, blanks skipped
     with pytest.raises(DataError, match=r"d\.jsonl:4: invalid JSON"):
         qq.read_records(p)

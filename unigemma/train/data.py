@@ -52,14 +52,22 @@ class Record:
     where: str = ""
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """Parse a chat JSONL file; each line is {"messages": [...], "tools"?, "enable_thinking"?} or a message list."""
+def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None = None) -> list[Record]:
+    """Parse a chat JSONL file; each line is {"messages": [...], "tools"?, "enable_thinking"?} or a message list.
+
+    extra_keys: "error" (a training file with other keys is probably not what the caller meant) or "ignore"
+    (evaluation splits that carry ids, answers and metadata beside the conversation). limit: the first N records.
+    """
+    if extra_keys not in ("error", "ignore"):
+        raise ValueError(f"extra_keys must be 'error' or 'ignore', got {extra_keys!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     out = []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
+            if limit is not None and len(out) >= limit:
+                break
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -72,7 +80,9 @@ def read_jsonl(path: str | Path) -> list[Record]:
             if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
                 raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
             unknown = set(obj) - {"messages", "tools", "enable_thinking"}
-            if unknown:
+            if extra_keys == "ignore":
+                obj = {k: v for k, v in obj.items() if k not in unknown and v is not None}
+            elif unknown:
                 raise DataError(f"{where}: unknown key {sorted(unknown)[0]!r} (accepted: messages, tools, "
                                 "enable_thinking)")
             if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
