@@ -122,10 +122,8 @@ class LLM:
         return f"LLM(path={str(self.path)!r}, device={self.device}, dtype={next(self.model.parameters()).dtype})"
 
 
-def _read_generation_config(path: Path) -> dict:
-    import json
-
-    f = path / "generation_config.json"
+def _read_json_dict(f: Path) -> dict:
+    """A checkpoint folder's optional JSON file as a dict ({} when absent or not an object); bad JSON names the file."""
     if not f.is_file():
         return {}
     try:
@@ -133,6 +131,10 @@ def _read_generation_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: invalid JSON ({e})") from None
     return d if isinstance(d, dict) else {}
+
+
+def _read_generation_config(path: Path) -> dict:
+    return _read_json_dict(Path(path) / "generation_config.json")
 
 
 def read_default_image_tokens(path: Path) -> int:
@@ -143,12 +145,7 @@ def read_default_image_tokens(path: Path) -> int:
     for name, keys in (("processor_config.json", ("image_processor", "max_soft_tokens")),
                        ("preprocessor_config.json", ("max_soft_tokens",))):
         f = Path(path) / name
-        if not f.is_file():
-            continue
-        try:
-            value = json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: invalid JSON ({e})") from None
+        value = _read_json_dict(f)
         for k in keys:
             value = value.get(k) if isinstance(value, dict) else None
         if value is None:
