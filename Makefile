@@ -19,4 +19,5 @@ test-fast: setup
 
 # Regenerate the bundled demo model from scratch (data, tokenizer, training, export; fixed seeds; ~2 h on 2 CPU cores)
 demo-model: setup
-	$(MAKE) -f Makefile.demo demo-model
+	mkdir -p build/demo
+	bash -o pipefail -c '$(MAKE) -f Makefile.demo demo-model 2>&1 | tee build/demo/demo-model.log'

@@ -418,7 +418,9 @@ def stage_export_drafter(final: Path, out: Path = DRAFTER_DIR, dtype: str = "flo
 # --- the training log -----------------------------------------------------------------------------------
 
 def _drafter_line(work: Path) -> str:
-    f = work / "drafter_summary.json"
+    # the drafter runs in the general run's folder; a focus run's folder lies inside it
+    f = next((d / "drafter_summary.json" for d in (work, work.parent) if (d / "drafter_summary.json").is_file()),
+             work / "drafter_summary.json")
     if not f.is_file():
         return "- no MTP drafter in this run (unigemma/demo/drafter/ comes from the drafter stage)"
     s = json.loads(f.read_text(encoding="utf-8"))
