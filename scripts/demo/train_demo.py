@@ -549,7 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         elif stage == "config":
             stage_config(work)
         elif stage == "train":
-            overrides = list(a.set) + ([f"optim.steps={a.steps}"] if a.steps else []) + [f"seed={a.seed}"]
+            w = work.resolve()  # demo.yaml names build/demo; --work moves every path (a --set still wins)
+            where = [f"output_dir={w / 'run'}", f"model.config={w / 'model_config.json'}",
+                     f"data.train={w / 'data' / 'train.train.jsonl'}", f"data.eval={w / 'data' / 'val.train.jsonl'}",
+                     f"data.tokenizer={w / 'tokenizer'}"]
+            overrides = where + list(a.set) + ([f"optim.steps={a.steps}"] if a.steps else []) + [f"seed={a.seed}"]
             summary = stage_train(Path(a.config), overrides, a.deadline, a.chunk, fresh=not a.resume)
             summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         elif stage == "export":
