@@ -508,6 +508,9 @@ def sec_correctness(ctx: Ctx):
     max_len = 256  # > window + spare: sliding layers use the ring as in the engine's default configuration
     _, eager = decode_run(m, prompt, n, max_len, graph=False)
     common = dict(config="tiny", dtype="float32", new_tokens=n)
+    # the cached decode path (few-query attention, ring buffers) against one plain forward of the same tokens
+    emit(bench="correctness", impl="unigemma", metric="greedy_decode_equals_full_forward",
+         value=int(torch.equal(teacher_forced_argmax(m, prompt, eager), eager)), unit="bool", **common)
     if ctx.cuda:
         _, graph = decode_run(m, prompt, n, max_len, graph=True)
         emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph",
@@ -519,6 +522,16 @@ def sec_correctness(ctx: Ctx):
     _, run = runner_decode(m, 1, prompt, n, graphs=ctx.cuda, max_len=max_len)
     emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_runner", value=int(torch.equal(eager, run)),
          unit="bool", cuda_graph=ctx.cuda, **common)
+
+
+@torch.inference_mode()
+def teacher_forced_argmax(model, prompt: torch.Tensor, generated: torch.Tensor, first: int = 7) -> torch.Tensor:
+    """decode_run feeds `first` after the prompt, then each generated token: the greedy choice at each of those
+    positions from one uncached forward over prompt + [first] + generated[:-1]."""
+    B = generated.shape[0]
+    lead = torch.full((B, 1), first, dtype=generated.dtype, device=generated.device)
+    full = torch.cat([prompt.expand(B, -1), lead, generated[:, :-1]], 1)
+    return model(full).argmax(-1)[:, prompt.shape[1]:]
 
 
 def _divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
@@ -546,6 +559,11 @@ def sec_decode(ctx: Ctx):
     emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph",
          value=int(torch.equal(toks_eager, toks_graph)), unit="bool", config=ctx.name, new_tokens=a.new_tokens,
          first_divergence=_divergence(toks_eager, toks_graph))
+    # bf16 with random weights has near-tied logits: a fraction, with where the first difference is
+    forced = teacher_forced_argmax(model, prompt, toks_graph)
+    emit(bench="correctness", impl="unigemma", metric="decode_top1_agreement_vs_full_forward",
+         value=(forced == toks_graph).float().mean().item(), unit="fraction", config=ctx.name,
+         new_tokens=a.new_tokens, first_divergence=_divergence(forced, toks_graph))
     if a.compile:
         t0 = time.perf_counter()
         dt, toks_comp = decode_run(model, prompt, a.new_tokens, max_len, graph=True, compile=True)
@@ -875,7 +893,7 @@ def sec_long(ctx: Ctx):
 
 def sec_quant(ctx: Ctx):
     """int8 / int4 weight-only decode against bf16, same loop (model.run, one CUDA graph), same random weights."""
-    from unigemma.quant import QuantConfig, quantize_model
+    from unigemma.quant import QuantConfig, QuantLinear, quantize_model
 
     a, dev, cfg = ctx.args, ctx.device, ctx.cfg
     prompt = ctx.prompt
@@ -897,7 +915,13 @@ def sec_quant(ctx: Ctx):
         m = build(cfg, dev)
         sync()
         t = time.perf_counter()
-        quantize_model(m, qc)
+        if q == "int4-tinygemm":  # torch's int4 op for the layers instead of the default choice
+            quantize_model(m, qc, kernels=False)
+            for mod in m.modules():
+                if isinstance(mod, QuantLinear):
+                    mod.prepare(_force="int4-cuda") if mod.bits == 4 else mod.prepare()
+        else:
+            quantize_model(m, qc)
         sync()
         quant_s = time.perf_counter() - t
         if ctx.cuda:
@@ -970,7 +994,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "tiny 256)")
     ap.add_argument("--long-new", type=int, default=16, help="tokens decoded after each long prompt")
     ap.add_argument("--verify-k", default="2,4,6", help="draft lengths whose verification step is timed")
-    ap.add_argument("--quant", default="int8,int4", help="weight-only variants: int8, int4")
+    ap.add_argument("--quant", default="int8,int4", help="weight-only variants: int8, int4, int4-tinygemm (the "
+                    "layers on torch's int4 op instead of the default kernel)")
     ap.add_argument("--compile", action="store_true", help="also the inductor-compiled decode step (slow to build)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: by device name)")
     ap.add_argument("--budget", type=float, default=None,
@@ -991,9 +1016,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.long_chunk = a.long_chunk or (256 if t else 2048)
     a.verify_k = _ints(a.verify_k, "--verify-k")
     a.quant = [q for q in a.quant.split(",") if q]
-    bad = sorted(set(a.quant) - {"int8", "int4"})
+    bad = sorted(set(a.quant) - {"int8", "int4", "int4-tinygemm"})
     if bad:
-        raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4)")
+        raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4, int4-tinygemm)")
     if a.sections in ("default", "all"):
         a.sections = list(DEFAULT_SECTIONS if a.sections == "default" else SECTIONS)
     else:

@@ -17,8 +17,10 @@ first value in the lowest bits, offset by 8; `weight_packed`, `weight_scale`, `w
 `weight_zero_point`), converted to the canonical form on load.
 
 Kernels are PyTorch's own weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
-`_weight_int4pack_mm`), used only for bfloat16 / float16 compute, and each is checked once per process against the
-plain dequantize-then-matmul path before it is trusted (older torch builds or GPUs without the op fall back).
+`_weight_int4pack_mm`), and on CUDA for int8 the Triton kernels of `unigemma.kernels_triton` when Triton is
+installed (torch's CUDA int8 op is 4× slower than bf16 decode there); used only for bfloat16 / float16 compute, and each is
+checked once per process against the plain dequantize-then-matmul path before it is trusted (older torch builds or
+GPUs without the op fall back).
 This module does not do activation quantization or calibration (GPTQ / AWQ): weights are rounded to nearest.
 """
 
@@ -260,6 +262,14 @@ def _scale_zeros(scales: torch.Tensor, zeros: torch.Tensor | None, group: int, k
 _PROBED: dict[tuple, bool] = {}
 
 
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # not installed (the CPU build), or broken
+        return False
+    return True
+
+
 def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Run kernel `kind` once on a small random layer and compare with the dequantize path; cache the verdict."""
     key = (kind, device.type, dtype)
@@ -281,10 +291,11 @@ def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
                 if not torch.equal(_cpu_unpack(fast.qweight.cpu()), unpack_int4(ref.qweight.cpu())):
                     raise RuntimeError("unexpected packed layout")
             y_ref = F.linear(x.float(), ref.dequantize(torch.float32))
-            y = fast(x).float()
-            err = (y - y_ref).abs().max().item()
-            if not err <= 0.02 * y_ref.abs().max().item() + 1e-3:
-                raise RuntimeError(f"results differ from the dequantize path by {err:.3g}")
+            for rows in (1, 3):  # kernels may have a separate single-row (decode) path
+                y = fast(x[:rows]).float()
+                err = (y - y_ref[:rows]).abs().max().item()
+                if not err <= 0.02 * y_ref[:rows].abs().max().item() + 1e-3:
+                    raise RuntimeError(f"results differ from the dequantize path by {err:.3g} ({rows} rows)")
         ok = True
     except Exception as e:  # an op missing in this torch build, or not built for this GPU
         why = f"{type(e).__name__}: {e}"
@@ -399,6 +410,10 @@ class QuantLinear(nn.Module):
     def _kernel_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "int8":
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        if self.kernel == "int8-triton":
+            from .kernels_triton import w8_linear
+
+            return w8_linear(x, self.qweight, self.scales)
         if self.kernel == "int4-cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self._kgroup, self.scale_zeros)
         return torch.ops.aten._weight_int4pack_mm(x, self.qweight, self._kgroup, self.scale_zeros)
@@ -413,21 +428,25 @@ class QuantLinear(nn.Module):
         N, K = self.out_features, self.in_features
         kind = None
         if dt in (torch.bfloat16, torch.float16) and dev.type in ("cpu", "cuda"):
-            if self.bits == 8 and _op("_weight_int8pack_mm") is not None:
+            if self.bits == 8 and dev.type == "cuda" and _has_triton():
+                kind = "int8-triton"  # torch's CUDA int8 op reads weights far below the card's bandwidth
+            elif self.bits == 8 and _op("_weight_int8pack_mm") is not None:
                 kind = "int8"
             elif self.bits == 4 and _kernel_group(self.group_size):
                 if dev.type == "cpu" and N % 64 == 0 and _op("_weight_int4pack_mm_for_cpu") is not None:
                     kind = "int4-cpu"
                 elif dev.type == "cuda" and dt == torch.bfloat16 and N % 8 == 0 and K % 32 == 0:
                     kind = "int4-cuda"
-        if _force is not None:
-            kind = _force if kind == _force else None
+        if _force is not None:  # the probe and benchmarks: this kernel or none (set-up errors propagate)
+            kind = _force
         elif kind is not None and not _probe(kind, dev, dt):
             kind = None
         if kind is None:
             return self
-        if kind == "int8":
-            self.kernel = "int8"
+        if kind in ("int8", "int8-triton"):
+            if kind == "int8-triton":
+                from . import kernels_triton  # noqa: F401  (ImportError without triton)
+            self.kernel = kind
             return self
         kg = _kernel_group(self.group_size)
         zeros = self._buffers.pop("zeros", None)

@@ -173,6 +173,27 @@ def finish_plan(plan: AttentionPlan) -> None:
 _FOLD_MAX_T = 64  # cached forwards of up to this many tokens fold GQA heads into the query axis (no K/V copy)
 
 
+def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ · 1.0 where mask) · v for a few query rows R against many cached keys S.
+
+    q (B, KV, R, d), k/v (B, KV, S, d), mask (B, 1, R, S) bool → (B, KV, R, d). On CUDA as two batched matmuls
+    around a float32 softmax (scores rounded to q's dtype first, as the reference's eager attention does): SDPA's
+    fused kernels run one thread block per (batch, head, 32 query rows), so a 12B full layer (one K/V head, 16
+    folded query rows, d = 512) streamed all 4,096 cached keys through a single block (~0.4 ms on an H100); the
+    matmuls spread the keys over the whole GPU. Elsewhere SDPA (its CPU kernels are fast for this shape).
+    """
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    return _attend_matmul(q, k, v, mask)
+
+
+def _attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    scores = torch.matmul(q, k.transpose(-1, -2))                                   # (B, KV, R, S)
+    scores = torch.where(mask, scores, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)                                                   # (B, KV, R, d)
+
+
 class Attention(nn.Module):
     """q/k/v projections → per-head RMSNorm → RoPE (q, k) → cache → softmax(q·kᵀ · 1.0 + mask) · v → o_proj.
 
@@ -226,14 +247,13 @@ class Attention(nn.Module):
         if group > 1 and T == 1:
             # One query token: fold each KV head's `group` query heads into the query axis (B, KV, group, d) and
             # attend the cached K/V as they are — no copy of the cache per step.
-            out = F.scaled_dot_product_attention(q.view(B, n_kv, group, self.head_dim), k, v, attn_mask=mask,
-                                                 scale=1.0)
+            out = _attend_few(q.view(B, n_kv, group, self.head_dim), k, v, mask)
             return self.o_proj(out.reshape(B, 1, self.num_heads * self.head_dim))
         if group > 1 and plan.cache is not None and T <= _FOLD_MAX_T:
             # A few query tokens against the cache (verification): fold the same way, (B, KV, group·T, d) with the
             # mask repeated per head, rather than copying the cached K/V `group` times.
-            out = F.scaled_dot_product_attention(q.reshape(B, n_kv, group * T, self.head_dim), k, v,
-                                                 attn_mask=plan.folded_mask(self.layer_type, group), scale=1.0)
+            out = _attend_few(q.reshape(B, n_kv, group * T, self.head_dim), k, v,
+                              plan.folded_mask(self.layer_type, group))
             out = out.view(B, self.num_heads, T, self.head_dim)
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if group > 1:  # GQA: each KV head serves `group` consecutive query heads

@@ -1,0 +1,69 @@
+"""The Triton weight-only int8 kernels (unigemma/kernels_triton.py) and the few-query attention formula of the CUDA
+decode path, checked here on the CPU: Triton's interpreter (TRITON_INTERPRET=1) runs the same kernel code on CPU
+tensors. The interpreter has no bfloat16 matrix product, so float16 / float32 stand in; on a GPU
+`unigemma.quant` checks the kernels once more against the dequantizing path (bfloat16) before using them."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # on a GPU the kernels compile for real (and torch.compile needs real Triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its decorator reads it
+import torch.nn.functional as F  # noqa: E402
+
+from unigemma.model.attention import _attend_matmul  # noqa: E402
+from unigemma.quant import QuantLinear, quantize_int8  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+interpreted = pytest.mark.skipif(
+    not HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+    reason="needs triton (.ci/run installs it) and runs the kernels in its CPU interpreter")
+
+
+def _rel(y, ref):
+    return ((y.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K", [(1, 100, 300), (1, 9000, 64), (1, 66000, 40), (3, 70, 200), (17, 130, 520), (2, 9000, 64)])
+def test_int8_kernel_matches_dequantized_product(dtype, M, N, K):
+    from unigemma.kernels_triton import w8_linear
+
+    g = torch.Generator().manual_seed(M * N + K)
+    q, s = quantize_int8(torch.randn(N, K, generator=g).to(dtype))
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ref = (x.float() @ q.float().t()) * s.float()
+    assert _rel(w8_linear(x, q, s), ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("bits,kind", [(8, "int8-triton")])
+def test_quantlinear_runs_the_triton_kernel_for_small_batches(bits, kind):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 256, generator=g).half()
+    ref = QuantLinear.from_float(w, bits, 64)
+    fast = QuantLinear.from_float(w, bits, 64).prepare(_force=kind)
+    assert fast.kernel == kind and fast.layout == f"int{bits}"  # the canonical layout: state_dict unchanged
+    x = torch.randn(5, 256, generator=g).half()
+    y_ref = F.linear(x.float(), ref.dequantize(torch.float32))
+    for rows in (1, 5):
+        assert _rel(fast(x[:rows]), y_ref[:rows]) < 2e-3
+    assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), ref.state_dict().values()))
+
+
+@pytest.mark.parametrize("R,S", [(1, 50), (16, 300), (6, 1056)])
+def test_few_query_attention_formula_equals_sdpa(R, S):
+    # the CUDA decode path's attention (two matmuls around a float32 softmax) against SDPA, fully masked rows aside
+    g = torch.Generator().manual_seed(R + S)
+    q, k, v = (torch.randn(2, 3, n, 32, generator=g) for n in (R, S, S))
+    mask = torch.rand(2, 1, R, S, generator=g) > 0.4
+    mask[..., 0] = True
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    assert torch.allclose(_attend_matmul(q, k, v, mask), ref, atol=1e-5)

@@ -1,0 +1,117 @@
+"""Triton kernels for weight-only int8 matmuls on CUDA, reading the canonical (on-disk) int8 layout once.
+
+PyTorch's own CUDA ops for these read the weights at a fraction of the card's bandwidth for the small-batch shapes
+of decoding (H100, 12B geometry, one token: `_weight_int8pack_mm` 4-8 % of the bandwidth, int8 decode 0.23× bf16;
+the int4 tinygemm op 13-38 % on the layer shapes), so on CUDA `unigemma.quant` uses these when Triton is
+importable, after checking them against the dequantizing path once per process. (An int4 kernel written the
+same way read the weights at 8-25 % of the bandwidth, below tinygemm: int4 stays on torch's op.)
+
+    x (M, K) bf16/fp16 · W (N, K) int8 · scale (N,) → y (M, N) in x's dtype, accumulated in float32
+
+- M == 1 (batch-1 decode, the case that is bound by reading W): `_w8_gemv`, one program per BLOCK_N output
+  rows, each streaming its rows of W in BLOCK_K-wide int8 tiles into a float32 (BLOCK_N, BLOCK_K) accumulator
+  that is reduced over K once at the end.
+- 1 < M ≤ 64 (batched decode, speculative verification): `_w8_mm`, tiles of 16 × BLOCK_N on the tensor cores
+  (W converted to x's dtype in registers, never in memory).
+
+Importing this module needs `triton`; nothing else in unigemma does (the CPU build never loads it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _w8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_wn,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_2D: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)            # (BLOCK_N,) output rows of this program
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    if ACC_2D:  # a (BLOCK_N, BLOCK_K) accumulator reduced over K once, after the loop
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:       # a (BLOCK_N,) accumulator, reduced every tile
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)                       # (BLOCK_K,)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :],                         # (BLOCK_N, BLOCK_K)
+                    mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+        if ACC_2D:
+            acc2 += w * x[None, :]
+        else:
+            acc += tl.sum(w * x[None, :], axis=1)
+    if ACC_2D:
+        acc = tl.sum(acc2, axis=1)
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, (acc * s).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+# (BLOCK_N, BLOCK_K, ACC_2D, num_warps) of the one-row kernel by output rows N; `benchmarks/gpu_profile.py
+# --sections gemv` times the candidates
+GEMV_CONFIGS = {"small": (16, 512, False, 4), "mid": (32, 512, False, 4), "large": (32, 512, False, 4)}
+
+
+def gemv_config(N: int) -> tuple[int, int, bool, int]:
+    return GEMV_CONFIGS["small" if N <= 8192 else ("mid" if N <= 65536 else "large")]
+
+
+def w8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, config=None) -> torch.Tensor:
+    """One row: x (1, K) · qweight (N, K) int8 · scales (N,) → (1, N), with `config` or gemv_config(N)."""
+    N, K = qweight.shape
+    block_n, block_k, acc_2d, warps = config or gemv_config(N)
+    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    _w8_gemv[(triton.cdiv(N, block_n),)](x, qweight, scales, y, N, K, qweight.stride(0),
+                                         BLOCK_N=block_n, BLOCK_K=block_k, ACC_2D=acc_2d, num_warps=warps)
+    return y
+
+
+@triton.jit
+def _w8_mm(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))                                          # (BLOCK_M, BLOCK_N)
+    s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc * s[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def w8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) · qweight (N, K) int8 · scales (N,) → (M, N) in x's dtype. x and qweight contiguous."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    if M == 1:
+        return w8_gemv(x, qweight, scales)
+    return w8_mm(x, qweight, scales)
+
+
+MM_CONFIG = (64, 128, 4)  # (BLOCK_N, BLOCK_K, num_warps) of the few-row kernel
+
+
+def w8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, config=None) -> torch.Tensor:
+    """A few rows: x (M, K) · qweight (N, K) int8 · scales (N,) → (M, N), tiles of 16 rows of x."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    block_n, block_k, warps = config or MM_CONFIG
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _w8_mm[(triton.cdiv(N, block_n), triton.cdiv(M, 16))](
+        x, qweight, scales, y, M, N, K, x.stride(0), qweight.stride(0), y.stride(0),
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
+
