@@ -176,7 +176,7 @@ def sec_matmul(cfg, dev, rows: list[int], bw: float | None) -> None:
     for name, (N, K) in shapes.items():
         w = (torch.randn(N, K, generator=g, device=dev) * K ** -0.5).to(torch.bfloat16)
         variants = {"bf16": None}
-        kinds = {"int8": ["int8-triton", "int8"],
+        kinds = {"int8": ["int8-triton", "int8"] if dev.type == "cuda" else ["int8"],
                  "int4": ["int4-cuda" if dev.type == "cuda" else "int4-cpu"]}
         for bits, gs in ((8, None), (4, 32)):
             for kind in kinds[f"int{bits}"] + [None]:

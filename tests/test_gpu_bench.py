@@ -158,3 +158,32 @@ def test_every_section_runs_on_cpu_with_the_tiny_geometry():
     assert all(d["vs_bf16"] > 0 for d in q.values())
     agree = {d["impl"]: d["value"] for d in _find(lines, metric="top1_agreement_vs_bf16")}
     assert agree["unigemma-int8"] >= 0.5 and 0 <= agree["unigemma-int4"] <= 1
+
+
+def _load_profile():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("gpu_profile", ROOT / "benchmarks" / "gpu_profile.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_profile_script_counts_ops_and_times_every_weight_format(tmp_path):
+    prof = _load_profile()
+    prof.LINES.clear()
+    assert prof.main(["--tiny", "--rows", "1", "--sections", "step,matmul", "--top", "5", "--out", str(tmp_path)]) == 0
+    lines = prof.LINES
+    by = {(d["bench"], d["metric"]) for d in lines}
+    assert ("profile", "kernels_per_step") in by and ("profile", "kernel_us_per_step") in by
+    top = [d for d in lines if d["metric"] == "kernel_us"]
+    assert 0 < len(top) <= 5 and all(d["value"] >= 0 and 0 <= d["share"] <= 1 for d in top)
+    mm = [d for d in lines if d["bench"] == "matmul"]
+    impls = {d["impl"] for d in mm}
+    assert {"bf16", "int8", "int8-dequantize", "int4-cpu", "int4-dequantize"} <= impls
+    for d in mm:
+        if d["metric"] == "us_per_call":
+            assert d["value"] > 0 and math.isfinite(d["value"])
+            # the product is checked, not only timed: int8 rounds to ~1%, int4 to ~10% of the largest output
+            assert d["rel_err"] < (0.02 if d["impl"] in ("bf16", "int8", "int8-dequantize") else 0.2), d
+    written = list(tmp_path.glob("*-cpu-gpu-profile.jsonl"))
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == len(lines)
