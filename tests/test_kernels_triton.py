@@ -32,7 +32,8 @@ def _rel(y, ref):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("M,N,K", [(1, 100, 300), (1, 9000, 64), (1, 66000, 40), (3, 70, 200), (17, 130, 520), (2, 9000, 64)])
+@pytest.mark.parametrize("M,N,K", [(1, 100, 300), (1, 9000, 64), (1, 66000, 40),   # one row: each N class
+                                   (3, 70, 200), (17, 130, 520), (2, 9000, 64)])  # few rows: both tile sizes
 def test_int8_kernel_matches_dequantized_product(dtype, M, N, K):
     from unigemma.kernels_triton import w8_linear
 

@@ -18,9 +18,9 @@ first value in the lowest bits, offset by 8; `weight_packed`, `weight_scale`, `w
 
 Kernels are PyTorch's own weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
 `_weight_int4pack_mm`), and on CUDA for int8 the Triton kernels of `unigemma.kernels_triton` when Triton is
-installed (torch's CUDA int8 op is 4× slower than bf16 decode there); used only for bfloat16 / float16 compute, and each is
-checked once per process against the plain dequantize-then-matmul path before it is trusted (older torch builds or
-GPUs without the op fall back).
+installed (torch's CUDA int8 op made decode 4× slower than bf16); used only for bfloat16 / float16 compute, and
+each is checked once per process against the plain dequantize-then-matmul path before it is trusted (older torch
+builds or GPUs without the op fall back).
 This module does not do activation quantization or calibration (GPTQ / AWQ): weights are rounded to nearest.
 """
 
