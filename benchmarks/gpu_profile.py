@@ -46,30 +46,23 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+def timed(fn, reps: int = 50) -> float:
+    return gpu.per_call(fn, reps, warmup=3)
 
 
-def timed(fn, dev, reps: int = 50, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - t) / reps
-
-
-@torch.inference_mode()
-def sec_step(model, cfg, dev, prompt_len: int, max_len: int, top: int) -> None:
+def prefilled(model, cfg, dev, prompt_len: int, max_len: int):
+    """A one-slot cache holding a random prompt, and the next token to feed: (cache, tok (1, 1))."""
     V = cfg.text.vocab_size
     prompt = torch.randint(10, V, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
     cache = model.make_cache(slots=1, max_len=max_len)
     model.run(prompt, position_ids=torch.arange(prompt_len, device=dev)[None], cache=cache,
               slots=torch.tensor([0], device=dev), logits_to_keep=1)
-    tok = torch.full((1, 1), 7, dtype=torch.long, device=dev)
+    return cache, torch.full((1, 1), 7, dtype=torch.long, device=dev)
+
+
+@torch.inference_mode()
+def sec_step(model, cfg, dev, prompt_len: int, max_len: int, top: int) -> None:
+    cache, tok = prefilled(model, cfg, dev, prompt_len, max_len)
 
     def step(i):
         pos = torch.full((1, 1), prompt_len + i, dtype=torch.long, device=dev)
@@ -77,14 +70,14 @@ def sec_step(model, cfg, dev, prompt_len: int, max_len: int, top: int) -> None:
 
     for i in range(3):
         step(i)
-    sync(dev)
+    gpu.sync()
     steps = 4
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda"
                                                     else [])
     with torch.profiler.profile(activities=acts) as prof:
         for i in range(steps):
             step(3 + i)
-        sync(dev)
+        gpu.sync()
     # device kernels (CUDA) or top-level aten ops (CPU), per step
     per: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     n_kernels, total_us = 0, 0.0
@@ -110,24 +103,19 @@ def sec_step(model, cfg, dev, prompt_len: int, max_len: int, top: int) -> None:
              kernel=name[:160], calls_per_step=cnt / steps, share=round(us / max(total_us, 1e-9), 4))
     if dev.type == "cuda":
         dec = gpu.GraphDecoder(model, cache, 1, max_len, tok, torch.full((1, 1), prompt_len + 10, device=dev))
-        dt = timed(lambda: dec(tok, torch.full((1, 1), prompt_len + 10, device=dev)), dev, reps=30)
+        dt = timed(lambda: dec(tok, torch.full((1, 1), prompt_len + 10, device=dev)), reps=30)
         emit(bench="profile", impl="unigemma", metric="graph_step_us", value=dt * 1e6, unit="us",
              layers=cfg.text.num_hidden_layers)
-        dt = timed(lambda: step(10), dev, reps=10)
+        dt = timed(lambda: step(10), reps=10)
         emit(bench="profile", impl="unigemma-eager", metric="eager_step_us", value=dt * 1e6, unit="us",
              layers=cfg.text.num_hidden_layers)
 
 
 def _graph_step_us(model, cfg, dev, prompt_len: int, max_len: int) -> float:
-    V = cfg.text.vocab_size
-    prompt = torch.randint(10, V, (1, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    cache = model.make_cache(slots=1, max_len=max_len)
-    model.run(prompt, position_ids=torch.arange(prompt_len, device=dev)[None], cache=cache,
-              slots=torch.tensor([0], device=dev), logits_to_keep=1)
-    tok = torch.full((1, 1), 7, dtype=torch.long, device=dev)
+    cache, tok = prefilled(model, cfg, dev, prompt_len, max_len)
     pos = torch.full((1, 1), prompt_len, dtype=torch.long, device=dev)
     dec = gpu.GraphDecoder(model, cache, 1, max_len, tok, pos)
-    return timed(lambda: dec(tok, pos), dev, reps=30) * 1e6
+    return timed(lambda: dec(tok, pos), reps=30) * 1e6
 
 
 @torch.inference_mode()
@@ -194,7 +182,7 @@ def sec_matmul(cfg, dev, rows: list[int], bw: float | None) -> None:
             ref = F.linear(x.float(), w.float())
             for vname, q in variants.items():
                 fn = (lambda: F.linear(x, w)) if q is None else (lambda q=q: q(x))
-                s = timed(fn, dev, reps=50 if dev.type == "cuda" else 5)
+                s = timed(fn, reps=50 if dev.type == "cuda" else 5)
                 wbytes = N * K * 2 if q is None else sum(b.numel() * b.element_size() for b in q.buffers())
                 err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
                 emit(bench="matmul", impl=vname, metric="us_per_call", value=round(s * 1e6, 2), unit="us",
