@@ -437,7 +437,7 @@ class QuantLinear(nn.Module):
                     kind = "int4-cpu"
                 elif dev.type == "cuda" and dt == torch.bfloat16 and N % 8 == 0 and K % 32 == 0:
                     kind = "int4-cuda"
-        if _force is not None:  # the probe and benchmarks: this kernel or none (set-up errors propagate)
+        if _force is not None:  # the probe and benchmarks: exactly this kernel (set-up errors propagate)
             kind = _force
         elif kind is not None and not _probe(kind, dev, dt):
             kind = None
