@@ -6,7 +6,10 @@ cut short keeps what it measured). Sections, in the order they run (--sections p
 
     bandwidth    read bandwidth → the decode limit (weight bytes ÷ bandwidth)
     correctness  a small random model (fp32): greedy tokens, 64 of them, eager vs CUDA graph vs the engine's runner
-    decode       batch 1: eager, CUDA graph (and --compile: inductor + graph); 12B greedy eager vs graph
+    decode       batch 1: eager; CUDA graph over the op-by-op model (the earlier path); the engine's runner
+                 (fused q/k/v and gate/up, compiled element-wise pieces, CUDA graph; model/fusion.py) with the
+                 fraction of the limit and its set-up (compile + capture) time; 12B greedy eager vs each
+    profile      the runner's decode step under torch.profiler: kernels per step, device time, top kernels
     throughput   batch 1/8/32/64: the runner's decode step (CUDA graphs per batch bucket) and the whole engine
                  (continuous batching: scheduler + sampler); aggregate tokens/s and the ratio to batch 1
     prefill      2,048 tokens whole and 32,768 chunked as the engine does (ModelRunner.prefill_chunk), per chunk
@@ -21,21 +24,21 @@ cut short keeps what it measured). Sections, in the order they run (--sections p
     quant        int8 / int4 weight-only decode (unigemma.quant) vs bf16 (the bf16 model is freed first, so
                  this runs last), top-1 agreement with bf16
 
-Device plan — two calls, each under 6 minutes on one H100 or H200 (run with the device tool's timeout_s=360), at
-the published depth (the 48 layers are what the memory and long-context figures are about; --layers N reduces
-the depth when only per-layer figures are wanted, and `config` then says "12b-Nlayers"):
+Device plan — each call under 6 minutes on one H100 or H200 (the device tool's timeout_s=360), at the published
+depth (the 48 layers are what the memory and long-context figures are about; --layers N reduces the depth when only
+per-layer figures are wanted, and `config` then says "12b-Nlayers"). As run on an H200 on 2026-12-04
+(benchmarks/results/2026-12-04-h200-gpu-*; 156, 226 and 177 s of wall time):
 
-    python benchmarks/gpu.py --out $OUT --budget 270
-    python benchmarks/gpu.py --sections bandwidth,long --tag long --out $OUT --budget 270
+    python benchmarks/gpu.py --sections bandwidth,correctness,decode,profile,throughput,prefill,reference,mtp,quant \
+        --out $OUT/ --budget 300
+    python benchmarks/gpu.py --sections bandwidth,decode,profile,prefill,reference,long,quant --long 131072 \
+        --quant int4,int4-tinygemm --quant-detail --tag confirm --out $OUT/ --budget 240
 
-The first measures everything but long context (estimated 2–3 minutes, not yet timed on a GPU: every section
-prints a `plan` / `section_s` line); the second the long-context figures (131,072 estimated at under a minute;
-262,144 on an H200 at 2–3 minutes, skipped with a `plan` / `skipped` line when the time of 131,072 predicts it
-would not fit). --out $OUT names the files <date>-<device>-gpu.jsonl and <date>-<device>-gpu-long.jsonl, ready
-for benchmarks/results/. --budget 270: a section (or long-context length) that would start after 270 s is
-listed as skipped instead of run, which leaves the last section's ~60 s before the 6 minutes. A section that
-fails prints an `error` line and the run goes on. Not in the two calls: --compile (inductor, ~30 s to build per
-12 layers); a third call `--layers 12 --sections bandwidth,decode --compile` measures it if time is left.
+The runner compiles its element-wise pieces on first use (~10-15 s at 12B, in `setup_s`), so the first decode
+figure's set-up is longer than a capture alone. --out $OUT/ names the file <date>-<device>-gpu[-tag].jsonl, ready
+for benchmarks/results/. --budget N: a section (or long-context length) that would start after N s is listed as
+skipped instead of run. A section that fails prints an `error` line and the run goes on. 262,144 tokens of context
+(the default --long on a GPU with > 100 GB) adds 2-3 minutes.
 
 Decode caches have the engine's default context (--max-len 4096), so sliding layers hold their ring of
 window + 31 entries as when served; the whole engine runs with the same max_model_len.
@@ -64,7 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unigemma.config import FULL, SLIDING, AssistantConfig, UnifiedConfig, gemma4_12b_config  # noqa: E402
 from unigemma.model.unified import Gemma4Unified  # noqa: E402
 
-SECTIONS = ("bandwidth", "correctness", "decode", "throughput", "prefill", "reference", "mtp", "long", "quant")
+SECTIONS = ("bandwidth", "correctness", "decode", "profile", "throughput", "prefill", "reference", "mtp", "long",
+            "quant")
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "long")
 
 # Dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name(); first match wins.
@@ -348,27 +352,35 @@ def decode_run(model, prompt, new_tokens, max_len, graph: bool, batch: int = 1, 
     return dt, torch.cat(out, 1)
 
 
-def make_runner(model, slots: int, max_len: int, graphs: bool):
+def make_runner(model, slots: int, max_len: int, graphs: bool, fuse: bool | None = None):
     from unigemma.engine.runner import ModelRunner
 
-    # cpu_column_major=False: the benchmark's model is shared by every section; leave its weights as built
-    return ModelRunner(model, slots, max_len, cuda_graphs=graphs, cpu_column_major=False)
+    # cpu_column_major=False: the benchmark's model is shared by every section; leave its weights as built.
+    # fuse=None: the engine's default (CUDA: fused projections + compiled element-wise pieces, model/fusion.py)
+    return ModelRunner(model, slots, max_len, cuda_graphs=graphs, cpu_column_major=False, fuse=fuse)
 
 
 @torch.inference_mode()
-def runner_decode(model, batch: int, prompt, new_tokens: int, graphs: bool, max_len: int = 0):
+def runner_decode(model, batch: int, prompt, new_tokens: int, graphs: bool, max_len: int = 0,
+                  fuse: bool | None = None, timings: dict | None = None):
     """The engine's decode step (ModelRunner.decode: rows 0..B−1 of its cache, a CUDA graph per batch bucket) at
     `batch` rows after prefilling `prompt` (1, P) into each; returns (seconds, tokens (batch, new_tokens)).
     max_len: the cache's context (the engine's max_model_len; at least what the run needs)."""
     dev = prompt.device
     P = prompt.shape[1]
-    runner = make_runner(model, batch, max(max_len, P + new_tokens + 8), graphs)
+    t_setup = time.perf_counter()
+    runner = make_runner(model, batch, max(max_len, P + new_tokens + 8), graphs, fuse)
     for a in range(0, batch, 16):  # the prompts in groups of 16 rows: one forward each
         n = min(16, batch - a)
         model.run(prompt.expand(n, P), position_ids=torch.arange(P, device=dev)[None].expand(n, P),
                   cache=runner.cache, slots=torch.arange(a, a + n, device=dev), kv_len=P, compute_logits=False)
     runner.warm_up(batch, (1,), P + 1)  # captures (if any) outside the timed loop: first and last kv bucket
     runner.warm_up(batch, (1,), P + new_tokens)
+    sync()
+    if timings is not None:  # prefill + compiling + capturing, before the timed steps
+        timings["setup_s"] = time.perf_counter() - t_setup
+        timings["compiled"] = runner.compiled
+        timings["fused"] = runner.fused
     tok = torch.full((batch, 1), 7, dtype=torch.long, device=dev)
     pos = torch.full((batch, 1), P, dtype=torch.long, device=dev)
     out = []
@@ -519,9 +531,19 @@ def sec_correctness(ctx: Ctx):
             _, comp = decode_run(m, prompt, n, max_len, graph=True, compile=True)
             emit(bench="correctness", impl="unigemma-compiled", metric="greedy_eager_equals_compiled",
                  value=int(torch.equal(eager, comp)), unit="bool", **common)
-    _, run = runner_decode(m, 1, prompt, n, graphs=ctx.cuda, max_len=max_len)
+    _, run = runner_decode(m, 1, prompt, n, graphs=ctx.cuda, max_len=max_len, fuse=False)
     emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_runner", value=int(torch.equal(eager, run)),
-         unit="bool", cuda_graph=ctx.cuda, **common)
+         unit="bool", cuda_graph=ctx.cuda, fused=False, **common)
+    if ctx.cuda or ctx.args.compile:
+        # the engine's CUDA default: fused q/k/v and gate/up products, compiled element-wise pieces, CUDA graphs
+        _, comp = runner_decode(m, 1, prompt, n, graphs=ctx.cuda, max_len=max_len, fuse=True)
+        emit(bench="correctness", impl="unigemma-compiled", metric="greedy_eager_equals_compiled",
+             value=int(torch.equal(eager, comp)), unit="bool", cuda_graph=ctx.cuda, fused=True,
+             first_divergence=_divergence(eager, comp), **common)
+        _, comp4 = runner_decode(m, 4, prompt, n, graphs=ctx.cuda, max_len=max_len, fuse=True)
+        emit(bench="correctness", impl="unigemma-compiled", metric="greedy_batch4_rows_equal_eager",
+             value=int(all(torch.equal(eager[0], comp4[r]) for r in range(4))), unit="bool", cuda_graph=ctx.cuda,
+             fused=True, **common)
 
 
 @torch.inference_mode()
@@ -551,29 +573,139 @@ def sec_decode(ctx: Ctx):
     ctx.figures["decode_eager"] = a.new_tokens / dt
     if not ctx.cuda:
         return
+    # before this run's changes: the same CUDA graph over op-by-op kernels, separate projections (model.run)
     dt, toks_graph = decode_run(model, prompt, a.new_tokens, max_len, graph=True)
     tps = a.new_tokens / dt
-    ctx.figures["decode"] = tps
-    emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=tps, unit="tok/s", cuda_graph=True,
-         ms_per_token=1e3 / tps, fraction_of_limit=tps / limit if limit else None, **common)
+    emit(bench="decode", impl="unigemma-graph-unfused", metric="tokens_per_s", value=tps, unit="tok/s",
+         cuda_graph=True, ms_per_token=1e3 / tps, fraction_of_limit=tps / limit if limit else None,
+         kv_len="max_len", **common)
     emit(bench="correctness", impl="unigemma", metric="greedy_eager_equals_graph",
          value=int(torch.equal(toks_eager, toks_graph)), unit="bool", config=ctx.name, new_tokens=a.new_tokens,
          first_divergence=_divergence(toks_eager, toks_graph))
-    # bf16 with random weights has near-tied logits: a fraction, with where the first difference is
-    forced = teacher_forced_argmax(model, prompt, toks_graph)
+    # the engine's path: ModelRunner.decode (fused projections, compiled pieces, CUDA graph per kv bucket); compiled
+    # code of the small correctness model is dropped first, so the 12B's shapes compile as a server's would
+    torch._dynamo.reset()
+    tm: dict = {}
+    dt, toks_run = runner_decode(model, 1, prompt, a.new_tokens, graphs=True, max_len=max_len, timings=tm)
+    tps = a.new_tokens / dt
+    ctx.figures["decode"] = tps
+    emit(bench="decode", impl="unigemma", metric="tokens_per_s", value=tps, unit="tok/s", cuda_graph=True,
+         ms_per_token=1e3 / tps, fraction_of_limit=tps / limit if limit else None, path="runner",
+         fused=tm.get("fused"), compiled=tm.get("compiled"), setup_s=tm.get("setup_s"), target_fraction=0.8,
+         **common)
+    # bf16 with random weights has near-tied logits: fractions, with where the first difference is
+    forced = teacher_forced_argmax(model, prompt, toks_run)
     emit(bench="correctness", impl="unigemma", metric="decode_top1_agreement_vs_full_forward",
-         value=(forced == toks_graph).float().mean().item(), unit="fraction", config=ctx.name,
-         new_tokens=a.new_tokens, first_divergence=_divergence(forced, toks_graph))
+         value=(forced == toks_run).float().mean().item(), unit="fraction", config=ctx.name, path="runner",
+         new_tokens=a.new_tokens, first_divergence=_divergence(forced, toks_run))
+    emit(bench="correctness", impl="unigemma-compiled", metric="greedy_matches_eager_tokens",
+         value=(toks_eager == toks_run).float().mean().item(), unit="fraction", config=ctx.name, path="runner",
+         first_divergence=_divergence(toks_eager, toks_run))
     if a.compile:
         t0 = time.perf_counter()
         dt, toks_comp = decode_run(model, prompt, a.new_tokens, max_len, graph=True, compile=True)
         tps = a.new_tokens / dt
-        emit(bench="decode", impl="unigemma-compiled", metric="tokens_per_s", value=tps, unit="tok/s",
+        emit(bench="decode", impl="unigemma-compiled-whole-step", metric="tokens_per_s", value=tps, unit="tok/s",
              cuda_graph=True, compile_s=time.perf_counter() - t0 - dt,
              fraction_of_limit=tps / limit if limit else None, **common)
-        emit(bench="correctness", impl="unigemma-compiled", metric="greedy_matches_eager_tokens",
+        emit(bench="correctness", impl="unigemma-compiled-whole-step", metric="greedy_matches_eager_tokens",
              value=(toks_eager == toks_comp).float().mean().item(), unit="fraction", config=ctx.name,
              first_divergence=_divergence(toks_eager, toks_comp))
+
+
+@torch.inference_mode()
+def sec_profile(ctx: Ctx):
+    """Where the runner's batch-1 decode step goes (see profile_step), against the graph step's wall time from the
+    decode section: the difference is the launch gaps between kernels."""
+    profile_step(ctx, ctx.model, "unigemma", ctx.figures.get("decode"))
+    weight_read_rates(ctx, ctx.model, "unigemma")
+
+
+def profile_step(ctx: Ctx, model, impl: str, tokens_per_s: float | None = None, top: int = 14):
+    """The runner's batch-1 decode forward (fused, compiled pieces; not replayed from a graph) under torch.profiler:
+    CUDA kernels per step, their summed device time and the top kernels."""
+    from collections import defaultdict
+
+    a, dev = ctx.args, ctx.device
+    P = a.prompt
+    runner = make_runner(model, 1, max(a.max_len, P + 32), graphs=False)
+    chunked_prefill(model, runner, ctx.prompt[0].tolist(), max(P, 1))
+    tok = torch.full((1, 1), 7, dtype=torch.long, device=dev)
+    step = lambda i: runner.decode(tok, torch.full((1, 1), P + i, dtype=torch.long, device=dev), P + i + 1)  # noqa
+    for i in range(3):
+        step(i)
+    sync()
+    steps = 3
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if ctx.cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(steps):
+            step(3 + i)
+        sync()
+    per: dict = defaultdict(lambda: [0, 0.0])
+    n, total = 0, 0.0
+    for e in prof.events():
+        if ctx.cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.device_time
+        else:
+            if e.cpu_parent is not None or not e.name.startswith(("aten::", "Torch-Compiled", "CompiledFunction")):
+                continue
+            us = e.cpu_time
+        per[e.name][0] += 1
+        per[e.name][1] += us
+        n += 1
+        total += us
+    common = ctx.common(batch=1, layers=ctx.cfg.text.num_hidden_layers, path="runner", compiled=runner.compiled)
+    emit(bench="profile", impl=impl, metric="kernels_per_step", value=n / steps, unit="count",
+         what="CUDA kernels" if ctx.cuda else "top-level ops", **common)
+    emit(bench="profile", impl=impl, metric="kernel_us_per_step", value=total / steps, unit="us", **common)
+    if tokens_per_s:
+        emit(bench="profile", impl=impl, metric="graph_step_us", value=1e6 / tokens_per_s, unit="us", **common)
+    for name, (cnt, us) in sorted(per.items(), key=lambda kv: -kv[1][1])[:top]:
+        emit(bench="profile", impl=impl, metric="kernel_us", value=round(us / steps, 1), unit="us",
+             kernel=name[:140], calls_per_step=cnt / steps, share=round(us / max(total, 1e-9), 4), **common)
+    del runner
+    gc.collect()
+
+
+@torch.inference_mode()
+def weight_read_rates(ctx: Ctx, model, impl: str) -> None:
+    """Each projection kind of the decode step alone at one row (fused where the runner fuses): µs per call and
+    weight bytes read per second, cycling over all layers' copies so that nothing is served from the L2 cache."""
+    from unigemma.model import fusion
+    from unigemma.model.attention import Attention
+    from unigemma.model.layers import MLP
+
+    kinds: dict = {}
+    for mod in model.model.language_model.layers.modules():
+        if isinstance(mod, Attention) and not mod.is_reuse:
+            f = mod.__dict__.get("_qkv")
+            kinds.setdefault(f"qkv({mod.layer_type.split('_')[0]})", []).append(f if f is not None else mod.q_proj)
+            kinds.setdefault(f"o_proj({mod.layer_type.split('_')[0]})", []).append(mod.o_proj)
+        elif isinstance(mod, MLP):
+            f = mod.__dict__.get("_gate_up")
+            kinds.setdefault("gate_up", []).append(f if f is not None else mod.gate_proj)
+            kinds.setdefault("down_proj", []).append(mod.down_proj)
+
+    def nbytes(m):
+        if isinstance(m, torch.Tensor):
+            return m.numel() * m.element_size()
+        return sum(b.numel() * b.element_size() for b in m.buffers()) + (
+            m.weight.numel() * m.weight.element_size() if isinstance(m, torch.nn.Linear) else 0)
+
+    with fusion.active(True):
+        for kind, mods in kinds.items():
+            x = torch.randn(1, mods[0].shape[1] if isinstance(mods[0], torch.Tensor) else
+                            (mods[0].in_features), device=ctx.device, dtype=torch.bfloat16)
+            fns = [(lambda m=m: torch.nn.functional.linear(x, m)) if isinstance(m, torch.Tensor) else (lambda m=m: m(x))
+                   for m in mods]
+            t = per_call(lambda: [f() for f in fns], 10) / len(fns)
+            b = nbytes(mods[0])
+            emit(bench="matmul", impl=impl, metric="us_per_call", value=round(t * 1e6, 2), unit="us", shape=kind,
+                 rows=1, weight_bytes=b, weight_GBps=round(b / t / 1e9, 1),
+                 fraction_of_bandwidth=round(b / t / ctx.bw, 3) if ctx.bw else None,
+                 kernel=getattr(mods[0], "kernel", "bf16"), config=ctx.name)
 
 
 def sec_throughput(ctx: Ctx):
@@ -632,22 +764,22 @@ def sec_prefill(ctx: Ctx):
     model, dev, V = ctx.model, ctx.device, ctx.cfg.text.vocab_size
     g = torch.Generator().manual_seed(2)
     with torch.inference_mode():
-        for n in a.prefill:  # one forward over the whole prompt
-            ids = torch.randint(10, V, (1, n), generator=g).to(dev)
-            w = min(n, 128)
-            cache = model.make_cache(slots=1, max_len=n + 8)
-            model.run(ids[:, :w], position_ids=torch.arange(w, device=dev)[None], cache=cache, logits_to_keep=1)
+        for n in a.prefill:  # one forward over the whole prompt, as the engine runs it (runner.prefill_chunk)
+            ids = torch.randint(10, V, (1, n), generator=g).to(dev).view(-1).tolist()
+            runner = make_runner(model, 1, n + 8, graphs=False)
+            runner.prefill_chunk(0, ids, 0, min(n, 128))  # warm-up (and compiling, on CUDA)
+            runner.prefill_chunk(0, ids, 0, n)
             best = math.inf
             for _ in range(2):
-                cache = model.make_cache(slots=1, max_len=n + 8)
+                runner.cache.reset_slot(0)
                 sync()
                 t = time.perf_counter()
-                model.run(ids, position_ids=torch.arange(n, device=dev)[None], cache=cache, logits_to_keep=1)
+                runner.prefill_chunk(0, ids, 0, n)
                 sync()
                 best = min(best, time.perf_counter() - t)
-            del cache
+            del runner
             ctx.figures[f"prefill_{n}"] = n / best
-            _emit_prefill(ctx, n, best, prefill_flops(ctx.cfg.text, 0, n), chunk=n)
+            _emit_prefill(ctx, n, best, prefill_flops(ctx.cfg.text, 0, n), chunk=n, path="runner.prefill_chunk")
     for n in a.prefill_chunked:
         ids = torch.randint(10, V, (n,), generator=g).tolist()
         for c in a.chunks:
@@ -892,7 +1024,8 @@ def sec_long(ctx: Ctx):
 
 
 def sec_quant(ctx: Ctx):
-    """int8 / int4 weight-only decode against bf16, same loop (model.run, one CUDA graph), same random weights."""
+    """int8 / int4 weight-only decode against bf16, same loop (the runner: CUDA graphs, compiled pieces, fused
+    projections where the kernel reads the canonical layout), same random weights."""
     from unigemma.quant import QuantConfig, QuantLinear, quantize_model
 
     a, dev, cfg = ctx.args, ctx.device, ctx.cfg
@@ -903,7 +1036,7 @@ def sec_quant(ctx: Ctx):
     with torch.inference_mode():
         ref_top1 = ctx.model(prompt[:, :n_agree]).argmax(-1)
     if bf16 is None:
-        dt, _ = decode_run(ctx.model, prompt, a.new_tokens, max_len, graph=ctx.cuda)
+        dt, _ = runner_decode(ctx.model, 1, prompt, a.new_tokens, graphs=ctx.cuda, max_len=max_len)
         bf16 = a.new_tokens / dt
     common = ctx.common(batch=1, prompt_tokens=a.prompt, new_tokens=a.new_tokens, cuda_graph=ctx.cuda,
                         max_len=max_len)
@@ -915,11 +1048,12 @@ def sec_quant(ctx: Ctx):
         m = build(cfg, dev)
         sync()
         t = time.perf_counter()
-        if q == "int4-tinygemm":  # torch's int4 op for the layers instead of the default choice
+        force = {"int4-tinygemm": "int4-cuda", "int4-triton": "int4-triton"}.get(q)
+        if force:  # one int4 kernel for the layers instead of the default choice
             quantize_model(m, qc, kernels=False)
             for mod in m.modules():
                 if isinstance(mod, QuantLinear):
-                    mod.prepare(_force="int4-cuda") if mod.bits == 4 else mod.prepare()
+                    mod.prepare(_force=force) if mod.bits == 4 else mod.prepare()
         else:
             quantize_model(m, qc)
         sync()
@@ -931,25 +1065,30 @@ def sec_quant(ctx: Ctx):
             agree = (m(prompt[:, :n_agree]).argmax(-1) == ref_top1).float().mean().item()
         emit(bench="correctness", impl=f"unigemma-{q}", metric="top1_agreement_vs_bf16", value=agree,
              unit="fraction", config=ctx.name, tokens=n_agree)
-        dt, _ = decode_run(m, prompt, a.new_tokens, max_len, graph=ctx.cuda)
+        tm: dict = {}
+        dt, _ = runner_decode(m, 1, prompt, a.new_tokens, graphs=ctx.cuda, max_len=max_len, timings=tm)
         tps = a.new_tokens / dt
         wb = resident_bytes(m)
         limit = ctx.bw / wb if ctx.bw else None
         kernels = sorted({getattr(mod, "kernel", None) or "dequantize" for mod in m.modules()
                           if type(mod).__name__ == "QuantLinear"})
         emit(bench="decode", impl=f"unigemma-{q}", metric="tokens_per_s", value=tps, unit="tok/s", weight_bytes=wb,
-             vs_bf16=tps / bf16, target=2.0 if q == "int4" else None, quantize_s=quant_s, kernels=kernels,
+             vs_bf16=tps / bf16, target=2.0 if q.startswith("int4") else 1.6, quantize_s=quant_s, kernels=kernels,
+             path="runner", fused=tm.get("fused"), compiled=tm.get("compiled"),
              fraction_of_limit=tps / limit if limit else None, **common)
         if limit:
             emit(bench="decode", impl=f"limit:unigemma-{q}", metric="tokens_per_s", value=limit, unit="tok/s",
                  weight_bytes=wb, **common)
+        if a.quant_detail:  # what limits it: the step's kernels, and each projection's read rate
+            profile_step(ctx, m, f"unigemma-{q}", tps, top=10)
+            weight_read_rates(ctx, m, f"unigemma-{q}")
         del m
         gc.collect()
         if ctx.cuda:
             torch.cuda.empty_cache()
 
 
-RUN = {"bandwidth": sec_bandwidth, "correctness": sec_correctness, "decode": sec_decode,
+RUN = {"bandwidth": sec_bandwidth, "correctness": sec_correctness, "decode": sec_decode, "profile": sec_profile,
        "throughput": sec_throughput, "prefill": sec_prefill, "reference": sec_reference, "mtp": sec_mtp,
        "long": sec_long, "quant": sec_quant}
 
@@ -994,8 +1133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "tiny 256)")
     ap.add_argument("--long-new", type=int, default=16, help="tokens decoded after each long prompt")
     ap.add_argument("--verify-k", default="2,4,6", help="draft lengths whose verification step is timed")
-    ap.add_argument("--quant", default="int8,int4", help="weight-only variants: int8, int4, int4-tinygemm (the "
-                    "layers on torch's int4 op instead of the default kernel)")
+    ap.add_argument("--quant", default="int8,int4,int4-tinygemm", help="weight-only variants: int8, int4 (the "
+                    "default kernel choice), int4-triton / int4-tinygemm (the layers on that int4 kernel)")
+    ap.add_argument("--quant-detail", action="store_true", help="quant: also profile each variant's step and time "
+                    "each projection kind alone")
     ap.add_argument("--compile", action="store_true", help="also the inductor-compiled decode step (slow to build)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: by device name)")
     ap.add_argument("--budget", type=float, default=None,
@@ -1016,7 +1157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.long_chunk = a.long_chunk or (256 if t else 2048)
     a.verify_k = _ints(a.verify_k, "--verify-k")
     a.quant = [q for q in a.quant.split(",") if q]
-    bad = sorted(set(a.quant) - {"int8", "int4", "int4-tinygemm"})
+    bad = sorted(set(a.quant) - {"int8", "int4", "int4-triton", "int4-tinygemm"})
     if bad:
         raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4, int4-tinygemm)")
     if a.sections in ("default", "all"):

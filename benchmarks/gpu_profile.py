@@ -13,8 +13,8 @@ Sections:
   and effective weight-read bandwidth (`bench: "matmul"`).
 - `gemv` (CUDA): tile configurations of the int8 Triton kernels (unigemma/kernels_triton.py), one row and 8 rows,
   over weight copies larger than the L2 cache.
-- `fuse`: the CUDA-graph step with RMSNorm as the model runs it (`F.rms_norm` on CUDA), as the reference formula
-  op by op, and that formula inductor-compiled.
+- `fuse`: the CUDA-graph step op by op, with the element-wise pieces compiled, and with fused q/k/v and gate/up
+  products as well (model/fusion.py; the runner's default on CUDA).
 """
 
 from __future__ import annotations
@@ -120,34 +120,28 @@ def _graph_step_us(model, cfg, dev, prompt_len: int, max_len: int) -> float:
 
 @torch.inference_mode()
 def sec_fuse(model, cfg, dev, prompt_len: int, max_len: int) -> None:
-    """The CUDA-graph step with RMSNorm as the model runs it, as the reference formula op by op (about nine
-    element-wise kernels per norm), and as that formula compiled: how much of the step is small-kernel count."""
-    from unigemma.model import layers
+    """The CUDA-graph step (model.run) op by op, with the element-wise pieces compiled (model/fusion.py), and with
+    those plus fused q/k/v and gate/up products (the runner's default on CUDA): what each change is worth."""
+    from unigemma.model import fusion
 
-    base = layers.RMSNorm.forward
-    torch._dynamo.config.cache_size_limit = 64
-
-    def as_formula(self, x):  # the reference's arithmetic, op by op (the CPU path)
-        return layers.rms_norm_reference(x, self.weight if self.with_scale else None, self.eps)
-
-    compiled = torch.compile(as_formula, dynamic=False)
-
-    def as_compiled(self, x):
-        return compiled(self, x)
-
-    for name, fwd in (("model (F.rms_norm on CUDA)", base), ("formula op by op", as_formula),
-                      ("formula, torch.compile", as_compiled)):
-        layers.RMSNorm.forward = fwd
+    fusion.configure()
+    for name, compiled, fused in (("op by op, separate products", False, False),
+                                  ("compiled pieces, separate products", True, False),
+                                  ("compiled pieces, fused products", True, True)):
+        if fused:
+            fusion.fuse_projections(model)
+        else:
+            fusion.unfuse(model)
         try:
             t0 = time.perf_counter()
-            us = _graph_step_us(model, cfg, dev, prompt_len, max_len)
+            with fusion.active(compiled):
+                us = _graph_step_us(model, cfg, dev, prompt_len, max_len)
             emit(bench="profile", impl="unigemma", metric="graph_step_us", value=round(us, 1), unit="us",
-                 rmsnorm=name, layers=cfg.text.num_hidden_layers, wall_s=round(time.perf_counter() - t0, 1))
+                 variant=name, layers=cfg.text.num_hidden_layers, wall_s=round(time.perf_counter() - t0, 1))
         except Exception as e:
             emit(bench="profile", impl="unigemma", metric="error", value=f"{type(e).__name__}: {e}"[:300], unit="",
-                 rmsnorm=name)
-        finally:
-            layers.RMSNorm.forward = base
+                 variant=name)
+    fusion.unfuse(model)
 
 
 @torch.inference_mode()

@@ -68,3 +68,46 @@ def test_few_query_attention_formula_equals_sdpa(R, S):
     mask[..., 0] = True
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     assert torch.allclose(_attend_matmul(q, k, v, mask), ref, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,N,K,group,zp", [(1, 100, 256, 32, False), (1, 72, 320, 32, True),  # K not a tile multiple
+                                            (1, 9000, 64, 64, False), (3, 70, 256, 32, True),
+                                            (17, 130, 512, 128, False), (2, 40, 768, 256, True)])
+def test_int4_kernel_matches_dequantized_product(dtype, M, N, K, group, zp):
+    from unigemma.kernels_triton import w4_linear
+    from unigemma.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(M * N + K)
+    q, s, z = quantize_int4(torch.randn(N, K, generator=g).to(dtype), group, zp, dtype)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ref = x.float() @ dequantize_int4(q, s, z, torch.float32).t()
+    assert _rel(w4_linear(x, q, s, z, group), ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("bits,kind,zp", [(4, "int4-triton", False), (4, "int4-triton", True), (8, "int8-triton", False)])
+def test_fused_quantized_projections_equal_separate_ones(bits, kind, zp):
+    """gate/up as one QuantLinear whose buffers the two modules view (fusion.fuse_projections): same outputs, same
+    state dict, no copy kept."""
+    from unigemma.model import fusion
+    from unigemma.model.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(64, 96).half()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        lin = getattr(mlp, name)
+        setattr(mlp, name, QuantLinear.from_float(lin.weight.detach(), bits, 32, zp).prepare(_force=kind))
+    x = torch.randn(3, 64).half()
+    with torch.no_grad():
+        want = [mlp(x[:r]).float() for r in (1, 3)]
+        sd = {k: v.clone() for k, v in mlp.state_dict().items()}
+        assert fusion.fuse_projections(mlp) == 1
+        fused = mlp.__dict__["_gate_up"]
+        assert fused.kernel == kind and fused.out_features == 192
+        assert mlp.gate_proj.qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
+        got = [mlp(x[:r]).float() for r in (1, 3)]
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 2e-3
+    assert all(torch.equal(sd[k], v) for k, v in mlp.state_dict().items())

@@ -52,6 +52,12 @@ EMBED = "model.language_model.embed_tokens"
 # crossover: ~64–256 rows for a 768 × 3072 layer); above it (prefill) the dense matmul wins and the
 # dequantization is amortised over many rows. The CUDA int4 layout always uses its op.
 KERNEL_MAX_ROWS = 64
+# The CUDA int4 kernel tried first: "int4-cuda" (torch's tinygemm op, its own packed layout) or "int4-triton"
+# (unigemma.kernels_triton: canonical layout, so q/k/v and gate/up fuse into one product each). Measured on an H200
+# (12B geometry, batch-1 decode, benchmarks/results/2026-12-04-h200-gpu-3-confirm.jsonl): tinygemm 158.6 tok/s,
+# the Triton kernel 143.2 (it reads int4 weights at ~28% of the bandwidth). The other is the fallback when the first
+# fails its probe.
+INT4_CUDA_KERNEL = "int4-cuda"
 _CHUNK_ELEMENTS = 1 << 20  # float32 temporaries of quantization stay ≤ 4 MB each (cache-sized, and small peaks)
 
 
@@ -301,7 +307,8 @@ def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
         why = f"{type(e).__name__}: {e}"
     if not ok:
         warnings.warn(f"unigemma.quant: the {kind} kernel is not usable on {device.type} / {dtype} ({why}); using "
-                      "dequantize + matmul instead (correct, slower)", RuntimeWarning, stacklevel=3)
+                      "the next kernel that is, or dequantize + matmul (correct, slower)", RuntimeWarning,
+                      stacklevel=3)
     _PROBED[key] = ok
     return ok
 
@@ -414,6 +421,10 @@ class QuantLinear(nn.Module):
             from .kernels_triton import w8_linear
 
             return w8_linear(x, self.qweight, self.scales)
+        if self.kernel == "int4-triton":
+            from .kernels_triton import w4_linear
+
+            return w4_linear(x, self.qweight, self.scales, self._buffers.get("zeros"), self.group_size)
         if self.kernel == "int4-cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self._kgroup, self.scale_zeros)
         return torch.ops.aten._weight_int4pack_mm(x, self.qweight, self._kgroup, self.scale_zeros)
@@ -426,25 +437,29 @@ class QuantLinear(nn.Module):
             return self
         dev, dt = self.qweight.device, self.scales.dtype
         N, K = self.out_features, self.in_features
-        kind = None
+        candidates = []  # in order of preference; the first that passes its probe is used
         if dt in (torch.bfloat16, torch.float16) and dev.type in ("cpu", "cuda"):
             if self.bits == 8 and dev.type == "cuda" and _has_triton():
-                kind = "int8-triton"  # torch's CUDA int8 op reads weights far below the card's bandwidth
-            elif self.bits == 8 and _op("_weight_int8pack_mm") is not None:
-                kind = "int8"
-            elif self.bits == 4 and _kernel_group(self.group_size):
+                candidates.append("int8-triton")  # torch's CUDA int8 op reads weights far below the bandwidth
+            if self.bits == 8 and _op("_weight_int8pack_mm") is not None:
+                candidates.append("int8")
+            if self.bits == 4 and _kernel_group(self.group_size):
                 if dev.type == "cpu" and N % 64 == 0 and _op("_weight_int4pack_mm_for_cpu") is not None:
-                    kind = "int4-cpu"
-                elif dev.type == "cuda" and dt == torch.bfloat16 and N % 8 == 0 and K % 32 == 0:
-                    kind = "int4-cuda"
+                    candidates.append("int4-cpu")
+                cuda4 = []
+                if dev.type == "cuda" and _has_triton() and self.group_size in (32, 64, 128, 256):
+                    cuda4.append("int4-triton")  # canonical layout (row views: fused projections)
+                if dev.type == "cuda" and dt == torch.bfloat16 and N % 8 == 0 and K % 32 == 0:
+                    cuda4.append("int4-cuda")
+                candidates += sorted(cuda4, key=lambda k: k != INT4_CUDA_KERNEL)
         if _force is not None:  # the probe and benchmarks: exactly this kernel (set-up errors propagate)
             kind = _force
-        elif kind is not None and not _probe(kind, dev, dt):
-            kind = None
+        else:
+            kind = next((c for c in candidates if _probe(c, dev, dt)), None)
         if kind is None:
             return self
-        if kind in ("int8", "int8-triton"):
-            if kind == "int8-triton":
+        if kind in ("int8", "int8-triton", "int4-triton"):
+            if kind.endswith("-triton"):
                 from . import kernels_triton  # noqa: F401  (ImportError without triton)
             self.kernel = kind
             return self
@@ -554,6 +569,9 @@ def _tie_head(model: nn.Module) -> None:
 def quantize_model(model: nn.Module, config: "QuantConfig | str", kernels: bool = True) -> nn.Module:
     """Quantize a loaded float `Gemma4Unified` in place (decoder linears; embeddings per config) and return it."""
     qc = QuantConfig.parse(config)
+    from .model.fusion import unfuse
+
+    unfuse(model)  # a fused float copy (fusion.fuse_projections) must not outlive the float weights
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and DECODER_LINEAR.match(name):
             q = QuantLinear.from_float(mod.weight.detach(), qc.bits, qc.group_size, qc.zero_point)

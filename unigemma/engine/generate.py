@@ -54,7 +54,8 @@ class Engine:
     On CPU the model's Linear weights are re-laid out column-major in place (faster decode, same values);
     pass cpu_column_major=False to keep them as loaded. Large ones also get a oneDNN-packed copy for steps of
     several tokens (verification, prefill; runner.PackedLinear) when the copies add at most 512 MiB;
-    cpu_packed=False turns that off, True packs every float32 Linear whatever the size.
+    cpu_packed=False turns that off, True packs every float32 Linear whatever the size. On CUDA the projections
+    are fused and the element-wise pieces compiled (model/fusion.py); fuse=False keeps the eager model.
     """
 
     def __init__(self, model, tokenizer=None, eos_token_ids: Seq[int] | None = None, drafter=None, *,
@@ -63,7 +64,7 @@ class Engine:
                  speculative: Any = "auto", num_draft_tokens: int | None = None, adaptive: bool = True,
                  prefix_cache: bool = True, prefix_block_size: int = 16, prefix_cache_bytes: int | None = None,
                  cuda_graphs: bool | None = None, cpu_column_major: bool = True, spare: int = 32,
-                 logprobs_mode: str = "processed", cpu_packed: bool | None = None):
+                 logprobs_mode: str = "processed", cpu_packed: bool | None = None, fuse: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -77,7 +78,7 @@ class Engine:
                              f"({max_pos})")
         self.runner = ModelRunner(model, max_slots, max_model_len, device=device, dtype=dtype, spare=spare,
                                   cuda_graphs=cuda_graphs, cpu_column_major=cpu_column_major,
-                                  cpu_packed=cpu_packed)
+                                  cpu_packed=cpu_packed, fuse=fuse)
         cache = self.runner.cache
         pc = PrefixCache(cache, prefix_block_size, prefix_cache_bytes, self.runner.media_ids) if prefix_cache \
             else None

@@ -13,19 +13,21 @@ row it has nothing for carries position −1 (a padding token: neither attended 
 Chunk boundaries never split a bidirectional vision block (a run of image / video placeholders): the block's
 first tokens must see its last ones, which only happens when they are in the same forward.
 
-CUDA path: decode steps have static shapes once the batch is rounded up to a bucket and the attention length
-of the full layers to a power of two, so each (batch bucket, T, kv bucket) is captured once as a CUDA graph and
-replayed: no Python or kernel-launch overhead per layer. Capture runs on padding positions, which touch only
-the cache's scratch entries, so capturing never disturbs live sequences. The CPU path runs eagerly, one-token
-products through MKL (column-major weights), products of several tokens (verification, batches, prefill) through
-oneDNN copies of the large weights packed once (PackedLinear), which keep a verify step of 1 + k tokens close to
-the cost of a plain step.
+CUDA path: q/k/v and gate/up weights are fused into one product each and the element-wise pieces between the
+products run compiled (model/fusion.py; `fuse=False` keeps the eager model). Decode steps have static shapes once
+the batch is rounded up to a bucket and the attention length of the full layers to a power of two, so each (batch
+bucket, T, kv bucket) is captured once as a CUDA graph and replayed: no Python or kernel-launch overhead per layer.
+Capture runs on padding positions, which touch only the cache's scratch entries, so capturing never disturbs live
+sequences. The CPU path runs eagerly, one-token products through MKL (column-major weights), products of several
+tokens (verification, batches, prefill) through oneDNN copies of the large weights packed once (PackedLinear),
+which keep a verify step of 1 + k tokens close to the cost of a plain step.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..model import fusion
 from ..model.cache import KVCache
 from ..model.layers import softcap
 
@@ -41,7 +43,7 @@ class ModelRunner:
 
     def __init__(self, model, max_slots: int, max_model_len: int, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, spare: int = 32, cuda_graphs: bool | None = None,
-                 cpu_column_major: bool = True, cpu_packed: bool | None = None):
+                 cpu_column_major: bool = True, cpu_packed: bool | None = None, fuse: bool | None = None):
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}: expected an integer >= 1")
         if max_model_len < 2:
@@ -88,6 +90,14 @@ class ModelRunner:
                                               min_size=PACKED_AUTO_MIN if auto else 0)
             if self.packed and isinstance(model.lm_head, PackedLinear):
                 self._head_t = None  # the packed head is faster than the column-major product
+        # GPU decode is bound by weight reads plus one launch gap per kernel: fused q/k/v and gate/up products and
+        # compiled element-wise pieces (model/fusion.py) take a layer from ~48 kernels to ~15. Default: on CUDA.
+        self.fused = 0
+        self.compiled = False
+        if self.direct and (self.device.type == "cuda" if fuse is None else fuse):
+            self.fused = fusion.fuse_projections(model)
+            fusion.configure()
+            self.compiled = True
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if use_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the runner is on {self.device}")
@@ -112,8 +122,10 @@ class ModelRunner:
         kw = {}
         if embeds is not None:
             kw["inputs_embeds"] = embeds[start:end][None]
-        return self.model.run(x, position_ids=pos, cache=self.cache, slots=torch.tensor([slot], device=self.device),
-                              kv_len=end, logits_to_keep=1, compute_logits=need_logits, **kw)
+        with fusion.active(self.compiled):
+                return self.model.run(x, position_ids=pos, cache=self.cache,
+                                  slots=torch.tensor([slot], device=self.device), kv_len=end, logits_to_keep=1,
+                                  compute_logits=need_logits, **kw)
 
     # --- decode ------------------------------------------------------------------------------------------
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
@@ -133,6 +145,10 @@ class ModelRunner:
                 self.graphs.prepare(rows, T, kv_len)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
+        with fusion.active(self.compiled):
+            return self._forward(tokens, positions, kv_len)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int):
         if not self.direct:
             out = self.model.run(tokens, position_ids=positions, cache=self.cache, kv_len=kv_len)
             return out.logits, out.hidden

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..config import FULL, SLIDING, TextConfig
 from .cache import EMPTY, KVCache
-from .layers import RMSNorm, apply_rope
+from . import fusion
+from .layers import RMSNorm
 
 
 def vision_block_ids(is_vision: torch.Tensor) -> torch.Tensor:
@@ -189,8 +190,7 @@ def _attend_few(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
 
 def _attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2))                                   # (B, KV, R, S)
-    scores = torch.where(mask, scores, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = fusion.masked_softmax(scores, mask).to(v.dtype)
     return torch.matmul(probs, v)                                                   # (B, KV, R, d)
 
 
@@ -222,21 +222,29 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, config.rms_norm_eps, with_scale=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self._qkv = None  # q/k(/v) as one row-blocked weight (fusion.fuse_projections)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         B, T, _ = x.shape
         cos, sin = plan.cos_sin[self.layer_type]
-        q = self.q_norm(self.q_proj(x).view(B, T, self.num_heads, self.head_dim))
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, d)
-
+        H, KV, d = self.num_heads, self.num_kv_heads, self.head_dim
+        eps = self.q_norm.eps
         if self.is_reuse:
+            q = self.q_proj(x).view(B, T, H, d)
+            q = fusion.q_norm_rope(q, self.q_norm.weight, cos, sin, eps)  # (B, H, T, d)
             k, v = plan.shared[self.layer_type]
         else:
-            k_raw = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-            v_raw = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-            k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)  # (B, KV, T, d)
-            v = self.v_norm(v_raw).transpose(1, 2)
-            k, v = self._through_cache(k, v, plan)
+            projs = (self.q_proj, self.k_proj) + ((self.v_proj,) if self.v_proj is not None else ())
+            y = fusion.fused_linear(self._qkv, projs, x)
+            if y is not None:  # one product for q, k (and v): (B, T, (H + 2·KV)·d) split in row blocks
+                parts = y.split([p.out_features for p in projs], dim=-1)
+            else:
+                parts = [p(x) for p in projs]
+            q = parts[0].view(B, T, H, d)
+            k_raw = parts[1].view(B, T, KV, d)
+            v_raw = parts[2].view(B, T, KV, d) if len(parts) == 3 else k_raw  # k_eq_v: V is the raw K
+            # q, k: RMSNorm then RoPE; v: the weightless norm only → (B, H, T, d), (B, KV, T|S, d) ×2
+            q, k, v = self._keys_values(q, k_raw, v_raw, cos, sin, plan)
             if self.is_store:
                 plan.shared[self.layer_type] = (k, v)
 
@@ -262,19 +270,26 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
-    def _through_cache(self, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan):
+    def _keys_values(self, q, k_raw, v_raw, cos, sin, plan: AttentionPlan):
+        """Raw projections → (q, k, v) to attend with: q and k normed and rotated, v normed; k and v through the
+        cache when there is one. Steps that write before attending (full layers, short sliding steps) norm,
+        rotate and store K/V in one piece (fusion.qk_norm_rope_store) and attend the cache's entries."""
+        wq, wk, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
         cache = plan.cache
-        if cache is None:
-            return k, v
-        B = k.shape[0]
-        if self.layer_type == FULL:
-            cache.write(self.layer_idx, plan.rows, plan.full_index, k, v)
-            return cache.full_kv(self.layer_idx, plan.slots, B, plan.kv_len)
-        if plan.sliding_write_first:
+        full = self.layer_type == FULL
+        if cache is None or not (full or plan.sliding_write_first):
+            q, k, v = fusion.qk_norm_rope(q, k_raw, v_raw, wq, wk, cos, sin, eps)  # (B, H|KV, T, d)
+            if cache is None:
+                return q, k, v
+            # a long chunk: read the ring as it was, then store this chunk's keys (they would overwrite some)
+            rk, rv = cache.ring_kv(self.layer_idx, plan.slots, q.shape[0])
+            k_all, v_all = torch.cat([rk.to(k.dtype), k], dim=2), torch.cat([rv.to(v.dtype), v], dim=2)
             cache.write(self.layer_idx, plan.rows, plan.ring_index, k, v)
-            return cache.ring_kv(self.layer_idx, plan.slots, B)
-        rk, rv = cache.ring_kv(self.layer_idx, plan.slots, B)
-        k_all = torch.cat([rk.to(k.dtype), k], dim=2)
-        v_all = torch.cat([rv.to(v.dtype), v], dim=2)
-        cache.write(self.layer_idx, plan.rows, plan.ring_index, k, v)
-        return k_all, v_all
+            return q, k_all, v_all
+        lk = cache.layers[self.layer_idx]
+        index = plan.full_index if full else plan.ring_index
+        q = fusion.qk_norm_rope_store(q, k_raw, v_raw, wq, wk, cos, sin, eps, lk.k, lk.v, plan.rows, index)
+        B = q.shape[0]
+        k, v = (cache.full_kv(self.layer_idx, plan.slots, B, plan.kv_len) if full
+                else cache.ring_kv(self.layer_idx, plan.slots, B))
+        return q, k, v

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeParams, TextConfig
+from . import fusion
 
 
 class RMSNorm(nn.Module):
@@ -27,22 +28,12 @@ class RMSNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
-            # The same float32 arithmetic in one fused kernel: the formula below launches nine element-wise kernels,
-            # and a batch-1 decode step on a GPU (seven norms a layer) is bound by how many kernels it runs.
-            w = self.weight.to(x.dtype) if self.with_scale else None
-            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return rms_norm_reference(x, self.weight if self.with_scale else None, self.eps)
+        return fusion.rms_norm(x, self.weight if self.with_scale else None, self.eps)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm exactly as the reference rounds it (float32, pow(-0.5)); RMSNorm's path off the GPU."""
-    xf = x.float()
-    # pow(-0.5) rather than rsqrt: the reference's choice, kept for identical rounding.
-    y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
+    """RMSNorm exactly as the reference rounds it (float32, pow(-0.5)), op by op, on any device."""
+    return fusion.rms_formula(x, weight, eps)
 
 
 def rope_inv_freq(params: RopeParams, head_dim: int) -> torch.Tensor:
@@ -91,15 +82,9 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, H, d); cos/sin: (B, T, d)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+    """x: (B, T, H, d); cos/sin: (B, T, d). x·cos + rotate_half(x)·sin, pairs (j, j + d/2)."""
+    return fusion.rope(x, cos, sin)
 
 
 class MLP(nn.Module):
@@ -111,12 +96,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+        self._gate_up = None  # gate/up as one (2I, H) weight (fusion.fuse_projections)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        y = fusion.fused_linear(self._gate_up, (self.gate_proj, self.up_proj), x)
+        if y is not None:
+            gate, up = y.chunk(2, dim=-1)  # (B, T, 2I) → 2 × (B, T, I)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(fusion.gelu_mul(gate, up))
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap · tanh(logits / cap), in the logits' dtype; identity when cap is None."""
     if cap is None:
         return logits
-    return torch.tanh(logits / cap) * cap
+    return fusion.softcap(logits, cap)

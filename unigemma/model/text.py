@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import TextConfig
 from .attention import Attention, AttentionPlan, build_plan, finish_plan
+from . import fusion
 from .cache import KVCache, make_cache
 from .layers import MLP, RMSNorm, RotaryEmbedding
 
@@ -35,9 +36,12 @@ class DecoderLayer(nn.Module):
         self.register_buffer("layer_scalar", torch.ones(1))  # persistent: loaded from the checkpoint
 
     def forward(self, h: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), plan))
-        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h * self.layer_scalar
+        eps = self.input_layernorm.eps
+        a = self.self_attn(self.input_layernorm(h), plan)
+        # h + post_attention_layernorm(a), and pre_feedforward_layernorm of that, in one piece (fusion.py)
+        h, x = fusion.add_norm(h, a, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight,
+                               eps)
+        return fusion.add_norm_scale(h, self.mlp(x), self.post_feedforward_layernorm.weight, self.layer_scalar, eps)
 
 
 class TextModel(nn.Module):
