@@ -1133,8 +1133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "tiny 256)")
     ap.add_argument("--long-new", type=int, default=16, help="tokens decoded after each long prompt")
     ap.add_argument("--verify-k", default="2,4,6", help="draft lengths whose verification step is timed")
-    ap.add_argument("--quant", default="int8,int4,int4-tinygemm", help="weight-only variants: int8, int4 (the "
-                    "default kernel choice), int4-triton / int4-tinygemm (the layers on that int4 kernel)")
+    ap.add_argument("--quant", default=None, help="weight-only variants: int8, int4 (the default kernel choice), "
+                    "int4-triton / int4-tinygemm (the layers on that CUDA int4 kernel); default int8,int4 and on a "
+                    "GPU also int4-triton")
     ap.add_argument("--quant-detail", action="store_true", help="quant: also profile each variant's step and time "
                     "each projection kind alone")
     ap.add_argument("--compile", action="store_true", help="also the inductor-compiled decode step (slow to build)")
@@ -1156,10 +1157,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.chunks = _ints(a.chunks or ("128,512" if t else "512,2048"), "--chunks")
     a.long_chunk = a.long_chunk or (256 if t else 2048)
     a.verify_k = _ints(a.verify_k, "--verify-k")
+    if a.quant is None:  # both CUDA int4 kernels side by side ("int4" is the default choice: tinygemm)
+        a.quant = "int8,int4" if t or not torch.cuda.is_available() else "int8,int4,int4-triton"
     a.quant = [q for q in a.quant.split(",") if q]
     bad = sorted(set(a.quant) - {"int8", "int4", "int4-triton", "int4-tinygemm"})
     if bad:
-        raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4, int4-tinygemm)")
+        raise SystemExit(f"--quant: unknown {bad} (accepted: int8, int4, int4-triton, int4-tinygemm)")
     if a.sections in ("default", "all"):
         a.sections = list(DEFAULT_SECTIONS if a.sections == "default" else SECTIONS)
     else:
