@@ -315,3 +315,33 @@ def test_packed_verify_step_matches_the_whole_forward(tmp_path):
         logits, _ = r.decode(toks, torch.arange(L, L + T)[None], L + T)
         assert (logits[0] - whole[L:L + T]).abs().max() < 1e-4, T
         r.cache.truncate(0, L)  # rejected: roll back, the next T writes the same positions again
+
+
+def test_packed_weights_are_packed_once_under_inference_mode(tmp_path, monkeypatch):
+    """An engine built and stepped under torch.inference_mode() (as servers do) packs each weight once: the key
+    taken at packing matched the key forward computes only outside inference mode, so every multi-row product
+    repacked its weight (70% of a batch-8 CPU decode step went there)."""
+    from unigemma.engine.runner import PackedLinear, packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN packing")
+    make_reference("kvshare", tmp_path, seed=1)
+    llm = unigemma.load(tmp_path, device="cpu", dtype="float32")
+    count = {"n": 0}
+    real = PackedLinear.repack
+
+    def counted(self):
+        count["n"] += 1
+        real(self)
+
+    monkeypatch.setattr(PackedLinear, "repack", counted)
+    with torch.inference_mode():
+        eng = Engine(llm.model, None, [], max_slots=4, max_model_len=128, speculative=None, prefix_cache=False,
+                     cpu_packed=True)
+        packed = eng.runner.packed
+        assert packed > 0 and count["n"] == packed
+        rids = [eng.add(Request(prompt_ids(12, seed=s), greedy(10, ignore_eos=True))) for s in range(4)]
+        while eng.has_work:
+            eng.step()
+    assert all(eng.output(r).finish_reason == "length" for r in rids)
+    assert count["n"] == packed  # one packing per weight, however many batched steps ran

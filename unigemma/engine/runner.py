@@ -216,7 +216,9 @@ class PackedLinear(torch.nn.Linear):
         with torch.no_grad():
             w = self.weight.detach()
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
-            self._packed_key = _weight_key(w)
+            # The key of the Parameter itself, as forward computes it: a detached view made under inference mode
+            # is an inference tensor with no version counter, whose key never matched (a repack every call).
+            self._packed_key = _weight_key(self.weight)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
