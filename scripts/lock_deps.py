@@ -7,8 +7,8 @@ new release of a dependency cannot break it. To move to newer versions (`make lo
     python3 -m pytest -q -m "not gpu"                         # green?
     python3 scripts/lock_deps.py                              # then commit constraints.txt
 
-It reads only installed package metadata (importlib.metadata): the closure of unigemma's requirements with the
-given extras, markers evaluated for this interpreter. torch is written without its local label (+cpu), which no
+It reads pyproject.toml and installed package metadata (importlib.metadata): the closure of unigemma's
+requirements with the given extras, markers evaluated for this interpreter. torch is written without its local label (+cpu), which no
 index outside PyTorch's own serves.
 """
 
@@ -29,10 +29,29 @@ def _canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str, extras: set[str]) -> dict[str, str]:
-    """{canonical name: installed version} of every distribution `root[extras]` needs, `root` excluded."""
+def project_requirements(extras: set[str]) -> list[str]:
+    """unigemma's own requirements with `extras`, from pyproject.toml (not from the installed metadata, which may
+    be an older checkout's)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = list(project["dependencies"])
+    for extra in sorted(extras):
+        reqs += project["optional-dependencies"][extra]
+    return reqs
+
+
+def closure(requirements: list[str]) -> dict[str, str]:
+    """{canonical name: installed version} of every distribution `requirements` need, transitively."""
     seen: dict[str, str] = {}
-    todo = [(root, frozenset(extras))]
+    todo: list[tuple[str, frozenset]] = []
+    for line in requirements:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate():
+            todo.append((req.name, frozenset(req.extras)))
     done: set[tuple[str, frozenset]] = set()
     while todo:
         name, ex = todo.pop()
@@ -43,8 +62,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             raise SystemExit(f"lock_deps: {name} is required but not installed; run `make setup` first") from None
-        if _canon(name) != _canon(root):
-            seen[_canon(dist.metadata["Name"])] = dist.version
+        seen[_canon(dist.metadata["Name"])] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)
             envs = [{"extra": e} for e in ex] or [{"extra": ""}]
@@ -59,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras", default="dev,server,train")
     p.add_argument("--out", default=str(ROOT / "constraints.txt"))
     a = p.parse_args(argv)
-    pins = closure("unigemma", set(a.extras.split(",")))
+    pins = closure(project_requirements(set(a.extras.split(","))))
     lines = [f"# Versions `make setup` / `make test` install (pip -c): the suite passed with these on Python "
              f"{sys.version_info.major}.{sys.version_info.minor}, Linux x86_64.",
              "# Written by scripts/lock_deps.py (`make lock`); its docstring says how to move to newer versions."]
