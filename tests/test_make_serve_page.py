@@ -128,7 +128,7 @@ def test_page_answers_a_drawn_red_circle(served, page, tmp_path):
     # defaults a new user has; only the temperature is set, through the slider, so the answers are greedy
     assert drv.execute_script("return document.getElementById('opt-image-budget').value") == "auto"
     drv.execute_script("const t = document.getElementById('opt-temperature'); t.value = 0;"
-                       "t.dispatchEvent(new Event("input")); t.dispatchEvent(new Event("change"));")
+                       "t.dispatchEvent(new Event('input')); t.dispatchEvent(new Event('change'));")
     # the composer's icons are drawn (inline SVG), not emoji that need a font
     for button in ("attach", "camera", "mic"):
         w = drv.execute_script(f"const s = document.querySelector('#{button} svg');"
