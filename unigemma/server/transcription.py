@@ -2,14 +2,15 @@
 audio understanding.
 
     multipart form ─► file (WAV / FLAC / OGG / MP3 ...), model, language, prompt, response_format, temperature
-                   ─► one chat turn: [audio, "Transcribe the audio."] (+ the prompt as context), greedy by default
-                   ─► the same path as /v1/chat/completions (media limits, admission, engine, parser)
+                   ─► decoded to 16 kHz, cut at pauses into utterances of at most 30 s (energy VAD)
+                   ─► per utterance one chat turn: [audio, "Transcribe the audio."] (+ the prompt as context),
+                      greedy by default, through the path /v1/chat/completions takes (limits, admission, engine)
                    ─► json {"text", "usage"} | text | verbose_json | srt | vtt
 
-The model gives no timestamps: verbose_json, srt and vtt hold one segment spanning the whole file, its
-`avg_logprob` the mean log-probability of the generated tokens and `compression_ratio` the text's zlib ratio
-(as Whisper reports them); `no_speech_prob` is null (nothing here estimates it). `language` (ISO-639-1) is
-passed on to the instruction and echoed; nothing detects it.
+The model gives no timestamps: a segment is an utterance, its times are where the VAD found speech (padded by
+0.2 s), its `avg_logprob` the mean log-probability of the generated tokens and `compression_ratio` the text's zlib
+ratio (as Whisper reports them); `no_speech_prob` is null (nothing here estimates it). A file with no speech found
+is one segment. `language` (ISO-639-1) is passed on to the instruction and echoed; nothing detects it.
 
 What this module does not do: audio decoding (inputs/audio.py), limits (media.py), generation (service.py).
 """
@@ -17,6 +18,7 @@ What this module does not do: audio decoding (inputs/audio.py), limits (media.py
 from __future__ import annotations
 
 import base64
+import io
 import re
 import zlib
 from pathlib import PurePath
@@ -33,6 +35,50 @@ FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 FIELDS = {"file", "model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
           "timestamp_granularities", "stream", "include[]", "chunking_strategy"}
 MAX_TOKENS_PER_30S = 448  # Whisper's decoder length: ample for 30 s of speech
+RATE = 16000
+PAD_S = 0.2           # kept around each utterance: the VAD cuts at the last loud frame
+MAX_SEGMENT_S = 30.0  # the model's audio segment length
+
+
+def speech_segments(wave) -> list[tuple[int, int]]:
+    """(start, end) sample spans of the utterances in a 16 kHz waveform: the energy VAD's speech, padded, merged
+    where the padding overlaps, cut into pieces of at most 30 s; the whole file when no speech is found."""
+    import numpy as np
+
+    from unigemma.realtime import EnergyVAD
+
+    vad = EnergyVAD(hangover_ms=400)
+    # trailing silence ends an utterance still open at the end of the file
+    events = vad.feed(wave) + vad.feed(np.zeros(RATE, dtype=np.float32))
+    spans, start = [], None
+    for e in events:
+        if e.kind == "speech_started":
+            start = e.sample
+        elif start is not None:
+            spans.append((start, e.sample))
+            start = None
+    pad, n = int(PAD_S * RATE), len(wave)
+    merged: list[list[int]] = []
+    for a, b in spans:
+        a, b = max(0, a - pad), min(n, b + pad)
+        if a >= b:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if not merged:
+        merged = [[0, n]]
+    step = int(MAX_SEGMENT_S * RATE)
+    return [(a, min(b, a + step)) for a0, b in merged for a in range(a0, b, step)]
+
+
+def wav_bytes(wave) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wave, RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def instruction(language: str | None, prompt: str | None) -> str:
@@ -50,11 +96,13 @@ def _timestamp(seconds: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
-def subtitles(text: str, duration: float, kind: str) -> str:
-    """One cue over [0, duration] in SubRip (srt) or WebVTT (vtt)."""
-    if kind == "srt":
-        return f"1\n{_timestamp(0, ',')} --> {_timestamp(duration, ',')}\n{text}\n\n"
-    return f"WEBVTT\n\n{_timestamp(0, '.')} --> {_timestamp(duration, '.')}\n{text}\n\n"
+def subtitles(segments: list[dict], kind: str) -> str:
+    """The segments as SubRip (srt) or WebVTT (vtt) cues."""
+    sep = "," if kind == "srt" else "."
+    cues = [(f"{i + 1}\n" if kind == "srt" else "")
+            + f"{_timestamp(s['start'], sep)} --> {_timestamp(s['end'], sep)}\n{s['text']}\n\n"
+            for i, s in enumerate(segments) if s["text"]]
+    return ("" if kind == "srt" else "WEBVTT\n\n") + "".join(cues)
 
 
 def compression_ratio(text: str) -> float:
@@ -131,7 +179,7 @@ def install_transcriptions(app: FastAPI) -> None:
             raise APIError(400, "'file' is empty", param="file")
         suffix = PurePath(upload.filename or "").suffix.lower().lstrip(".") or None
 
-        def duration() -> float:
+        def decode():
             from unigemma.inputs.audio import load_audio
             from unigemma.inputs.media import MediaError
 
@@ -139,42 +187,48 @@ def install_transcriptions(app: FastAPI) -> None:
                 wave = load_audio(data, max_seconds=service.policy.max_audio_seconds, format=suffix)
             except (MediaError, ValueError) as e:
                 raise APIError(400, f"file: {e}", param="file", code="invalid_media") from None
-            return len(wave) / 16000
+            return wave, [(a, b, wav_bytes(wave[a:b])) for a, b in speech_segments(wave)]
 
-        seconds = await run_in_threadpool(duration)
-        req = parse_request(ChatCompletionRequest, {
-            "model": settings.model_name, "temperature": temperature, "logprobs": True,
-            "max_tokens": MAX_TOKENS_PER_30S * max(1, int(-(-seconds // 30))),
-            "messages": [{"role": "user", "content": [
-                {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": suffix}},
-                {"type": "text", "text": instruction(language, _field(form, "prompt"))}]}]})
-        service.admit(1)
-        try:
-            prep = await run_in_threadpool(service.prepare_chat, req)
-            result = await _until_disconnect(request, service.chat(req, prep))
-        except APIError as e:
-            if e.param and e.param.startswith("messages"):  # the audio part is the uploaded file
-                e.param = "file"
-            raise
-        finally:
-            service.release(1)
-        choice = result["choices"][0]
-        text = (choice["message"].get("content") or "").strip()
-        usage = result["usage"]
+        wave, pieces = await run_in_threadpool(decode)
+        seconds = len(wave) / RATE
+        text_prompt = instruction(language, _field(form, "prompt"))
+        segments, prompt_tokens, completion_tokens = [], 0, 0
+        for i, (a, b, wav) in enumerate(pieces):  # one at a time: a long file must not fill the admission queue
+            req = parse_request(ChatCompletionRequest, {
+                "model": settings.model_name, "temperature": temperature, "logprobs": True,
+                "max_tokens": MAX_TOKENS_PER_30S,
+                "messages": [{"role": "user", "content": [
+                    {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}},
+                    {"type": "text", "text": text_prompt}]}]})
+            service.admit(1)
+            try:
+                prep = await run_in_threadpool(service.prepare_chat, req)
+                result = await _until_disconnect(request, service.chat(req, prep))
+            except APIError as e:
+                if e.param and e.param.startswith("messages"):  # the audio part is the uploaded file
+                    e.param = "file"
+                raise
+            finally:
+                service.release(1)
+            choice = result["choices"][0]
+            text = (choice["message"].get("content") or "").strip()
+            prompt_tokens += result["usage"]["prompt_tokens"]
+            completion_tokens += result["usage"]["completion_tokens"]
+            lps = [e["logprob"] for e in (choice.get("logprobs") or {}).get("content") or []]
+            segments.append({"id": i, "seek": a * 100 // RATE, "start": round(a / RATE, 3), "end": round(b / RATE, 3),
+                             "text": text, "tokens": service.tok.encode(text), "temperature": temperature,
+                             "avg_logprob": sum(lps) / len(lps) if lps else None,
+                             "compression_ratio": compression_ratio(text), "no_speech_prob": None})
+        text = " ".join(s["text"] for s in segments if s["text"])
         if fmt == "text":
             return PlainTextResponse(text + "\n")
         if fmt in ("srt", "vtt"):
-            return PlainTextResponse(subtitles(text, seconds, fmt),
+            return PlainTextResponse(subtitles(segments, fmt),
                                      media_type="text/vtt" if fmt == "vtt" else "application/x-subrip")
         if fmt == "json":
             return JSONResponse({"text": text, "usage": {
-                "type": "tokens", "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                "total_tokens": usage["total_tokens"]}})
-        lps = [e["logprob"] for e in (choice.get("logprobs") or {}).get("content") or []]
-        segment = {"id": 0, "seek": 0, "start": 0.0, "end": round(seconds, 3), "text": text,
-                   "tokens": service.tok.encode(text),
-                   "temperature": temperature, "avg_logprob": sum(lps) / len(lps) if lps else None,
-                   "compression_ratio": compression_ratio(text), "no_speech_prob": None}
+                "type": "tokens", "input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}})
         return JSONResponse({"task": "transcribe", "language": language or "unknown", "duration": round(seconds, 3),
-                             "text": text, "segments": [segment],
+                             "text": text, "segments": segments,
                              "usage": {"type": "duration", "seconds": round(seconds, 3)}})
