@@ -179,8 +179,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
 
     drafter: an MTP drafter folder (`gemma4_unified_assistant`) → `llm.drafter`, which generation uses for
     speculative decoding; None: the bundled demo drafter when `path` is None and unigemma/demo/drafter exists, else
-    none; False, "none" or "off" (the CLI's spellings): no drafter. The drafter's generation_config.json (num_assistant_tokens) becomes
-    `llm.drafter.generation_config`, the engine's draft length.
+    none; False, "none" or "off" (the CLI's spellings): no drafter. The drafter's generation_config.json
+    (num_assistant_tokens) becomes `llm.drafter.generation_config`, the engine's draft length.
 
     quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
     linears (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
