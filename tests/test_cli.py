@@ -1,6 +1,7 @@
 """The CLI: `chat` driven through a pseudo-terminal, `generate`, `bench`; errors are one line, no traceback."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,30 @@ def test_bench_and_errors(ckpt):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no such file" in bad.stderr
     bad = run("generate", "--model", "/no/such/dir", "--prompt", "x")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_bench_times_decode_and_prints_human_units(ckpt):
+    """Decode is timed from its first streamed token to its last (it was total minus a separately timed prefill,
+    floored at 1e-9 s: "decode 63000000000.0 tok/s" whenever the prefix cache made the run faster than that
+    prefill); the text output says how many tokens in how long, and memory in MiB / GiB."""
+    r = run("bench", "--model", str(ckpt), "--device", "cpu", "--prompt-tokens", "64", "--new-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"^decode\s+([\d,.]+) tok/s\s+(\d+) tokens in ([\d.]+) (ms|s) \(([\d.]+) ms per token", r.stdout,
+                  re.M)
+    assert m, r.stdout
+    tps, n, t = float(m.group(1).replace(",", "")), int(m.group(2)), float(m.group(3))
+    seconds = t / 1000 if m.group(4) == "ms" else t
+    assert 13 <= n <= 15 and seconds > 0
+    assert abs(tps - n / seconds) <= 0.02 * tps + 0.2, (tps, n, seconds)  # the rate is what the line's time says
+    assert abs(float(m.group(5)) - 1000 * seconds / n) <= 0.05 + 0.01 * float(m.group(5))
+    assert re.search(r"^prefill\s+[\d,.]+ tok/s\s+64 tokens in [\d.]+ m?s$", r.stdout, re.M), r.stdout
+    mem = re.search(r"^memory\s+([\d.]+) (MiB|GiB)\s+peak resident", r.stdout, re.M)
+    assert mem and 10 < float(mem.group(1)) < 1024, r.stdout
+    rows = {x["bench"]: x for x in map(json.loads, run("bench", "--model", str(ckpt), "--device", "cpu",
+                                                           "--prompt-tokens", "64", "--new-tokens", "16",
+                                                           "--json").stdout.splitlines())}
+    d = rows["decode"]
+    assert d["seconds"] > 0 and d["value"] == pytest.approx(d["new_tokens"] / d["seconds"])
 
 
 def test_progress_bar_while_loading_in_a_terminal(ckpt):

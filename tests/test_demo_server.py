@@ -112,9 +112,8 @@ def test_thinking_streams_a_trace_before_the_sum(client):
     assert content.strip() == "68", content
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng; "
-                    ".ci/run installs it)")
 def test_spoken_digit_is_recognised(client, tmp_path):
+    assert shutil.which("espeak-ng"), "espeak-ng is not installed: run `make setup-system`"
     wav = tmp_path / "seven.wav"
     subprocess.run(["espeak-ng", "-v", "en", "-s", "150", "-w", str(wav), "seven"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

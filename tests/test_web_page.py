@@ -4,7 +4,8 @@ message gets a streamed answer, an attached image is sent and shown, the markdow
 and tool-call deltas are rendered (from a scripted SSE stream), and a WAV fed as the fake microphone becomes a voice
 turn over /v1/realtime, push-to-talk and hands-free (browser VAD). A screenshot is saved in the test tmp dir.
 
-Browser tests skip when chromium / chromedriver / selenium are missing (.ci/run installs them)."""
+`make test` installs chromium and chromium-driver (scripts/system_packages.sh); without them the browser tests fail
+with the command to run, they never skip."""
 
 from __future__ import annotations
 
@@ -51,20 +52,51 @@ def test_page_is_served_and_self_contained(llm):
         assert not re.search(r"""url\(\s*["']?(https?:)?//|@import""", text), f.name
 
 
+def test_icons_need_no_emoji_font():
+    """Buttons and labels use inline SVG or plain text: no pictographs, which show as empty boxes on machines without
+    an emoji font (common on Linux)."""
+    pictograph = re.compile("[\u2300-\u23ff\u2600-\u27bf\U0001F000-\U0001FAFF]")
+    for f in STATIC.iterdir():
+        found = pictograph.findall(f.read_text(encoding="utf-8"))
+        assert not found, (f.name, found)
+    html = (STATIC / "index.html").read_text(encoding="utf-8")
+    for button in ("attach", "camera", "mic"):
+        assert re.search(rf'id="{button}"[^>]*data-icon="{button}"', html), button
+
+
 # --- the browser ---------------------------------------------------------------------------------------------
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return None
+def chromium() -> tuple[str, str]:
+    """(browser, driver) paths; fails with what to install when something is missing."""
     import importlib.util
 
-    if not (importlib.util.find_spec("websockets") or importlib.util.find_spec("wsproto")):
-        return None  # uvicorn cannot serve WebSockets without one of them
-    return (browser, driver) if browser and driver else None
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.fail("chromium / chromedriver are not installed: run `make setup-system` (as root: apt-get install "
+                    "chromium chromium-driver)")
+    for mod in ("selenium", "websockets"):  # uvicorn serves the page's voice WebSocket with `websockets`
+        if importlib.util.find_spec(mod) is None:
+            pytest.fail(f"{mod} is not installed: run `make setup`")
+    return browser, driver
+
+
+def start_chromium(tmp: Path, extra_flags: tuple[str, ...] = ()):
+    """Headless Chromium under Selenium, its profile in `tmp`."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = chromium()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}", "--window-size=1200,900",
+                 *extra_flags):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    drv.set_page_load_timeout(30)
+    return drv
 
 
 def _write_wav(path: Path) -> None:
@@ -91,25 +123,11 @@ def live(llm):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    found = _chromium()
-    if found is None:
-        pytest.skip("chromium, chromedriver, selenium or websockets is not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     tmp = tmp_path_factory.mktemp("chromium")
     wav = tmp / "speech.wav"
     _write_wav(wav)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = found[0]
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}", "--window-size=1200,900",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"):
-        opts.add_argument(flag)
-    drv = webdriver.Chrome(service=Service(found[1]), options=opts)
-    drv.set_page_load_timeout(30)
+    drv = start_chromium(tmp, ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                               f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required"))
     try:
         yield drv
     finally:
@@ -212,7 +230,8 @@ def test_browser_chat_image_markdown_voice(live, browser, tmp_path, llm):
     _wait(lambda: len(_answers(drv)) == 3 and _idle(drv), what="scripted answer")
     drv.execute_script("window.fetch = window._realFetch")
     last = drv.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1]
-    assert last.find_element(By.CSS_SELECTOR, ".tool-call").text == '🔧 get_weather({"city": "Oslo"})'
+    call = last.find_element(By.CSS_SELECTOR, ".tool-call")
+    assert call.text == 'get_weather({"city": "Oslo"})' and call.find_elements(By.CSS_SELECTOR, "svg")
     details = last.find_element(By.CSS_SELECTOR, "details.reasoning")
     assert details.get_attribute("hidden") is None and details.get_attribute("open") is None  # collapsed
     details.find_element(By.TAG_NAME, "summary").click()

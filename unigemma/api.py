@@ -156,14 +156,31 @@ def read_default_image_tokens(path: Path) -> int:
     return DEFAULT_MAX_SOFT_TOKENS
 
 
+MODEL_FOLDER = ("a checkpoint folder: config.json, tokenizer.json and model.safetensors (or sharded "
+                "model-*.safetensors with model.safetensors.index.json), as published on the Hub")
+DRAFTER_FOLDER = "an MTP drafter checkpoint folder (gemma4_unified_assistant): config.json and model.safetensors"
+DRAFTER_OFF = ("none", "off")  # the spellings of "no drafter" (also the CLI's --drafter none)
+
+
+def check_model_folder(path: Path, what: str = "model") -> None:
+    """A clear error when `path` is not a folder holding config.json (a file, a missing path, an empty folder)."""
+    form = MODEL_FOLDER if what == "model" else DRAFTER_FOLDER + "; or 'none' for no drafter"
+    if path.is_file():
+        raise ValueError(f"{what} {str(path)!r} is a file, not a {what}: the {what} is {form}")
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r}: no such folder; the {what} is {form}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} has no config.json: the {what} is {form}")
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
          drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
     """Load a gemma4_unified checkpoint folder (None: the bundled demo model).
 
     drafter: an MTP drafter folder (`gemma4_unified_assistant`) → `llm.drafter`, which generation uses for
     speculative decoding; None: the bundled demo drafter when `path` is None and unigemma/demo/drafter exists, else
-    none; False: no drafter. The drafter's generation_config.json (num_assistant_tokens) becomes
-    `llm.drafter.generation_config`, the engine's draft length.
+    none; False, "none" or "off" (the CLI's spellings): no drafter. The drafter's generation_config.json
+    (num_assistant_tokens) becomes `llm.drafter.generation_config`, the engine's draft length.
 
     quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
     linears (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
@@ -174,6 +191,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     from . import quant
     from .inputs.tokenizer import Tokenizer
 
+    if isinstance(drafter, str) and drafter.strip().lower() in DRAFTER_OFF:
+        drafter = False
     if drafter is True:
         raise ValueError("drafter=True is ambiguous: pass a drafter folder, None (the bundled demo drafter with the "
                          "bundled model) or False (no drafter)")
@@ -186,6 +205,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
                 f"no bundled demo model at {path}: this build of unigemma does not ship one yet; pass the folder "
                 "of a gemma4_unified checkpoint (config.json, safetensors, tokenizer.json)")
     path = Path(path)
+    check_model_folder(path)
+    if drafter is not None and drafter is not False:
+        check_model_folder(Path(drafter), "drafter")
     qcfg = quant.QuantConfig.parse(quantize)
     dev = resolve_device(device)
     kv = quant.resolve_kv_dtype(kv_dtype, None, dev)  # validated before the (long) load

@@ -1,13 +1,16 @@
 """The `unigemma` command line. Each subcommand is a thin adapter over the Python API.
 
-Errors at the user boundary print one clear line (no traceback) and exit with status 2.
+Errors at the user boundary print one clear line (no traceback) and exit with status 2; Ctrl-C exits with 130,
+quietly. Heavy modules (torch, FastAPI) are imported by the subcommand that needs them, not at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 
 def _cmd_inspect(args) -> int:
@@ -75,6 +78,11 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:  # the server extra is not installed
+        return _missing_extra("serve", "server", e)
     from .server.run import serve
 
     return serve(args) or 0
@@ -147,13 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (127.0.0.1 unless told otherwise)")
-    try:
-        from .server.run import add_serve_arguments
-    except ImportError as e:  # the server extra is not installed
-        s.set_defaults(func=lambda a, e=e: _missing_extra("serve", "server", e))
-    else:
-        add_serve_arguments(s)
-        s.set_defaults(func=_cmd_serve)
+    from .server.run import add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=_cmd_serve)
     return p
 
 
@@ -163,17 +168,22 @@ def _missing_extra(cmd: str, extra: str, err: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    """Run one subcommand. Ctrl-C anywhere (start-up, loading, generating) ends it quietly with status 130."""
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"unigemma {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            print(f"unigemma {args.command}: error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
+        # a second Ctrl-C while the interpreter winds down (torch's threads, atexit) would print a traceback
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return 130
 
 

@@ -386,6 +386,9 @@ def read_config_json(path: str | Path) -> dict:
         raise FileNotFoundError(f"{f}: no config.json (a checkpoint folder needs config.json beside its weights)")
     try:
         d = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:  # an image, a weights file, ... given where a model is expected
+        raise ConfigError(f"{f} is not a config.json (not text): give a checkpoint folder (config.json, "
+                          "tokenizer.json and model.safetensors) or its config.json") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{f}: invalid JSON ({e})") from None
     if not isinstance(d, dict):

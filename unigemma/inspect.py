@@ -71,15 +71,13 @@ def safetensors_bytes(path: Path) -> dict[str, int] | None:
 
 
 def kv_bytes(cfg, context: int, bytes_per_el: float = 2.0) -> int:
-    """KV-cache bytes for one sequence of `context` tokens; sliding layers hold at most sliding_window tokens."""
-    t = cfg.text
-    total = 0.0
-    for i, (lt, mode) in enumerate(zip(t.layer_types, t.kv_sharing_modes)):
-        if mode == "reuse":
-            continue
-        per_tok = 2 * t.layer_kv_heads[i] * t.layer_head_dim[i] * bytes_per_el
-        total += per_tok * (min(context, t.sliding_window) if lt == SLIDING else context)
-    return int(total)
+    """KV-cache bytes for one sequence of `context` tokens: the tensors `make_cache` allocates (built on the meta
+    device, so nothing is allocated), i.e. full layers hold `context` entries and sliding layers a ring buffer
+    bounded by the window. The one accounting behind every KV figure `inspect` prints."""
+    from .model.cache import make_cache
+
+    dtype = {1: getattr(torch, "float8_e4m3fn", torch.int8), 2: torch.bfloat16, 4: torch.float32}[int(bytes_per_el)]
+    return int(make_cache(cfg.text, 1, context, dtype, "meta").nbytes())
 
 
 def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = None, dtype: str = "bfloat16") -> dict:
@@ -199,7 +197,6 @@ def plan_memory(info: dict, cfg, path: Path | None, dtype: str = "bfloat16", qua
     """Extend an `inspect_config` report for a planned run: `weight_bytes` becomes the quantized size when
     `quantize` is given ("int8" | "int4" | QuantConfig), and `plan` holds KV bytes at `context` (sliding layers
     bounded by the window: the cache the model really allocates), an activation estimate and the total."""
-    from .model.cache import make_cache
     from .quant import QuantConfig, quantized_weight_bytes, stored_quantization
 
     el = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
@@ -224,10 +221,7 @@ def plan_memory(info: dict, cfg, path: Path | None, dtype: str = "bfloat16", qua
         if kv_name not in _KV_BYTES:
             raise ValueError(f"--kv-dtype {kv_name!r} is not supported (accepted: bf16, fp16, fp32, fp8)")
         kv_el = _KV_BYTES[kv_name]
-        # a meta-device cache: exactly the tensors make_cache allocates, at no cost
-        meta_dtype = {1: torch.float8_e4m3fn if hasattr(torch, "float8_e4m3fn") else torch.int8,
-                      2: torch.bfloat16, 4: torch.float32}[kv_el]
-        kv = make_cache(cfg.text, 1, context, meta_dtype, "meta").nbytes()
+        kv = kv_bytes(cfg, context, kv_el)
         act = activation_bytes(cfg, context, chunk, el)
         info["plan"] = {"context": context, "kv_dtype": kv_name, "kv_bytes": kv, "prefill_chunk": chunk,
                         "activation_bytes": act, "weight_bytes": info["weight_bytes"],

@@ -209,10 +209,18 @@ def cmd_chat(args) -> int:
 
 # --- bench ----------------------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
+    """Prefill: one forward of the prompt into a fresh cache (the second of two: the first pays one-time costs).
+    Decode: a greedy run streamed token by token, timed from its first token to its last, so neither the prefill
+    nor a prefix-cache hit is counted in it."""
     import resource
 
     import torch
 
+    from .inspect import human
+
+    if args.prompt_tokens < 1 or args.new_tokens < 2:
+        raise ValueError(f"--prompt-tokens must be >= 1 and --new-tokens >= 2, got {args.prompt_tokens} and "
+                         f"{args.new_tokens}")
     llm = load_from_args(args)
     V = llm.config.text.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -228,23 +236,41 @@ def cmd_bench(args) -> int:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             prefill = time.perf_counter() - t
-    res = llm.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True, speculative=False)
-    t = time.perf_counter()
-    res = llm.generate(prompt, max_tokens=args.new_tokens, temperature=0, ignore_eos=True, speculative=False)
-    total = time.perf_counter() - t
-    decode_tps = (len(res.token_ids) - 1) / max(1e-9, total - prefill)
+    opts = dict(max_tokens=args.new_tokens, temperature=0, ignore_eos=True, speculative=False)
+    llm.generate(prompt, **opts)  # warm-up
+    stamps: list[tuple[float, int]] = []  # (time a chunk arrived, tokens so far)
+    n = 0
+    for chunk in llm.generate(prompt, stream=True, **opts):
+        n += len(chunk.token_ids)
+        stamps.append((time.perf_counter(), n))
+    (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]
+    decode_tokens, decode_s = n_last - n_first, t_last - t_first
+    if decode_tokens < 1 or decode_s <= 0:
+        raise ValueError(f"decode produced {n_last} tokens in one step: nothing to time (raise --new-tokens)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     rows = [
         {"bench": "prefill", "impl": "unigemma", "metric": "tokens_per_s", "value": len(prompt) / prefill,
-         "unit": "tok/s", "prompt_tokens": len(prompt)},
-        {"bench": "decode", "impl": "unigemma", "metric": "tokens_per_s", "value": decode_tps, "unit": "tok/s",
-         "batch": 1, "prompt_tokens": len(prompt), "new_tokens": len(res.token_ids)},
-        {"bench": "memory", "impl": "unigemma", "metric": "peak_rss_bytes",
-         "value": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "unit": "B"},
+         "unit": "tok/s", "prompt_tokens": len(prompt), "seconds": prefill},
+        {"bench": "decode", "impl": "unigemma", "metric": "tokens_per_s", "value": decode_tokens / decode_s,
+         "unit": "tok/s", "batch": 1, "prompt_tokens": len(prompt), "new_tokens": decode_tokens, "seconds": decode_s},
+        {"bench": "memory", "impl": "unigemma", "metric": "peak_rss_bytes", "value": peak, "unit": "B"},
     ]
     for r in rows:
         r.update(device=str(dev), config=llm.path.name)
-        print(json.dumps(r) if args.json else f"{r['bench']:<8} {r['value']:>12.1f} {r['unit']}")
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    pre, dec = rows[0], rows[1]
+    print(f"prefill  {pre['value']:>10,.1f} tok/s   {pre['prompt_tokens']} tokens in {_secs(prefill)}")
+    print(f"decode   {dec['value']:>10,.1f} tok/s   {decode_tokens} tokens in {_secs(decode_s)} "
+          f"({_secs(decode_s / decode_tokens)} per token, batch 1)")
+    print(f"memory   {human(peak):>16}   peak resident (RSS) on {dev}")
     return 0
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
 class LoadProgress:

@@ -11,7 +11,7 @@ streams are cancelled by the server when the socket closes; non-streaming reques
 disconnect while they wait.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
-GET /metrics (Prometheus text format, one registry per app).
+GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py).
 
 What this module does not do: request → engine translation (server/service.py), schemas (server/protocol.py),
 starting uvicorn (server/run.py).
@@ -163,7 +163,8 @@ class _Guard:
             self.metrics.requests.labels(route, str(status_box["status"])).inc()
 
 
-_KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                 "/v1/audio/transcriptions"}
 
 
 # --- the app ---------------------------------------------------------------------------------------------------
@@ -311,6 +312,8 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
 
     from .realtime_ws import install_realtime  # /v1/realtime (streaming-input sessions) and the web page at /
     install_realtime(app)
+    from .transcription import install_transcriptions  # /v1/audio/transcriptions (multipart, Whisper's shape)
+    install_transcriptions(app)
     return app
 
 

@@ -15,8 +15,10 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .service import ServerSettings
+if TYPE_CHECKING:  # imported where used: the CLI reads this module's flags without importing FastAPI
+    from .service import ServerSettings
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +46,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSettings:
+    from .service import ServerSettings
+
     def get(name, default=None):
         return getattr(args, name, default)
 

@@ -2,10 +2,28 @@
 // /v1/realtime WebSocket (PCM16 16 kHz chunks, prefilled on the server while you speak), a small markdown renderer,
 // image attach / paste / drop as data URIs, collapsible reasoning, visible tool calls, settings and a conversation
 // list kept in localStorage. No external scripts: everything here runs from this file.
+// Requests name the model the server lists at GET /v1/models (the server refuses other names, as vLLM does).
+// Icons are inline SVG, drawn with lines, so they render without an emoji font.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const STORE = "unigemma.conversations", SETTINGS = "unigemma.settings";
+
+// --- icons (24x24, stroked in the text colour) -------------------------------------------------------------------
+const ICONS = {
+  attach: '<path d="M15.5 7.5 8.6 14.4a1.9 1.9 0 0 0 2.7 2.7l7.2-7.2a3.9 3.9 0 0 0-5.5-5.5L5.6 11.8a5.9 5.9 0 0 0 8.3 8.3l5.6-5.6"/>',
+  camera: '<path d="M3.5 7.5h4l1.8-2.5h5.4l1.8 2.5h4v11.5h-17z"/><circle cx="12" cy="13" r="3.6"/>',
+  mic: '<rect x="9" y="3" width="6" height="11.5" rx="3"/><path d="M5.8 11.5a6.2 6.2 0 0 0 12.4 0M12 17.7V21M8.8 21h6.4"/>',
+  tool: '<path d="M14.6 5.2a4 4 0 0 0 4.9 5.3l-8.6 8.6a2 2 0 0 1-2.9-2.9l8.6-8.6a4 4 0 0 0-2-2.4z"/>',
+};
+
+function icon(name) {
+  const span = document.createElement("span");
+  span.className = "icon";
+  span.innerHTML = '<svg viewBox="0 0 24 24" width="18" height="18" fill="none" stroke="currentColor" stroke-width="1.8" ' +
+    'stroke-linecap="round" stroke-linejoin="round" aria-hidden="true">' + ICONS[name] + "</svg>";
+  return span;
+}
 
 // --- markdown (a small, safe subset: HTML is escaped first, links are http(s) only) -----------------------------
 function escapeHtml(s) {
@@ -74,7 +92,7 @@ function load() {
   const s = (() => { try { return JSON.parse(localStorage.getItem(SETTINGS) || "{}"); } catch (e) { return {}; } })();
   if (s.thinking !== undefined) $("opt-thinking").checked = s.thinking;
   if (s.temperature !== undefined) $("opt-temperature").value = s.temperature;
-  if (s.imageBudget) $("opt-image-budget").value = s.imageBudget;
+  if (s.imageBudget) $("opt-image-budget").value = String(s.imageBudget);  // null: auto
   if (s.maxTokens) $("opt-max-tokens").value = s.maxTokens;
   if (s.system) $("opt-system").value = s.system;
   if (s.handsfree !== undefined) $("opt-handsfree").checked = s.handsfree;
@@ -85,7 +103,8 @@ function load() {
 function settings() {
   return {
     thinking: $("opt-thinking").checked, temperature: parseFloat($("opt-temperature").value),
-    imageBudget: parseInt($("opt-image-budget").value, 10), maxTokens: parseInt($("opt-max-tokens").value, 10) || 512,
+    imageBudget: parseInt($("opt-image-budget").value, 10) || null,  // null: the checkpoint's default
+    maxTokens: parseInt($("opt-max-tokens").value, 10) || 512,
     system: $("opt-system").value.trim(), handsfree: $("opt-handsfree").checked, speak: $("opt-speak").checked,
     apiKey: $("opt-api-key").value.trim(),
   };
@@ -144,13 +163,16 @@ function fill(div, m) {
   for (const src of m.images || []) {
     const img = document.createElement("img"); img.className = "thumb"; img.src = src; media.appendChild(img);
   }
-  if (m.voice) { const s = document.createElement("span"); s.className = "muted"; s.textContent = "🎤 voice message" + (m.seconds ? ` (${m.seconds.toFixed(1)} s)` : ""); media.appendChild(s); }
+  if (m.voice) {
+    const s = document.createElement("span"); s.className = "muted";
+    s.append(icon("mic"), "voice message" + (m.seconds ? ` (${m.seconds.toFixed(1)} s)` : "")); media.appendChild(s);
+  }
   const r = div.querySelector(".reasoning");
   if (m.reasoning) { r.hidden = false; r.querySelector(".reasoning-text").innerHTML = renderMarkdown(m.reasoning); }
   const tools = div.querySelector(".tools"); tools.innerHTML = "";
   for (const t of m.tool_calls || []) {
     const d = document.createElement("div"); d.className = "tool-call";
-    d.textContent = "🔧 " + (t.function.name || "?") + "(" + (t.function.arguments || "") + ")";
+    d.append(icon("tool"), (t.function.name || "?") + "(" + (t.function.arguments || "") + ")");
     tools.appendChild(d);
   }
   const c = div.querySelector(".content");
@@ -172,7 +194,8 @@ function apiMessages(s) {
     if (m.role === "user") {
       const text = m.voice ? (m.content || "[voice message]") : (m.content || "");
       if (m.images && m.images.length) {
-        const parts = m.images.map((u) => ({ type: "image_url", image_url: { url: u, max_soft_tokens: m.budget || s.imageBudget } }));
+        const budget = "budget" in m ? m.budget : s.imageBudget;  // null / absent: the model's default
+        const parts = m.images.map((u) => ({ type: "image_url", image_url: budget ? { url: u, max_soft_tokens: budget } : { url: u } }));
         if (text) parts.push({ type: "text", text });
         out.push({ role: "user", content: parts });
       } else out.push({ role: "user", content: text });
@@ -189,6 +212,24 @@ function headers(s) {
   const h = { "Content-Type": "application/json" };
   if (s.apiKey) h.Authorization = "Bearer " + s.apiKey;
   return h;
+}
+
+async function errorMessage(resp) {
+  try { return (await resp.json()).error.message; } catch (e) { return resp.status + " " + resp.statusText; }
+}
+
+// The id the server serves (GET /v1/models), asked once; asked again after a failure (e.g. before the API key
+// was typed in).
+let modelId = null;
+async function servedModel(s) {
+  if (modelId) return modelId;
+  const resp = await fetch("/v1/models", { headers: headers(s) });
+  if (!resp.ok) throw new Error(await errorMessage(resp));
+  const j = await resp.json();
+  if (!j.data || !j.data.length) throw new Error("the server lists no model at /v1/models");
+  modelId = j.data[0].id;
+  $("model-name").textContent = modelId;
+  return modelId;
 }
 
 function speak(text) {
@@ -211,16 +252,12 @@ async function sendText() {
   setBusy(true); setStatus("…");
   abortCtl = new AbortController();
   try {
-    const body = { model: "unigemma", messages: apiMessages(s), stream: true, temperature: s.temperature,
+    const body = { model: await servedModel(s), messages: apiMessages(s), stream: true, temperature: s.temperature,
                    max_tokens: s.maxTokens, chat_template_kwargs: { enable_thinking: s.thinking },
                    stream_options: { include_usage: true } };
     const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(s), body: JSON.stringify(body),
                                                       signal: abortCtl.signal });
-    if (!resp.ok) {
-      let err = resp.status + " " + resp.statusText;
-      try { err = (await resp.json()).error.message; } catch (e) { /* keep the status line */ }
-      throw new Error(err);
-    }
+    if (!resp.ok) throw new Error(await errorMessage(resp));
     const reader = resp.body.getReader(), dec = new TextDecoder();
     let buf = "";
     for (;;) {
@@ -327,7 +364,9 @@ async function startVoice() {
     ws.send(JSON.stringify({ type: "session.update", session: {
       instructions: s.system || null, thinking: s.thinking, temperature: s.temperature, max_tokens: s.maxTokens,
       vad: false, messages: apiMessages({ ...s, system: "" }) } }));  // the page's own VAD ends hands-free turns
-    for (const src of user.images) ws.send(JSON.stringify({ type: "input_image.append", image: src, max_soft_tokens: s.imageBudget }));
+    for (const src of user.images) {
+      ws.send(JSON.stringify({ type: "input_image.append", image: src, ...(s.imageBudget ? { max_soft_tokens: s.imageBudget } : {}) }));
+    }
     if (user.content) ws.send(JSON.stringify({ type: "input_text.append", text: user.content }));
     for (const q of v.queue) ws.send(JSON.stringify(q));
     v.queue = [];
@@ -380,7 +419,7 @@ function onVoiceEvent(v, ev) {
   else if (ev.type === "response.created") {
     v.user.seconds = v.seconds;
     current.messages.push(v.user);
-    if (current.title === "New chat") current.title = "🎤 voice chat";
+    if (current.title === "New chat") current.title = "voice chat";
     renderList();
     fill(bubble("user"), v.user);
     v.msg = { role: "assistant", content: "", reasoning: "", tool_calls: [] };
@@ -454,9 +493,8 @@ function init() {
   load();
   if (conversations.length) current = conversations[0]; else newConversation();
   renderList(); renderMessages(); setBusy(false);
-  fetch("/v1/models", { headers: headers(settings()) }).then((r) => r.json()).then((j) => {
-    if (j.data && j.data[0]) $("model-name").textContent = j.data[0].id;
-  }).catch(() => {});
+  for (const b of document.querySelectorAll("[data-icon]")) b.appendChild(icon(b.dataset.icon));
+  servedModel(settings()).catch(() => {});  // shown beside the name; sending asks again if this failed
   $("composer").onsubmit = (e) => { e.preventDefault(); sendText(); };
   $("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); sendText(); } });
   $("stop").onclick = () => { if (abortCtl) abortCtl.abort(); if (voice) voice.send({ type: "response.cancel" }); };
