@@ -344,7 +344,8 @@ class BatchingEngine:
                 out = StepOutput(ev.token_id if ev.token_id is not None else -1, ev.text, ev.logprob,
                                  list(ev.top_logprobs or []), ev.finished, reason, ev.stop_reason)
                 if getattr(ev, "error", None):  # the engine failed on this request alone (logged there)
-                    out.error = f"the engine failed on this request ({ev.error}); see the server log"
+                    out.error = f"the engine failed on this request ({ev.error}); the server log has the " \
+                                f"details under request id {h.id}"
                     out.error_status = 500
                 if ev.finished:
                     if ev.usage is not None:
