@@ -525,13 +525,18 @@ def test_limit_settings_are_validated_and_reach_the_cli():
     s = settings_from_args(p.parse_args(["--max-stop-chars", "10", "--max-prompt-chars", "99", "--max-json-depth",
                                          "7", "--max-image-side", "100", "--max-image-pixels", "5000",
                                          "--max-image-decoded-mb", "1", "--max-realtime-turns", "3",
-                                         "--allowed-origin", "http://a.example", "--allowed-origin", "http://b:1"]),
+                                         "--allowed-origin", "http://a.example", "--allowed-origin", "http://b:1",
+                                         "--max-audio-seconds", "5", "--max-video-seconds", "6",
+                                         "--max-video-frames", "4"]),
                            "m")
     assert (s.max_stop_chars, s.max_prompt_chars, s.max_json_depth, s.max_image_side, s.max_image_pixels,
             s.max_image_decoded_bytes, s.realtime_turns, s.allowed_origins) == \
         (10, 99, 7, 100, 5000, 1 << 20, 3, ("http://a.example", "http://b:1"))
     policy = s.media_policy()
-    assert (policy.max_side, policy.max_pixels, policy.max_decoded_bytes) == (100, 5000, 1 << 20)
+    assert (policy.max_side, policy.max_pixels, policy.max_decoded_bytes, policy.max_audio_seconds,
+            policy.max_video_seconds, policy.max_video_frames) == (100, 5000, 1 << 20, 5.0, 6.0, 4)
+    with pytest.raises(ValueError, match="max_audio_seconds=nan: expected a number of seconds > 0"):
+        ServerSettings(max_audio_seconds=float("nan"))
     assert ServerSettings(max_concurrency=5).realtime_turns == 2 and ServerSettings(max_concurrency=1).realtime_turns == 1
 
 

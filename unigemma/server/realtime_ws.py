@@ -215,7 +215,8 @@ class _Connection:
                 c = self.config
                 self.prompt = await run_in_threadpool(
                     lambda: IncrementalPrompt(self.llm, self.messages, system=c["instructions"], tools=c["tools"],
-                                              enable_thinking=c["thinking"], resolve=self._resolve))
+                                              enable_thinking=c["thinking"], resolve=self._resolve,
+                                              max_audio_seconds=self.service.settings.max_audio_seconds))
                 pieces = [self.prompt.head()] if self.prompt.head().ids else []
                 await self._apply(pieces)
             except BaseException:

@@ -47,6 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-side", type=int, default=16_384, help="longer side of one image, in pixels")
     p.add_argument("--max-image-decoded-mb", type=float, default=256.0,
                    help="decoded size of one image in MiB (width × height × bytes per pixel), from its header")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, help="length of one audio clip")
+    p.add_argument("--max-video-seconds", type=float, default=600.0, help="length of one video")
+    p.add_argument("--max-video-frames", type=int, default=32, help="frames sampled from one video")
     p.add_argument("--max-realtime-turns", type=int, default=None,
                    help="open /v1/realtime turns holding a slot at once (default: half of --max-concurrency)")
     p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
@@ -81,6 +84,9 @@ def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSet
         max_image_pixels=get("max_image_pixels") or 50_000_000,
         max_image_side=get("max_image_side") or 16_384,
         max_image_decoded_bytes=int((get("max_image_decoded_mb") or 256.0) * 1024 * 1024),
+        max_audio_seconds=get("max_audio_seconds") or 600.0,
+        max_video_seconds=get("max_video_seconds") or 600.0,
+        max_video_frames=get("max_video_frames") or 32,
         max_realtime_turns=get("max_realtime_turns"),
         allowed_origins=tuple(get("allowed_origin") or ()),
     )

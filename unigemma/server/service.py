@@ -78,12 +78,16 @@ class ServerSettings:
     max_image_pixels: int = 50_000_000      # width × height of one image (from its header)
     max_image_side: int = 16_384            # its longer side, in pixels
     max_image_decoded_bytes: int = 256 * 1024 * 1024  # width × height × bytes per pixel once decoded
+    max_audio_seconds: float = 600.0        # one audio clip (and one realtime turn's audio)
+    max_video_seconds: float = 600.0        # one video
+    max_video_frames: int = 32              # frames sampled from one video
     max_realtime_turns: int | None = None   # open realtime turns holding a slot (None: half the slots, >= 1)
     allowed_origins: tuple[str, ...] = ()   # browser origins besides the server's own that may open /v1/realtime
 
     def __post_init__(self) -> None:
         positive = ("max_concurrency", "max_body_bytes", "max_media_bytes", "max_prompt_chars", "max_stop_chars",
-                    "max_json_depth", "max_image_pixels", "max_image_side", "max_image_decoded_bytes")
+                    "max_json_depth", "max_image_pixels", "max_image_side", "max_image_decoded_bytes",
+                    "max_video_frames")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -98,8 +102,10 @@ class ServerSettings:
             raise ValueError(f"ServerSettings.max_realtime_turns={self.max_realtime_turns} is more than "
                              f"max_concurrency={self.max_concurrency}: realtime turns would leave no slot to HTTP "
                              "requests; use at most max_concurrency")
-        if not isinstance(self.remote_timeout_s, (int, float)) or not self.remote_timeout_s > 0:
-            raise ValueError(f"ServerSettings.remote_timeout_s={self.remote_timeout_s!r}: expected seconds > 0")
+        for name in ("remote_timeout_s", "max_audio_seconds", "max_video_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"ServerSettings.{name}={v!r}: expected a number of seconds > 0")
         if isinstance(self.allowed_origins, str):
             self.allowed_origins = (self.allowed_origins,)
         self.allowed_origins = tuple(self.allowed_origins)
@@ -119,7 +125,10 @@ class ServerSettings:
         return server_media.MediaPolicy(media_root=self.media_root, allow_remote=self.allow_remote_media,
                                         remote_timeout_s=self.remote_timeout_s, max_bytes=self.max_media_bytes,
                                         max_pixels=self.max_image_pixels, max_side=self.max_image_side,
-                                        max_decoded_bytes=self.max_image_decoded_bytes)
+                                        max_decoded_bytes=self.max_image_decoded_bytes,
+                                        max_audio_seconds=self.max_audio_seconds,
+                                        max_video_seconds=self.max_video_seconds,
+                                        max_video_frames=self.max_video_frames)
 
 
 # --- engine side ---------------------------------------------------------------------------------------------
