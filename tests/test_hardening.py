@@ -369,6 +369,29 @@ def test_oversized_prompts_refused_before_tokenizing(srv, http, monkeypatch):
     assert http.get("/health").status_code == 200
 
 
+def test_a_10mb_prompt_is_refused_fast_and_health_stays_responsive(srv):
+    big = json.dumps(chat(messages=[{"role": "user", "content": "word " * 2_000_000}]))  # 10 MB of text
+    res: list = []
+
+    def send():
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/v1/chat/completions", content=big, timeout=60)
+        res.append((r, time.perf_counter() - t0))
+
+    th = threading.Thread(target=send)
+    th.start()
+    worst = 0.0
+    while th.is_alive():
+        t0 = time.perf_counter()
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+        worst = max(worst, time.perf_counter() - t0)
+        time.sleep(0.02)
+    th.join()
+    r, took = res[0]
+    assert error_of(r, 400)["code"] == "prompt_too_long"
+    assert took < 5 and worst < 2, (took, worst)
+
+
 # --- 7. grammar literals with markup; non-finite logprobs ---------------------------------------------------
 
 @pytest.mark.parametrize("const", ["a<turn|>b", "<|tool_call>call:x{}"])
