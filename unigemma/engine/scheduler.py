@@ -12,6 +12,11 @@ One `step()`:
               sequence in the highest slot moves into it, so running rows stay compacted in 0..B−1 and
               decode reads the cache as zero-copy views
 
+Failures are per request: an exception while admitting, prefilling or booking one sequence (bad media, a grammar,
+detokenizer or stop-check error) ends that sequence alone with finish_reason "error" (TokenEvent.error says why;
+the log has the request id and traceback). A failed batched decode forward is retried row by row, so only the
+row at fault fails.
+
 Results never depend on batch composition: every row is computed from its own cache slot, and its sampling
 draws come from its own random stream (seeded requests), advanced only by the positions it actually emits.
 
@@ -442,7 +447,7 @@ class Scheduler:
         requests of the step go on. Logged with the request id and the traceback."""
         log.error("request %s failed while %s: %s: %s", seq.id, stage, type(exc).__name__, exc, exc_info=exc)
         if seq.status == DONE and seq not in self._finished and seq.slot < 0:
-            return
+            return  # already ended (cancelled) and its final event sent: nothing left to fail
         seq.status = DONE
         seq.finish_reason = "error"
         seq.embeds = seq.hidden = None
