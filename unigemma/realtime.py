@@ -32,6 +32,7 @@ import torch
 from .inputs.audio import FRAME_SAMPLES, SAMPLE_RATE, SEGMENT_FRAMES
 from .inputs.media import MediaError
 from .inputs.prompt import _SPLIT
+from .inputs.template import neutralize
 
 __all__ = ["EnergyVAD", "IncrementalPrompt", "Piece", "Session", "VADEvent", "pcm16_to_float"]
 
@@ -139,7 +140,7 @@ class IncrementalPrompt:
         text = self._text.strip()  # the template trims text parts
         if text:
             self.parts.append({"type": "text", "text": text})
-        s = self._tpl + text
+        s = self._tpl + neutralize(text)
         self._tpl, self._text = "", ""
         return self._settle(s)
 
@@ -182,7 +183,9 @@ class IncrementalPrompt:
         out = self._close_audio()
         self._text += text
         if self.text_holdback is not None:
-            ids = self.tok.encode(self._tpl + self._text.lstrip())
+            # user text is neutralised as the chat template does it on every other path (`<turn|>` typed by the
+            # user must not become a control token); a tail that changes once more text arrives is rewound
+            ids = self.tok.encode(self._tpl + neutralize(self._text.lstrip()))
             ready = ids[: max(0, len(ids) - self.text_holdback)]
             early = self._eager
             c = 0
@@ -231,13 +234,14 @@ class IncrementalPrompt:
     def append_image(self, image, max_soft_tokens: int | None = None) -> list[Piece]:
         """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default: the model's,
         `llm.default_image_tokens`, 280 unless its processor config says otherwise)."""
-        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, preprocess_image
+        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, check_positions, preprocess_image
 
         self._check_open()
         if self.cfg.vision is None:
             raise ValueError("this model has no vision_config: it cannot take images")
         budget = check_budget(int(max_soft_tokens or getattr(self.llm, "default_image_tokens", DEFAULT_MAX_SOFT_TOKENS)))
         feats = preprocess_image(image, budget)
+        check_positions(feats, self.cfg.vision.mm_posemb_size)
         out = self._close_audio() + self._flush_text()
         c = self.cfg
         ids = [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]
@@ -254,7 +258,7 @@ class IncrementalPrompt:
         text = self._text.strip()
         if text:
             self.parts.append({"type": "text", "text": text})
-        out += self._settle(self._tpl + text + self.after)
+        out += self._settle(self._tpl + neutralize(text) + self.after)
         self._tpl = self._text = ""
         self.closed = True
         return [p for p in out if p.ids or p.rewind]

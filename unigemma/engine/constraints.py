@@ -477,6 +477,10 @@ def _json_schema_payload(spec: ConstraintSpec) -> dict | bool:
         if not schema:
             raise ValueError("json_schema `false` accepts nothing")
         schema = {}
+    _check_literals(schema, "json_schema")
+    if not satisfiable(schema):
+        raise ValueError("json_schema admits no finite value (a required property or item refers back to the "
+                         "schema with no way out); make the recursive property optional or give it an alternative")
     schema = copy.deepcopy(schema)
     if spec.strict:
         _close_objects(schema)
@@ -488,6 +492,51 @@ def _json_schema_payload(spec: ConstraintSpec) -> dict | bool:
     user_opts = schema.get("x-guidance")
     schema["x-guidance"] = {**opts, **(user_opts if isinstance(user_opts, dict) else {})}
     return schema
+
+
+def _check_literals(schema: Any, where: str) -> None:
+    """Refuse const / enum strings that contain format-token text (`<turn|>`, `<|tool_call>`, ...).
+
+    The grammar would force the model to write that text, and the response parser reads it as markup: the JSON
+    is cut at `<turn|>` (invalid output ending "stop"), or a `<|tool_call>` opens a call that never closes
+    (generation runs to the length limit). Iterative, so deep schemas cannot exhaust the stack."""
+    from unigemma.inputs.template import find_format_token
+
+    stack = [(schema, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, str):
+            continue
+        if isinstance(node, list):
+            stack.extend((x, f"{at}[{i}]") for i, x in enumerate(node))
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in ("const", "enum"):
+            if key in node:
+                for text in _strings_in(node[key]):
+                    tok = find_format_token(text)
+                    if tok is not None:
+                        raise ValueError(f"{at}.{key}: the string {text[:80]!r} contains {tok!r}, text of the "
+                                         "model's control tokens, which its output format cannot carry; use other "
+                                         "text")
+        for k, v in node.items():
+            if k not in ("const", "enum") and isinstance(v, (dict, list)):
+                stack.append((v, f"{at}.{k}"))
+
+
+def _strings_in(value: Any) -> list[str]:
+    out, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return out
 
 
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -570,6 +619,11 @@ class _WireGrammar:
         if isinstance(v, str):
             if _QUOTE_TEXT in v:
                 raise ValueError(f"enum/const string {v!r} contains the quote token text {_QUOTE_TEXT!r}")
+            from unigemma.inputs.template import find_format_token
+            tok = find_format_token(v)
+            if tok is not None:
+                raise ValueError(f"enum/const string {v[:80]!r} contains {tok!r}, text of the model's control "
+                                 "tokens, which a tool call cannot carry")
             return f"{self.q} {_lark_str(v)} {self.q}" if v else f"{self.q} {self.q}"
         if isinstance(v, list):
             return '"[" ' + ' "," '.join(self.literal(x) for x in v) + ' "]"'
@@ -774,6 +828,70 @@ def _merge_all_of(schema: dict, where: str) -> dict:
     return merged
 
 
+def satisfiable(schema: Any) -> bool:
+    """Whether some finite JSON value is valid for `schema`, as far as recursion goes: a `$ref` cycle through
+    required properties / non-empty arrays with no alternative (e.g. {"properties": {"a": {"$ref": "#"}},
+    "required": ["a"]}) admits none, and a grammar built from it could never finish.
+
+    A least fixpoint over the schema's local `$ref` targets (all start unsatisfiable; repeat until nothing
+    changes), so mutual recursion is judged right. Constraints other than recursion are not analysed."""
+    refs: dict[str, bool] = {}
+
+    def resolve(ref: Any) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            return True  # not ours to judge: compilation reports unsupported refs
+        node: Any = schema
+        for part in [p for p in ref[1:].split("/") if p]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return True
+            node = node[part]
+        return node
+
+    def ok(node: Any, depth: int = 0) -> bool:
+        if depth > 200 or not isinstance(node, dict):
+            return node is not False
+        if "$ref" in node:
+            ref = node["$ref"]
+            if ref not in refs:
+                refs[ref] = False  # discovered: judged in the fixpoint loop
+            return refs[ref]
+        if "const" in node or "enum" in node:
+            return True
+        for comb in ("anyOf", "oneOf"):
+            if isinstance(node.get(comb), list):
+                rest = {k: v for k, v in node.items() if k != comb}
+                return any(ok({**rest, **alt} if isinstance(alt, dict) else alt, depth + 1) for alt in node[comb])
+        if isinstance(node.get("allOf"), list):
+            return all(ok(sub, depth + 1) for sub in node["allOf"]) and \
+                ok({k: v for k, v in node.items() if k != "allOf"}, depth + 1)
+        types = node.get("type")
+        if types is None:
+            types = ["object"] if "properties" in node or "required" in node else \
+                (["array"] if "items" in node else ["any"])
+        for t in [types] if isinstance(types, str) else list(types):
+            if t == "array":
+                if int(node.get("minItems", 0) or 0) == 0 or ok(node.get("items", True), depth + 1):
+                    return True
+            elif t == "object":
+                props = node.get("properties") or {}
+                if isinstance(props, dict) and all(ok(props.get(k, True), depth + 1)
+                                                   for k in node.get("required") or [] if isinstance(k, str)):
+                    return True
+            else:
+                return True
+        return False
+
+    ok(schema)
+    while True:
+        changed = False
+        for ref in list(refs):
+            if not refs[ref] and ok(resolve(ref)):
+                refs[ref] = changed = True
+        if not changed:
+            return ok(schema)
+
+
 def _tool_list(tools: Any) -> list[tuple[str, dict]]:
     if not isinstance(tools, list) or not tools:
         raise ValueError("tool_call constraint needs a non-empty list of tools")
@@ -834,6 +952,10 @@ def tool_call_lark(payload: Any, ids: dict[str, int], parallel: bool = True) -> 
     wg = _WireGrammar(q)  # one builder for all tools: rule names stay unique, shared rules are defined once
     fn_alts = []
     for name, params in chosen:
+        if not satisfiable(params):
+            raise ValueError(f"tool {name!r}: its parameters schema admits no finite value (a required property or "
+                             "item refers back to the schema itself with no way out), so the forced call could "
+                             "never be completed; make the recursive property optional or give it an alternative")
         wg.root = params
         args = wg.value({"type": "object", **params} if "type" not in params else params,
                         f"tool {name!r} parameters")

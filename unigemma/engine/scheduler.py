@@ -12,6 +12,11 @@ One `step()`:
               sequence in the highest slot moves into it, so running rows stay compacted in 0..B−1 and
               decode reads the cache as zero-copy views
 
+Failures are per request: an exception while admitting, prefilling or booking one sequence (bad media, a grammar,
+detokenizer or stop-check error) ends that sequence alone with finish_reason "error" (TokenEvent.error says why;
+the log has the request id and traceback). A failed batched decode forward is retried row by row, so only the
+row at fault fails.
+
 Results never depend on batch composition: every row is computed from its own cache slot, and its sampling
 draws come from its own random stream (seeded requests), advanced only by the positions it actually emits.
 
@@ -25,6 +30,7 @@ process logits (engine/sampling.py), or know about chat messages (inputs/, outpu
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +46,8 @@ from .speculative import DraftController, Proposer, SpecStats, Stopwatch, accept
 from .stopping import StopChecker
 
 WAITING, PREFILL, RUNNING, DONE = "waiting", "prefill", "running", "done"
+
+log = logging.getLogger("unigemma.engine")
 
 
 @dataclass
@@ -93,6 +101,7 @@ class TokenEvent:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    error: str | None = None    # finish_reason "error": what went wrong (this request alone failed)
 
 
 class Sequence:
@@ -291,7 +300,7 @@ class Scheduler:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         events, self.pending = self.pending, []
-        self._admit()
+        self._admit(events)
         self._prefill(events)
         self._decode(events)
         # freeing moves sequences between slots, so it waits until every row of this step is booked
@@ -301,44 +310,57 @@ class Scheduler:
         self.steps += 1
         return events
 
-    def _admit(self) -> None:
+    def _admit(self, events: list[TokenEvent]) -> None:
         while self.waiting and len(self.slots) < self.runner.max_slots:
             seq = self.waiting.popleft()
             seq.slot = len(self.slots)
             self.slots.append(seq)
             seq.status = PREFILL
-            self.cache.reset_slot(seq.slot)
-            media = seq.request.media
-            if media:
-                ids = torch.tensor([seq.tokens], device=self.device)
-                seq.embeds = self.runner.model.embed(ids, **media)[0]
-            if self.prefix is not None and not seq.request.open:  # a growing prompt has no block keys
-                seq.keys = self.prefix.keys_for(seq.tokens, seq.embeds)
-                keys = seq.keys.extend(seq.tokens, seq.prompt_len)
-                # at least the last prompt token is always computed: its logits give the first output token
-                blocks = self.prefix.lookup(keys, seq.prompt_len - 1)
-                seq.cached_tokens = seq.computed = self.prefix.restore(blocks, seq.slot)
-                seq.stored_blocks = len(blocks)
+            try:
+                self._admit_one(seq)
+            except Exception as e:  # bad media for this request (e.g. the vision embedder refusing it)
+                self._fail(seq, e, events, "admitting")
+
+    def _admit_one(self, seq: Sequence) -> None:
+        self.cache.reset_slot(seq.slot)
+        media = seq.request.media
+        if media:
+            ids = torch.tensor([seq.tokens], device=self.device)
+            seq.embeds = self.runner.model.embed(ids, **media)[0]
+        if self.prefix is not None and not seq.request.open:  # a growing prompt has no block keys
+            seq.keys = self.prefix.keys_for(seq.tokens, seq.embeds)
+            keys = seq.keys.extend(seq.tokens, seq.prompt_len)
+            # at least the last prompt token is always computed: its logits give the first output token
+            blocks = self.prefix.lookup(keys, seq.prompt_len - 1)
+            seq.cached_tokens = seq.computed = self.prefix.restore(blocks, seq.slot)
+            seq.stored_blocks = len(blocks)
 
     def _prefill(self, events: list[TokenEvent]) -> None:
         budget = self.prefill_chunk
         for seq in list(self.slots):
-            while seq.status == PREFILL and budget > 0 and seq.computed < seq.prompt_len:
-                start = seq.computed
-                end = self.runner.chunk_end(seq.tokens, start, min(budget, self.prefill_chunk))
-                end = min(end, seq.prompt_len)
-                last = end == seq.prompt_len and not seq.request.open
-                out = self.runner.prefill_chunk(seq.slot, seq.tokens, start, end, seq.embeds, need_logits=last)
-                seq.computed = end
-                budget -= end - start
-                self._store_blocks(seq)
-                if last:
-                    seq.status = RUNNING
-                    seq.embeds = None
-                    seq.hidden = out.hidden[0, -1].clone()
-                    self._emit_sampled(seq, out.logits[:, -1], events)
+            try:
+                budget = self._prefill_one(seq, budget, events)
+            except Exception as e:  # prefill is per sequence (B = 1): only this request fails
+                self._fail(seq, e, events, "prefilling")
             if budget <= 0:
                 break
+
+    def _prefill_one(self, seq: Sequence, budget: int, events: list[TokenEvent]) -> int:
+        while seq.status == PREFILL and budget > 0 and seq.computed < seq.prompt_len:
+            start = seq.computed
+            end = self.runner.chunk_end(seq.tokens, start, min(budget, self.prefill_chunk))
+            end = min(end, seq.prompt_len)
+            last = end == seq.prompt_len and not seq.request.open
+            out = self.runner.prefill_chunk(seq.slot, seq.tokens, start, end, seq.embeds, need_logits=last)
+            seq.computed = end
+            budget -= end - start
+            self._store_blocks(seq)
+            if last:
+                seq.status = RUNNING
+                seq.embeds = None
+                seq.hidden = out.hidden[0, -1].clone()
+                self._emit_sampled(seq, out.logits[:, -1], events)
+        return budget
 
     def _emit_sampled(self, seq: Sequence, logits: torch.Tensor, events: list[TokenEvent]) -> None:
         """First token of a sequence, from its last prompt position's logits (1, V)."""
@@ -355,8 +377,31 @@ class Scheduler:
         running = [s for s in self.slots if s.status == RUNNING]
         if not running:
             return
+        try:
+            drafts, chosen, hidden = self._forward_rows(running, speculate=True)
+        except Exception as e:
+            if len(running) == 1:
+                self._fail(running[0], e, events, "decoding")
+                return
+            # The batched step failed and cannot say for which row: run each row alone (no drafts) so that only
+            # the request at fault fails. Rewriting a row's pending position is harmless (same token, same slot).
+            log.warning("decode step of %d requests failed (%s: %s); retrying row by row", len(running),
+                        type(e).__name__, e)
+            for s in running:
+                try:
+                    d, c, h = self._forward_rows([s], speculate=False)
+                except Exception as e1:
+                    self._fail(s, e1, events, "decoding")
+                    continue
+                self._book([s], d, c, h, events)
+            return
+        self._book(running, drafts, chosen, hidden, events)
+
+    def _forward_rows(self, running: list[Sequence], speculate: bool):
+        """One decode forward over `running` (+ drafts) and the token plain decoding would pick at each
+        verified position. Changes no sequence state (only the cache positions the rows write)."""
         rows = max(s.slot for s in running) + 1
-        drafts = self._drafts(running, rows)
+        drafts = self._drafts(running, rows) if speculate else [[] for _ in running]
         T = 1 + max(len(d) for d in drafts)
         tok = torch.zeros(rows, T, dtype=torch.long)
         pos = torch.full((rows, T), -1, dtype=torch.long)
@@ -370,23 +415,48 @@ class Scheduler:
         t0 = self.clock.now()
         logits, hidden = self.runner.decode(tok.to(self.device), pos.to(self.device), kv_len)
         chosen = self._choose(running, drafts, logits)
-        self.controller.observe_step(rows, T, self.clock.now() - t0)
+        if speculate:
+            self.controller.observe_step(rows, T, self.clock.now() - t0)
+        return drafts, chosen, hidden
+
+    def _book(self, running: list[Sequence], drafts, chosen, hidden, events: list[TokenEvent]) -> None:
+        """Accept each row's verified tokens; a failure while booking one row (grammar, detokenizer, stop
+        check) fails that request alone."""
         for s, d, picks in zip(running, drafts, chosen):
-            n = accept_length(d, [t for t, _, _ in picks])
-            L = len(s.tokens)
-            if s.request.speculate and self.proposer is not None:
-                if d:
-                    s.spec.observe(len(d), n)
-                else:
-                    self.controller.idle(s.spec)
-            if n < len(d):
-                self.cache.truncate(s.slot, L + n)  # drop the rejected drafts' ring entries
-            s.computed = L + n
-            if self.proposer is not None and self.proposer.name == "mtp":
-                s.hidden = hidden[s.slot, n].clone()
-            self._accept_tokens(s, picks[: n + 1], events)
-            if s.status == RUNNING:
-                self._store_blocks(s)
+            try:
+                n = accept_length(d, [t for t, _, _ in picks])
+                L = len(s.tokens)
+                if s.request.speculate and self.proposer is not None:
+                    if d:
+                        s.spec.observe(len(d), n)
+                    else:
+                        self.controller.idle(s.spec)
+                if n < len(d):
+                    self.cache.truncate(s.slot, L + n)  # drop the rejected drafts' ring entries
+                s.computed = L + n
+                if self.proposer is not None and self.proposer.name == "mtp":
+                    s.hidden = hidden[s.slot, n].clone()
+                self._accept_tokens(s, picks[: n + 1], events)
+                if s.status == RUNNING:
+                    self._store_blocks(s)
+            except Exception as e:
+                self._fail(s, e, events, "decoding")
+
+    def _fail(self, seq: Sequence, exc: BaseException, events: list[TokenEvent], stage: str) -> None:
+        """End `seq` alone with finish_reason "error" (its slot is freed at the end of the step); the other
+        requests of the step go on. Logged with the request id and the traceback."""
+        log.error("request %s failed while %s: %s: %s", seq.id, stage, type(exc).__name__, exc, exc_info=exc)
+        if seq.status == DONE and seq not in self._finished and seq.slot < 0:
+            return  # already ended (cancelled) and its final event sent: nothing left to fail
+        seq.status = DONE
+        seq.finish_reason = "error"
+        seq.embeds = seq.hidden = None
+        seq.spec_state.clear()
+        if seq.slot >= 0 and seq not in self._finished:
+            self._finished.append(seq)
+        events[:] = [e for e in events if not (e.request_id == seq.id and e.finished)]
+        events.append(TokenEvent(seq.id, None, finished=True, finish_reason="error", usage=seq.usage(),
+                                 error=f"{type(exc).__name__} while {stage}: {exc}"))
 
     def _drafts(self, running: list[Sequence], rows: int) -> list[list[int]]:
         none = [[] for _ in running]

@@ -50,8 +50,9 @@ class StopStringMatcher:
         self.include_stop = include_stop_str_in_output
         self._held = ""
         self.matched: str | None = None
-        # every proper prefix of every stop string, for the hold-back test
-        self._prefixes = {s[:i] for s in self.stop for i in range(1, len(s))}
+        # No table of prefixes: that would be L²/2 characters per stop string (a 100k-character stop string is
+        # 5 GB), built on the engine thread. The hold-back test below compares against the strings themselves.
+        self._firsts = "".join(dict.fromkeys(s[0] for s in self.stop))
         self._max_hold = max((len(s) - 1 for s in self.stop), default=0)
 
     def feed(self, delta: str) -> tuple[str, str | None]:
@@ -73,13 +74,23 @@ class StopStringMatcher:
             self._held = ""
             return buf[:end] if self.include_stop else buf[:start], s
         # hold back the longest suffix that is a proper prefix of some stop string
-        keep = 0
-        for n in range(min(self._max_hold, len(buf)), 0, -1):
-            if buf[-n:] in self._prefixes:
-                keep = n
-                break
+        keep = self._hold(buf)
         self._held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep], None
+
+    def _hold(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of some stop string (0: none).
+
+        Only positions holding a stop string's first character can start one; each candidate suffix is
+        compared directly, so memory stays O(len(buf)) whatever the stop strings' length."""
+        i = max(0, len(buf) - self._max_hold)
+        while i < len(buf):
+            if buf[i] in self._firsts:
+                tail = buf[i:]
+                if any(len(s) > len(tail) and s.startswith(tail) for s in self.stop):
+                    return len(buf) - i  # the earliest start is the longest suffix
+            i += 1
+        return 0
 
     def flush(self) -> str:
         out, self._held = self._held, ""

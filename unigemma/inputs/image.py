@@ -36,6 +36,9 @@ __all__ = [
     "SOFT_TOKEN_BUDGETS",
     "DEFAULT_MAX_SOFT_TOKENS",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
+    "DEFAULT_MAX_DECODED_BYTES",
+    "check_positions",
     "PATCH_SIZE",
     "PATCH_DIM",
     "ImageFeatures",
@@ -64,6 +67,13 @@ PATCH_DIM = PATCH_SIZE * PATCH_SIZE * 3  # 6912
 # decoding (50 MP RGB is 150 MB as uint8). Decompression bombs (tiny files claiming huge sizes) are
 # refused from the header, before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
+# A side limit and a decoded-size limit, both read from the header: a 1×49,000,000 PNG is under the pixel
+# limit and ~95 KB on disk, but decoding and resizing it took >10 GB and most of a minute.
+DEFAULT_MAX_SIDE = 16_384
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
+# Bytes per pixel of PIL modes once decoded (unknown modes count as 4, the widest common one).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+               "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
 # Formats we decode; everything PIL could open beyond these (e.g. PSD, EPS via ghostscript) is refused
 # to keep the attack surface small (multi-picture JPEGs from cameras open through the JPEG plugin).
 _ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "DIB"})
@@ -114,7 +124,8 @@ def budget_for_detail(detail: str | None, default: int = DEFAULT_MAX_SOFT_TOKENS
 # Loading and colour conversion
 
 
-def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+               max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> Image.Image:
     """Open an image from a path, bytes, data URI, base64 string, PIL image or uint8 array.
 
     Encoded sources must be PNG, JPEG, WebP, GIF (first frame) or BMP; their EXIF orientation is applied.
@@ -151,6 +162,7 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
             raise MediaError(f"image {label}: cannot open ({exc})") from None
         with img:  # closes the file; the result below is a new image
             _check_pixels(img.width, img.height, max_pixels, label)
+            _check_header(img, max_side, max_decoded_bytes, label)
             try:
                 img.seek(0)  # animated GIF / WebP: the first frame
                 img.load()
@@ -175,7 +187,37 @@ def _check_pixels(width: int, height: int, max_pixels: int, label: str = "") -> 
         )
 
 
-def to_rgb_tensor(img: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def _check_header(img: Image.Image, max_side: int, max_decoded_bytes: int, label: str = "") -> None:
+    """Limits read from an opened (not yet decoded) image's header: its longer side and its decoded size."""
+    where = f"image {label}: " if label else "image: "
+    if max(img.width, img.height) > max_side:
+        raise MediaError(f"{where}{img.width}×{img.height} has a side over the limit of {max_side} pixels "
+                         "(resize it first; the model sees at most a few thousand pixels a side anyway)")
+    decoded = img.width * img.height * _MODE_BYTES.get(img.mode, 4)
+    if decoded > max_decoded_bytes:
+        raise MediaError(f"{where}{img.width}×{img.height} in mode {img.mode} decodes to {decoded} bytes, over the "
+                         f"limit of {max_decoded_bytes} bytes")
+
+
+def check_positions(features: "ImageFeatures", table_size: int, what: str = "image") -> None:
+    """Refuse an image whose patch grid is wider or taller than the model's position-embedding table.
+
+    Very elongated images (e.g. 50000×1) become a one-patch-high strip of up to `max_soft_tokens` patches; a
+    model whose table is shorter than that (small or custom configs) cannot embed them. A clear 400 here
+    instead of an IndexError in the vision embedder."""
+    if features.num_tokens == 0:
+        return
+    grid = features.position_ids[: features.num_tokens]
+    longest = int(grid.max()) + 1
+    if longest > table_size:
+        h, w = features.size
+        raise MediaError(f"{what}: resized to {h}×{w} pixels it is {longest} patches along one side, but this model "
+                         f"embeds at most {table_size} patch positions per side; use a less elongated image or a "
+                         "smaller max_soft_tokens")
+
+
+def to_rgb_tensor(img: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
     """Any image input → contiguous uint8 [3, H, W] RGB, converted exactly as the reference does.
 
     PIL images: transparency (an alpha band or a `transparency` entry) is composited onto white with PIL's
@@ -186,7 +228,7 @@ def to_rgb_tensor(img: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     """
     if isinstance(img, (np.ndarray, torch.Tensor)):
         return _array_to_chw(img, max_pixels, composite=True)
-    pil = load_image(img, max_pixels=max_pixels)
+    pil = load_image(img, max_pixels=max_pixels, max_side=max_side, max_decoded_bytes=max_decoded_bytes)
     try:
         if "A" in pil.getbands() or pil.info.get("transparency") is not None:
             rgba = pil.convert("RGBA")
@@ -328,10 +370,12 @@ def preprocess_image(
     max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> ImageFeatures:
     """Any image input → ImageFeatures padded to `max_soft_tokens` slots (see the module docstring)."""
     check_budget(max_soft_tokens)
-    chw = to_rgb_tensor(img, max_pixels=max_pixels)
+    chw = to_rgb_tensor(img, max_pixels=max_pixels, max_side=max_side, max_decoded_bytes=max_decoded_bytes)
     new_h, new_w = target_size(chw.shape[1], chw.shape[2], max_soft_tokens)
     resized = resize_uint8(chw, new_h, new_w)
     patches = patchify(resized)  # (N, 6912) uint8

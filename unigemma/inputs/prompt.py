@@ -22,7 +22,7 @@ import torch
 
 from ..config import UnifiedConfig
 from .audio import batch_audio, load_audio_segments, num_audio_tokens
-from .image import budget_for_detail, check_budget, pad_rows, preprocess_image
+from .image import budget_for_detail, check_budget, check_positions, pad_rows, preprocess_image
 from .media import MediaError
 from .template import ChatTemplate, normalize_messages
 from .tokenizer import Tokenizer
@@ -125,6 +125,7 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
             src, budget = _image_source(part, limits.default_image_tokens)
             src = resolve("image", src) if resolve else src
             feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels)
+            check_positions(feats, c.vision.mm_posemb_size)
             images.append(feats)
             keys.append(_key("image", feats.pixel_values[: feats.num_tokens]))
             ids += [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]

@@ -19,10 +19,12 @@ given as `reasoning_content`, `reasoning` or `thinking` is offered under both `r
 
 Two things differ on purpose, both switchable:
 
-- `neutralize_user_text=True` (default): format-token strings such as `<turn|>` or `<|image|>` inside user and
-  tool message text get a zero-width space after their `<` (`neutralize`). Otherwise the tokenizer would read
-  them as control tokens: prompt injection, and a broken image/audio placeholder count (chat-format.md §8
-  item 11). Pass `neutralize_user_text=False` for the raw, reference-identical render.
+- `neutralize_user_text=True` (default): format-token strings such as `<turn|>` or `<|image|>` inside system,
+  developer, user and tool message text, and in the strings of tool declarations (descriptions, enums, ...), get
+  a zero-width space after their `<` (`neutralize`). Otherwise the tokenizer would read them as control tokens:
+  prompt injection (a tool description or a system prompt may come from a third party too), and a broken
+  image/audio placeholder count (chat-format.md §8 item 11). Assistant messages are the model's own format and
+  stay as given. Pass `neutralize_user_text=False` for the raw, reference-identical render.
 - `enable_thinking` is always passed (default False) because some engines read an undefined flag as true.
 
 `normalize_messages` turns OpenAI-shaped messages (tool-call arguments as JSON strings, content parts) into
@@ -91,6 +93,14 @@ def neutralize(text: str) -> str:
     return _FORMAT_LIKE.sub(lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text)
 
 
+def find_format_token(text: str) -> str | None:
+    """The first format-token string (`<turn|>`, `<|tool_call>`, or anything shaped like one) in `text`, or None."""
+    if "<" not in text:
+        return None
+    m = _FORMAT_LIKE.search(text)
+    return m.group(0) if m else None
+
+
 def _neutralize_content(content: Any) -> Any:
     if isinstance(content, str):
         return neutralize(content)
@@ -106,6 +116,20 @@ def _neutralize_content(content: Any) -> Any:
     if isinstance(content, dict):  # a mapping tool result
         return {k: _neutralize_content(v) for k, v in content.items()}
     return content
+
+
+_NEUTRALIZED_ROLES = ("system", "developer", "user", "tool")
+
+
+def _neutralize_strings(value: Any) -> Any:
+    """Every string value in a JSON-like structure neutralised (keys kept: they are schema names)."""
+    if isinstance(value, str):
+        return neutralize(value)
+    if isinstance(value, Mapping):
+        return {k: _neutralize_strings(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_neutralize_strings(v) for v in value]
+    return value
 
 
 # --- what the sandbox offers ------------------------------------------------------------------------------
@@ -243,7 +267,7 @@ def _prepare_messages(messages: Any, neutralize_user_text: bool) -> list[dict]:
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
         message = {k: v for k, v in message.items() if v is not None}
-        if neutralize_user_text and message.get("role") in ("user", "tool") and "content" in message:
+        if neutralize_user_text and message.get("role") in _NEUTRALIZED_ROLES and "content" in message:
             message["content"] = _neutralize_content(message["content"])
         out.append(message)
     return [_alias_reasoning(m) for m in _plain(out)]
@@ -311,8 +335,11 @@ class ChatTemplate:
         if documents is not None and not all(isinstance(d, Mapping) for d in documents):
             raise ValueError("documents must be a list of dicts")
         context = {**self.special_tokens, "enable_thinking": enable_thinking, **extra_kwargs}
+        tools = _plain(tools)
+        if neutralize_user_text and tools is not None:
+            tools = _neutralize_strings(tools)
         try:
-            return self._template.render(messages=chat, tools=_plain(tools), documents=_plain(documents),
+            return self._template.render(messages=chat, tools=tools, documents=_plain(documents),
                                          add_generation_prompt=add_generation_prompt, **_plain(context))
         except TemplateError:
             raise

@@ -11,6 +11,7 @@ What it does not do: chat templates (inputs/template.py), incremental detokeniza
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +33,21 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return str(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (e.g. from JSON "\\ud800", which Python accepts) replaced by U+FFFD: the
+    tokenizer library refuses such strings outright, and one bad character must not fail a whole request."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    except AttributeError:
+        raise TypeError(f"text to encode must be a str, got {type(text).__name__}") from None
 
 
 class Tokenizer:
@@ -114,13 +130,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`. Special-token strings in `text` become their ids (templates rely on it)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._tok.encode(_valid_unicode(text), add_special_tokens=False).ids
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self._tok.encode_batch([_valid_unicode(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from typing import Any, AsyncIterator
 
@@ -225,14 +226,25 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
 
     async def read_json(request: Request) -> Any:
         body = await request.body()
+        # no deeper than the number of openers: most bodies are settled by two C-speed counts
+        depth = json_depth(body) if body.count(b"[") + body.count(b"{") > settings.max_json_depth else 0
+        if depth > settings.max_json_depth:  # before parsing: deep nesting costs recursion in every later stage
+            raise APIError(400, f"the request body's JSON is nested {depth} levels deep, over the limit of "
+                                f"{settings.max_json_depth} (--max-json-depth)", code="json_too_deep")
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body's JSON is nested too deeply", code="json_too_deep") from None
 
     # --- routes ---
     @app.get("/health")
     async def health():
+        if not service.engine.healthy:  # the worker died: a supervisor should restart the process
+            return JSONResponse({"status": "unhealthy", "model": settings.model_name,
+                                 "reason": service.engine.dead or "the engine worker is not running"},
+                                status_code=503)
         return {"status": "ok", "model": settings.model_name}
 
     @app.get("/metrics")
@@ -256,6 +268,7 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         req = parse_request(ChatCompletionRequest, await read_json(request))
         service.check_model(req.model)
+        service.check_request(req)
         return await _run(request, req, lambda: service.prepare_chat(req),
                           lambda prep: service.chat_stream(req, prep), lambda prep: service.chat(req, prep))
 
@@ -263,6 +276,7 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     async def completions(request: Request):
         req = parse_request(CompletionRequest, await read_json(request))
         service.check_model(req.model)
+        service.check_request(req)
         return await _run(request, req, lambda: service.prepare_completion(req),
                           lambda prep: service.completion_stream(req, prep),
                           lambda prep: service.completion(req, prep))
@@ -331,6 +345,24 @@ async def _until_disconnect(request: Request, coro) -> Any:
     finally:
         if not task.done():
             task.cancel()
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)  # unrolled: a 30 MB string in ~0.1 s
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, without parsing it (strings are skipped, so brackets
+    inside them do not count). Linear and in C: a regex drops the strings, numpy counts the brackets."""
+    import numpy as np
+
+    if b"[" not in body and b"{" not in body:
+        return 0
+    skeleton = np.frombuffer(_STRING.sub(b"", body), dtype=np.uint8)
+    step = np.zeros(256, dtype=np.int64)
+    step[ord("[")] = step[ord("{")] = 1
+    step[ord("]")] = step[ord("}")] = -1
+    moves = step[skeleton]
+    return int(np.cumsum(moves).max(initial=0))
 
 
 def _version() -> str:

@@ -38,6 +38,8 @@ class MediaPolicy:
     max_bytes: int = DEFAULT_MAX_MEDIA_BYTES
     max_redirects: int = 3
     max_pixels: int = 50_000_000
+    max_side: int = 16_384
+    max_decoded_bytes: int = 256 * 1024 * 1024
     max_audio_seconds: float = 600.0
     max_video_seconds: float = 600.0
     max_video_frames: int = 32
@@ -79,14 +81,21 @@ def _local(path: Path, policy: MediaPolicy, what: str) -> Path:
                          "send the media as a data: URI, or start the server with --media-root DIR")
     root = policy.media_root
     full = (root / path) if not path.is_absolute() else path
+    # One answer for "outside the root" and "missing": different messages would tell a client which files
+    # exist anywhere on the machine. Containment is decided first, on the resolved path (symlinks, `..`).
+    refused = MediaError(f"{what}: {str(path)!r} is not a readable file under the media root; only existing "
+                         "files under it may be read")
     try:
-        real = full.resolve(strict=True)
+        real = full.resolve(strict=False)
     except (OSError, RuntimeError):
-        raise MediaError(f"{what}: no such file under the media root: {str(path)!r}") from None
+        raise refused from None
     if not real.is_relative_to(root):
-        raise MediaError(f"{what}: {str(path)!r} is outside the media root; only files under it may be read")
-    if not real.is_file():
-        raise MediaError(f"{what}: {str(path)!r} is not a regular file")
+        raise refused
+    try:
+        if not real.is_file():
+            raise refused
+    except OSError:
+        raise refused from None
     size = real.stat().st_size
     if size > policy.max_bytes:
         raise MediaError(f"{what}: {str(path)!r} is {size} bytes, over the limit of {policy.max_bytes}")
@@ -134,7 +143,8 @@ def load_image(url: str, budget: int, policy: MediaPolicy, what: str = "image"):
 
     src = fetch(url, policy, what)
     try:
-        return preprocess_image(src, budget, max_pixels=policy.max_pixels)
+        return preprocess_image(src, budget, max_pixels=policy.max_pixels, max_side=policy.max_side,
+                                max_decoded_bytes=policy.max_decoded_bytes)
     except MediaError as e:
         raise MediaError(f"{what}: {e}") from None
 

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # OpenAI allows up to 4 stop sequences and 20 top logprobs (5 on the legacy completions API).
 MAX_STOP = 4
+# The chat-template switches a client may set (the Gemma 4 template reads these two).
+TEMPLATE_KWARGS = frozenset({"enable_thinking", "preserve_thinking"})
 MAX_N = 16
 
 
@@ -258,6 +260,19 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     max_soft_tokens: int | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: dict | None) -> dict | None:
+        # An allow-list: anything else would reach the template as a variable, and could switch off the
+        # neutralising of user text, replace bos_token with control tokens, or collide with messages / tools.
+        for k, x in (v or {}).items():
+            if k not in TEMPLATE_KWARGS:
+                raise ValueError(f"chat_template_kwargs.{k} is not supported; allowed keys: "
+                                 f"{', '.join(sorted(TEMPLATE_KWARGS))}")
+            if not isinstance(x, bool):
+                raise ValueError(f"chat_template_kwargs.{k} must be true or false, got {x!r}")
+        return v
 
     @model_validator(mode="after")
     def _cross(self) -> "ChatCompletionRequest":

@@ -48,6 +48,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_FRAME_BYTES = 12 * 1024 * 1024     # one JSON frame (an image data URI is the largest thing sent)
 MAX_AUDIO_CHUNK_S = 10.0               # one input_audio.append
 MAX_TEXT_CHARS = 100_000
+TURN_WAIT_S = 30.0                     # how long a new turn waits for a free realtime turn slot
 IDLE_TURN_S = 60.0                     # an open turn with no input for this long is dropped (frees its slot)
 
 
@@ -61,12 +62,16 @@ class _Task:
 class RealtimeHub:
     """Per app: runs session work on the engine worker, counts open sessions."""
 
-    def __init__(self, service, max_sessions: int):
+    def __init__(self, service, max_sessions: int, max_turns: int | None = None):
         self.service = service
         self.be = service.engine
         self.tasks: collections.deque[_Task] = collections.deque()
         self.sessions = 0
         self.max_sessions = max_sessions
+        # open turns hold an engine slot while the user speaks or types (possibly idle): at most this many at
+        # once, so that HTTP requests always keep the other slots
+        self.max_turns = max_turns if max_turns is not None else max(1, service.settings.max_concurrency // 2)
+        self.open_turns = 0
         self.opening: set[str] = set()
         if not isinstance(self.be.engine, _WorkerEngine):
             self.be.engine = _WorkerEngine(self.be.engine, self)
@@ -177,6 +182,7 @@ class _Connection:
         self.responding: asyncio.Task | None = None
         self.responding_handle: RequestHandle | None = None
         self.send_lock = asyncio.Lock()
+        self.holds_turn = False     # counted in hub.open_turns (an open turn holding an engine slot)
 
     async def send(self, event: dict) -> None:
         async with self.send_lock:
@@ -186,6 +192,11 @@ class _Connection:
         await self.send({"type": "error", "error": {"message": message, "code": code}})
 
     # --- turn plumbing -------------------------------------------------------------------------------------
+    def _release_turn(self) -> None:
+        if self.holds_turn:
+            self.holds_turn = False
+            self.hub.open_turns -= 1
+
     def _params(self):
         from unigemma.engine.generate import sampling_params
 
@@ -199,13 +210,33 @@ class _Connection:
             raise ClientError("a response is in progress: wait for response.done or send response.cancel",
                               "response_in_progress")
         if self.prompt is None:
-            c = self.config
-            self.prompt = await run_in_threadpool(
-                lambda: IncrementalPrompt(self.llm, self.messages, system=c["instructions"], tools=c["tools"],
-                                          enable_thinking=c["thinking"], resolve=self._resolve))
-            pieces = [self.prompt.head()] if self.prompt.head().ids else []
-            await self._apply(pieces)
+            await self._acquire_turn()
+            try:
+                c = self.config
+                self.prompt = await run_in_threadpool(
+                    lambda: IncrementalPrompt(self.llm, self.messages, system=c["instructions"], tools=c["tools"],
+                                              enable_thinking=c["thinking"], resolve=self._resolve,
+                                              max_audio_seconds=self.service.settings.max_audio_seconds))
+                pieces = [self.prompt.head()] if self.prompt.head().ids else []
+                await self._apply(pieces)
+            except BaseException:
+                await self._drop_turn()
+                raise
         return self.prompt
+
+    async def _acquire_turn(self) -> None:
+        """Wait (up to TURN_WAIT_S) until fewer than hub.max_turns turns are open, then count this one. An open
+        turn holds an engine slot even while its user is silent, so only that many may be open at once: the
+        other slots stay for HTTP requests however many live sessions idle."""
+        deadline = self.loop.time() + TURN_WAIT_S
+        while self.hub.open_turns >= self.hub.max_turns:
+            if self.loop.time() >= deadline:
+                raise ClientError(f"all {self.hub.max_turns} realtime turn slots stayed busy for {TURN_WAIT_S:g} s "
+                                  "(the other slots are kept for HTTP requests); try again later, or raise "
+                                  "--max-realtime-turns", "realtime_busy")
+            await asyncio.sleep(0.02)
+        self.hub.open_turns += 1
+        self.holds_turn = True
 
     async def _apply(self, pieces, close: bool = False) -> None:
         pieces = [p for p in pieces if p.ids or p.rewind]
@@ -248,6 +279,7 @@ class _Connection:
         if self.handle is not None:
             self.handle.cancel()
         self.handle, self.prompt, self.vad = None, None, None
+        self._release_turn()
 
     # --- events ----------------------------------------------------------------------------------------------
     async def handle_event(self, ev: dict) -> None:
@@ -355,6 +387,7 @@ class _Connection:
         parser = ResponseParser(start_state_for_prompt(p.rendered), tool_names=names or None)
         user, n_prompt = p.message(), len(p.ids)
         self.prompt, self.handle, self.vad = None, None, None
+        self._release_turn()  # the turn now generates like any request: no longer an idle slot
         self.responding_handle = h
         await self.send({"type": "response.created", "prompt_tokens": n_prompt})
         self.responding = asyncio.create_task(self._respond(h, parser, user, n_prompt))
@@ -423,13 +456,26 @@ def _authorized(ws: WebSocket, key: str | None) -> bool:
     return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 
+def _origin_allowed(ws: WebSocket, allowed: tuple[str, ...]) -> bool:
+    """No Origin (not a browser), the server's own origin (its web page), or one configured with --allowed-origin."""
+    import urllib.parse
+
+    origin = ws.headers.get("origin")
+    if origin is None or "*" in allowed or origin.rstrip("/") in {o.rstrip("/") for o in allowed}:
+        return True
+    host = ws.headers.get("host", "")
+    parsed = urllib.parse.urlsplit(origin)
+    return parsed.scheme in ("http", "https") and bool(host) and parsed.netloc.lower() == host.lower()
+
+
 def install_realtime(app: FastAPI) -> RealtimeHub:
     """Add /v1/realtime, the web page (/ and /static/...) and the sessions gauge to an app made by create_app."""
     from fastapi.staticfiles import StaticFiles
     from prometheus_client import Gauge
 
     service, settings, metrics = app.state.service, app.state.settings, app.state.metrics
-    hub = RealtimeHub(service, max_sessions=settings.max_concurrency + settings.max_queue)
+    hub = RealtimeHub(service, max_sessions=settings.max_concurrency + settings.max_queue,
+                      max_turns=settings.realtime_turns)
     app.state.realtime = hub
     Gauge("unigemma_realtime_sessions", "open /v1/realtime WebSocket sessions",
           registry=metrics.registry).set_function(lambda: hub.sessions)
@@ -438,6 +484,11 @@ def install_realtime(app: FastAPI) -> RealtimeHub:
     async def realtime(ws: WebSocket):
         if not _authorized(ws, settings.api_key):
             await ws.close(code=1008, reason="missing or incorrect API key")
+            return
+        if settings.api_key is None and not _origin_allowed(ws, settings.allowed_origins):
+            # browsers send Origin on every WebSocket: without this, any web page the user visits could drive a
+            # key-less local server (non-browser clients send no Origin and are not affected)
+            await ws.close(code=1008, reason="this Origin may not open /v1/realtime (see --allowed-origin)")
             return
         if hub.sessions >= hub.max_sessions:
             await ws.close(code=1013, reason=f"too many realtime sessions (limit {hub.max_sessions})")

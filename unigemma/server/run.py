@@ -40,6 +40,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--media-root", default=None, help="allow local media paths, only under this folder")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB")
+    # limits (README "Limits and safety"); each violation is a 4xx for that request alone
+    p.add_argument("--max-prompt-chars", type=int, default=1_000_000,
+                   help="characters of text in one request, checked before templating and tokenizing")
+    p.add_argument("--max-stop-chars", type=int, default=1024, help="characters in one stop string")
+    p.add_argument("--max-json-depth", type=int, default=64, help="nesting depth of a request's JSON body")
+    p.add_argument("--max-image-pixels", type=int, default=50_000_000, help="width × height of one image")
+    p.add_argument("--max-image-side", type=int, default=16_384, help="longer side of one image, in pixels")
+    p.add_argument("--max-image-decoded-mb", type=float, default=256.0,
+                   help="decoded size of one image in MiB (width × height × bytes per pixel), from its header")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0, help="length of one audio clip")
+    p.add_argument("--max-video-seconds", type=float, default=600.0, help="length of one video")
+    p.add_argument("--max-video-frames", type=int, default=32, help="frames sampled from one video")
+    p.add_argument("--max-realtime-turns", type=int, default=None,
+                   help="open /v1/realtime turns holding a slot at once (default: half of --max-concurrency)")
+    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin (http(s)://host[:port]) besides the server's own that may open "
+                        "/v1/realtime; repeat for several, '*' for any")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGTERM")
     p.add_argument("--log-level", default="info")
@@ -65,6 +82,17 @@ def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSet
         max_body_bytes=int((get("max_body_mb", 32.0) or 32.0) * 1024 * 1024),
         media_root=Path(root) if root else None,
         allow_remote_media=bool(get("allow_remote_media", False)),
+        max_prompt_chars=get("max_prompt_chars") or 1_000_000,
+        max_stop_chars=get("max_stop_chars") or 1024,
+        max_json_depth=get("max_json_depth") or 64,
+        max_image_pixels=get("max_image_pixels") or 50_000_000,
+        max_image_side=get("max_image_side") or 16_384,
+        max_image_decoded_bytes=int((get("max_image_decoded_mb") or 256.0) * 1024 * 1024),
+        max_audio_seconds=get("max_audio_seconds") or 600.0,
+        max_video_seconds=get("max_video_seconds") or 600.0,
+        max_video_frames=get("max_video_frames") or 32,
+        max_realtime_turns=get("max_realtime_turns"),
+        allowed_origins=tuple(get("allowed_origin") or ()),
     )
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import math
 import re
 import threading
 import time
@@ -42,12 +44,23 @@ from unigemma.inputs.media import MediaError
 from . import media as server_media
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest
 
+log = logging.getLogger("unigemma.server")
+
 AUDIO, IMAGE, VIDEO = "<|audio|>", "<|image|>", "<|video|>"
 _PLACEHOLDER_RE = re.compile(re.escape(IMAGE) + "|" + re.escape(AUDIO) + "|" + re.escape(VIDEO))
 
 
 @dataclass
 class ServerSettings:
+    """Everything `unigemma serve` can be told, validated on construction (a bad value raises ValueError naming
+    the field, the value and what would be accepted).
+
+    The limits are checked before the work they protect (README "Limits and safety"): the body size before it is
+    read, JSON depth before it is parsed, prompt characters before the chat template and the tokenizer run, stop
+    strings before the engine sees them, image sides / pixels / decoded bytes from the file header before a pixel
+    is decoded.
+    """
+
     model_name: str = "unigemma"
     api_key: str | None = None
     max_concurrency: int = 8         # sequences decoded together (engine slots)
@@ -59,10 +72,63 @@ class ServerSettings:
     remote_timeout_s: float = 10.0
     max_media_bytes: int = server_media.DEFAULT_MAX_MEDIA_BYTES
     default_max_tokens: int | None = None  # None: until the context is full
+    max_prompt_chars: int = 1_000_000       # characters of text in one request's messages / prompts
+    max_stop_chars: int = 1024              # characters in one stop string (at most 4 of them)
+    max_json_depth: int = 64                # nesting of the request body's JSON
+    max_image_pixels: int = 50_000_000      # width × height of one image (from its header)
+    max_image_side: int = 16_384            # its longer side, in pixels
+    max_image_decoded_bytes: int = 256 * 1024 * 1024  # width × height × bytes per pixel once decoded
+    max_audio_seconds: float = 600.0        # one audio clip (and one realtime turn's audio)
+    max_video_seconds: float = 600.0        # one video
+    max_video_frames: int = 32              # frames sampled from one video
+    max_realtime_turns: int | None = None   # open realtime turns holding a slot (None: half the slots, >= 1)
+    allowed_origins: tuple[str, ...] = ()   # browser origins besides the server's own that may open /v1/realtime
+
+    def __post_init__(self) -> None:
+        positive = ("max_concurrency", "max_body_bytes", "max_media_bytes", "max_prompt_chars", "max_stop_chars",
+                    "max_json_depth", "max_image_pixels", "max_image_side", "max_image_decoded_bytes",
+                    "max_video_frames")
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ServerSettings.{name}={v!r}: expected an integer >= 1")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ValueError(f"ServerSettings.max_queue={self.max_queue!r}: expected an integer >= 0")
+        for name in ("max_model_len", "default_max_tokens", "max_realtime_turns"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"ServerSettings.{name}={v!r}: expected None or an integer >= 1")
+        if self.max_realtime_turns is not None and self.max_realtime_turns > self.max_concurrency:
+            raise ValueError(f"ServerSettings.max_realtime_turns={self.max_realtime_turns} is more than "
+                             f"max_concurrency={self.max_concurrency}: realtime turns would leave no slot to HTTP "
+                             "requests; use at most max_concurrency")
+        for name in ("remote_timeout_s", "max_audio_seconds", "max_video_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"ServerSettings.{name}={v!r}: expected a number of seconds > 0")
+        if isinstance(self.allowed_origins, str):
+            self.allowed_origins = (self.allowed_origins,)
+        self.allowed_origins = tuple(self.allowed_origins)
+        for o in self.allowed_origins:
+            if not (isinstance(o, str) and (o == "*" or o.startswith(("http://", "https://")))):
+                raise ValueError(f"ServerSettings.allowed_origins: {o!r} is not an origin; expected "
+                                 "'http(s)://host[:port]' or '*'")
+
+    @property
+    def realtime_turns(self) -> int:
+        """Open realtime turns allowed at once: the rest of the slots stay for HTTP requests."""
+        if self.max_realtime_turns is not None:
+            return self.max_realtime_turns
+        return max(1, self.max_concurrency // 2)
 
     def media_policy(self) -> server_media.MediaPolicy:
         return server_media.MediaPolicy(media_root=self.media_root, allow_remote=self.allow_remote_media,
-                                        remote_timeout_s=self.remote_timeout_s, max_bytes=self.max_media_bytes)
+                                        remote_timeout_s=self.remote_timeout_s, max_bytes=self.max_media_bytes,
+                                        max_pixels=self.max_image_pixels, max_side=self.max_image_side,
+                                        max_decoded_bytes=self.max_image_decoded_bytes,
+                                        max_audio_seconds=self.max_audio_seconds,
+                                        max_video_seconds=self.max_video_seconds,
+                                        max_video_frames=self.max_video_frames)
 
 
 # --- engine side ---------------------------------------------------------------------------------------------
@@ -87,6 +153,7 @@ class StepOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_status: int = 400    # 400: the request was refused; 500: the engine failed on it (logged)
 
 
 class RequestHandle:
@@ -150,6 +217,7 @@ class BatchingEngine:
         self.cv = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
+        self.dead: str | None = None   # why the worker thread died (then /health answers 503)
         # counters read by /metrics
         self.prompt_tokens_total = 0
         self.cached_tokens_total = 0
@@ -175,7 +243,14 @@ class BatchingEngine:
         with self.cv:
             self.cv.notify_all()
 
+    @property
+    def healthy(self) -> bool:
+        return self.dead is None and (self.thread is None or self.thread.is_alive() or self.stopping)
+
     def submit(self, req: EngineRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        if not self.healthy:
+            raise APIError(503, f"the engine has stopped ({self.dead or 'worker thread not running'}); the "
+                                "server must be restarted", type="server_error", code="engine_dead")
         if len(req.prompt_ids) >= self.max_model_len:
             raise APIError(400, f"the prompt is {len(req.prompt_ids)} tokens, but this server's context is "
                                 f"{self.max_model_len} tokens; shorten the prompt", param="messages",
@@ -197,6 +272,24 @@ class BatchingEngine:
 
     # --- worker --------------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        """The worker. Per-request failures are isolated inside the engine's step; should the worker itself
+        fail, every stream ends with an error, the failure is logged, and `healthy` turns false (/health: 503)
+        so a supervisor can restart the process."""
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - MemoryError and the like: report, never hang clients
+            self.dead = f"{type(e).__name__}: {e}"
+            log.critical("the engine worker died: %s; failing %d active and %d queued requests", self.dead,
+                         len(self.active), len(self.pending), exc_info=e)
+            with self.cv:
+                handles = list(self.active.values()) + list(self.pending)
+                self.active.clear()
+                self.pending.clear()
+            for h in handles:
+                self._end(h, StepOutput(-1, "", finished=True, finish_reason="error", error_status=500,
+                                        error=f"the engine failed ({self.dead}); see the server log"))
+
+    def _serve(self) -> None:
         from unigemma.engine.scheduler import Request
 
         torch.set_grad_enabled(False)
@@ -219,6 +312,12 @@ class BatchingEngine:
                 except ValueError as e:
                     self._end(h, StepOutput(-1, "", finished=True, finish_reason="error", error=str(e)))
                     continue
+                except Exception as e:  # e.g. MemoryError building its state: this request alone fails
+                    log.error("request %s could not be added to the engine: %s: %s", h.id, type(e).__name__, e,
+                              exc_info=e)
+                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="error", error_status=500,
+                                            error=f"the engine could not take this request ({type(e).__name__})"))
+                    continue
                 self.active[h.id] = h
             for rid, h in list(self.active.items()):
                 if h.cancelled:
@@ -227,12 +326,21 @@ class BatchingEngine:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as e:  # a bug: fail the running requests, keep serving
-                for rid, h in list(self.active.items()):
+            except Exception as e:  # a bug outside any one request (they are isolated in the step): fail all
+                log.error("engine step failed: %s: %s; failing requests %s", type(e).__name__, e,
+                          ", ".join(self.active), exc_info=e)
+                failed = list(self.active.items())
+                self.active.clear()
+                for rid, h in failed:
                     self.engine.cancel(rid)
-                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="error",
-                                            error=f"{type(e).__name__}: {e}"))
-                self.engine.step()  # drain the cancellation events
+                    self._end(h, StepOutput(-1, "", finished=True, finish_reason="error", error_status=500,
+                                            error=f"the engine failed: {type(e).__name__}; see the server log"))
+                try:
+                    self.engine.step()  # drain the cancellation events
+                except Exception:  # noqa: BLE001 - already reported above
+                    log.exception("draining the engine after a failed step failed too")
+                for rid, _ in failed:
+                    self.engine.forget(rid)
                 continue
             for ev in events:
                 h = self.active.get(ev.request_id)
@@ -244,6 +352,10 @@ class BatchingEngine:
                 reason = "abort" if ev.finish_reason == "cancelled" else ev.finish_reason
                 out = StepOutput(ev.token_id if ev.token_id is not None else -1, ev.text, ev.logprob,
                                  list(ev.top_logprobs or []), ev.finished, reason, ev.stop_reason)
+                if getattr(ev, "error", None):  # the engine failed on this request alone (logged there)
+                    out.error = f"the engine failed on this request ({ev.error}); the server log has the " \
+                                f"details under request id {h.id}"
+                    out.error_status = 500
                 if ev.finished:
                     if ev.usage is not None:
                         h.cached_tokens = ev.usage.cached_tokens
@@ -313,6 +425,7 @@ class Service:
                 eos.append(tid)
         self.eos_ids = eos
         self._template = None
+        self._max_token_chars: int | None = None
         self.engine = BatchingEngine(llm, settings.max_concurrency, self.max_model_len, eos)
         self.in_flight = 0
 
@@ -326,6 +439,10 @@ class Service:
     def admit(self, n: int) -> None:
         """Reserve room for n sequences or raise 429: running + queued stays within slots + queue."""
         cap = self.settings.max_concurrency + self.settings.max_queue
+        if n > cap:  # waiting cannot help: say so instead of "retry shortly"
+            raise APIError(400, f"this request asks for {n} sequences (prompts × n), but this server holds at most "
+                                f"{cap} at once (--max-concurrency + --max-queue); send fewer prompts or a smaller n",
+                           param="n", code="too_many_sequences")
         if self.in_flight + n > cap:
             raise APIError(429, f"the server is busy ({self.in_flight} sequences in flight, limit {cap}); retry "
                                 "shortly", type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
@@ -341,6 +458,45 @@ class Service:
             self._template = (ChatTemplate.from_tokenizer(self.tok) if self.tok.chat_template
                               else ChatTemplate.bundled(self.tok.specials))
         return self._template
+
+    # --- limits checked before any work ------------------------------------------------------------------------
+    @property
+    def max_chars_per_token(self) -> int:
+        """The longest vocabulary entry in characters: no token covers more text, so a prompt of C characters is
+        at least C / this many tokens (a lower bound that needs no tokenizing)."""
+        if self._max_token_chars is None:
+            try:
+                vocab = self.tok.backend.get_vocab()
+                self._max_token_chars = max(1, max((len(k) for k in vocab), default=1))
+            except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary view: no estimate
+                self._max_token_chars = 1 << 30
+        return self._max_token_chars
+
+    def check_request(self, req: ChatCompletionRequest | CompletionRequest) -> None:
+        """Limits that need no template, tokenizer or media: stop strings and the prompt's size. Cheap; run on
+        the event loop before admission, so an oversized request costs nothing and waits for nothing."""
+        limit = self.settings.max_stop_chars
+        for i, stop in enumerate(req.stop_list()):
+            if len(stop) > limit:
+                raise APIError(400, f"stop[{i}] is {len(stop)} characters, over the limit of {limit} "
+                                    "(--max-stop-chars)", param="stop", code="stop_too_long")
+        if isinstance(req, CompletionRequest):
+            chars = sum(len(p) for p in req.prompts() if isinstance(p, str))
+            param = "prompt"
+        else:
+            chars = _text_chars([m.model_dump(exclude_none=True) for m in req.messages])
+            chars += _text_chars([t.model_dump(exclude_none=True) for t in req.tools or []])
+            param = "messages"
+        if chars > self.settings.max_prompt_chars:
+            raise APIError(400, f"the request holds {chars} characters of text, over this server's limit of "
+                                f"{self.settings.max_prompt_chars} (--max-prompt-chars)", param=param,
+                           code="prompt_too_long")
+        # no token is longer than max_chars_per_token characters, so this many characters cannot fit the context
+        fewest = chars // self.max_chars_per_token
+        if fewest >= self.max_model_len:
+            raise APIError(400, f"the prompt is at least {fewest} tokens ({chars} characters), but this server's "
+                                f"context is {self.max_model_len} tokens; shorten the prompt", param=param,
+                           code="context_length_exceeded")
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
@@ -404,7 +560,10 @@ class Service:
             budget = check_budget(req.max_soft_tokens)
         else:
             budget = budget_for_detail(part.image_url.detail, getattr(self.llm, "default_image_tokens", 280))
-        return server_media.load_image(part.image_url.url, budget, self.policy, what=where)
+        feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where)
+        from unigemma.inputs.image import check_positions
+        check_positions(feats, self.llm.config.vision.mm_posemb_size, where)
+        return feats
 
     def _expand(self, text: str, images: list, audios: list, videos: list):
         """Replace each placeholder with its BOI/BOA + soft tokens + EOI/EOA run; build the media tensors."""
@@ -520,9 +679,9 @@ class Service:
 
     def _lp_entry(self, tid: int, lp: float, top: list[tuple[int, float]]) -> dict:
         t = self._token_text(tid)
-        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                "top_logprobs": [{"token": (x := self._token_text(i)), "logprob": v, "bytes": list(x.encode())}
-                                 for i, v in top]}
+        return {"token": t, "logprob": wire_logprob(lp), "bytes": list(t.encode("utf-8")),
+                "top_logprobs": [{"token": (x := self._token_text(i)), "logprob": wire_logprob(v),
+                                  "bytes": list(x.encode())} for i, v in top]}
 
     async def _steps(self, h: RequestHandle) -> AsyncIterator[StepOutput]:
         """StepOutputs of one handle with timing hooks; cancels the engine request if the consumer goes away."""
@@ -538,7 +697,9 @@ class Service:
                         self.observer.inter_token(now - last)
                     last = now
                 if out.error is not None:
-                    raise APIError(400, out.error)
+                    raise APIError(out.error_status, out.error,
+                                   type="server_error" if out.error_status >= 500 else "invalid_request_error",
+                                   code="engine_error" if out.error_status >= 500 else None)
                 yield out
         finally:
             h.cancel()
@@ -730,8 +891,8 @@ class Service:
         for tid, lp, top in entries:
             t = self._token_text(tid)
             tokens.append(t)
-            lps.append(lp)
-            tops.append({self._token_text(i): v for i, v in top})
+            lps.append(wire_logprob(lp))
+            tops.append({self._token_text(i): wire_logprob(v) for i, v in top})
             offs.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -817,6 +978,40 @@ class Service:
                 t.cancel()
             for _, h in handles:
                 h.cancel()
+
+
+# What the OpenAI API reports for a token the sampler could not pick (masked by a grammar or logit_bias): JSON
+# has no -Infinity / NaN, and a server must never send them.
+MASKED_LOGPROB = -9999.0
+
+
+def wire_logprob(lp: float | None) -> float | None:
+    """A logprob as JSON can carry it: finite values unchanged; -inf / NaN (masked tokens) → -9999.0."""
+    if lp is None:
+        return None
+    lp = float(lp)
+    return lp if math.isfinite(lp) else MASKED_LOGPROB
+
+
+_MEDIA_KEYS = frozenset({"image_url", "input_audio", "video_url"})
+
+
+def _text_chars(value: Any) -> int:
+    """Characters of text in a JSON-like value (strings anywhere in it, keys included; media payloads, which
+    have their own limits, excluded)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                total += len(k) if isinstance(k, str) else 0
+                if k not in _MEDIA_KEYS:
+                    stack.append(x)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total
 
 
 def count_sequences(req: ChatCompletionRequest | CompletionRequest) -> int:
