@@ -226,7 +226,6 @@ def test_call_closed_by_next_call():
 
 @pytest.mark.parametrize("text, fragment", [
     ("<|tool_call>call:f{a:}<tool_call|>", "could not be read"),
-    ("<|tool_call>call:f{a:" + Q + "x}<tool_call|>", "could not be read"),
     ("<|tool_call>call:bad name{a:1}<tool_call|>", "invalid tool name"),
     ("<|tool_call><tool_call|>", "empty tool call"),
     ("<|tool_call>call:f(a=1)<tool_call|>", "no '{' argument block"),

@@ -134,7 +134,7 @@ def test_first_plausible_close_wins_when_the_rest_fits():
     ("{a:[1,2", {"a": [1, 2]}, "missing ']'"),
     ("{a:1,}", {"a": 1}, "trailing comma"),
     ("{a:True,b:None}", {"a": True, "b": None}, "Python literal"),
-    ("{a:1,a:2}", {"a": 2}, "duplicate key"),
+    ("{a:1,a:2}", {"a": 1}, "duplicate key"),     # the first: it may have been streamed already
 ])
 def test_each_repair_is_recorded(text, expected, fragment):
     warnings = []
@@ -149,7 +149,7 @@ def test_full_json_object_is_read():
     assert warnings
 
 
-@pytest.mark.parametrize("text", ["{a:}", "{a", "{,}", "{a:1}}", "{a:" + Q + "x}", "", "[1,,2]"])
+@pytest.mark.parametrize("text", ["{a:}", "{a", "{,}", "{a:1}}", "", "[1,,2]"])
 def test_unrepairable_raises(text):
     with pytest.raises(WireParseError):
         parse_wire_value(text)
