@@ -270,10 +270,12 @@ class _Search:
         t = self.t
         i = t.find(QUOTE, start, end)
         while i >= 0:
-            b = i - 1
-            while b >= start and t[b] in _WS:
+            b = i - 1           # neighbours on the same line (code puts quotes after indentation, not structure)
+            while b >= start and t[b] in " \t":
                 b -= 1
-            a = self.ws(i + len(QUOTE))
+            a = i + len(QUOTE)
+            while a < self.n and t[a] in " \t":
+                a += 1
             if (b >= start and t[b] in _STRUCT_BEFORE) or a >= self.n or t[a] in _STRUCT_AFTER:
                 return 1
             i = t.find(QUOTE, i + len(QUOTE), end)
@@ -305,7 +307,9 @@ class _Search:
         elif c == "[":
             alts = self.arr(p, stack, schema, base)
         elif c == '"':
-            alts = self.json_string(p, stack, key=False)
+            alts = self.json_string(p, stack, key=False)   # or, when it has no closing '"', a bare word
+            first = next(alts, None)
+            alts = itertools.chain([first], alts) if first is not None else self.bare(p, stack)
         elif c == "'":
             alts = itertools.chain(self.single_quoted(p, stack, key=False), self.bare(p, stack))
         else:
@@ -321,7 +325,12 @@ class _Search:
         j = t.find(QUOTE, s)
         while j >= 0:      # every closing-quote candidate followed by what may follow a value
             if self.follows(j + len(QUOTE), stack):
-                yield t[s:j], j + len(QUOTE), self.interior_cost(s, j), (), 1
+                cost, notes = self.interior_cost(s, j), ()
+                if cost:
+                    # the reading chosen may be the only one, but a lost quote produces the same text: say so
+                    notes = self.note(f"string holds quote tokens next to ',:{{}}[]' ({t[s:j][:60]!r}); read as "
+                                      "one string", p)
+                yield t[s:j], j + len(QUOTE), cost, notes, 1
             j = t.find(QUOTE, j + len(QUOTE))
         # repair: the string was never closed; it ends before a `,` `}` `]` or at the end of the text
         for m in itertools.chain(re.compile(r"[,}\]]").finditer(t, s), [None]):
@@ -342,9 +351,10 @@ class _Search:
                 if q < self.n and t[q] in ":=":
                     yield t[p + 1:j], after, 0.5, self.note("repaired: single-quoted key '...'", p), 1
             elif self.follows(after, stack):
-                yield t[p + 1:j], after, 0.5, self.note("repaired: single-quoted string '...'", p), 1
+                yield (t[p + 1:j], after, 0.5 + self.swallow_cost(t[p + 1:j]),
+                       self.note("repaired: single-quoted string '...'", p), 1)
             elif t.startswith(QUOTE, after) and self.follows(after + len(QUOTE), stack):
-                yield (t[p + 1:j], after + len(QUOTE), 1,
+                yield (t[p + 1:j], after + len(QUOTE), 1 + self.swallow_cost(t[p + 1:j]),
                        self.note(f"repaired: single-quoted string '...' followed by a stray {QUOTE}", p), 1)
             j = t.find("'", j + 1)
 
@@ -364,7 +374,8 @@ class _Search:
         except json.JSONDecodeError:
             s = t[p + 1:j]  # invalid escapes: keep the raw text rather than fail
         what = "key" if key else "string"
-        yield s, j + 1, 0.5, self.note(f'repaired: JSON double-quoted {what} "..."', p), 1
+        # JSON is the commonest drift, and a JSON call quotes every string: each costs little
+        yield s, j + 1, 0.2, self.note(f'repaired: JSON double-quoted {what} "..."', p), 1
 
     def bare(self, p: int, stack: tuple) -> Iterator[_Alt]:
         """An unquoted scalar: a number or literal; or (repairs) a bare-word string, possibly running over
