@@ -304,3 +304,75 @@ def test_broken_calls_are_recovered_or_warned(data, calls, how, with_schemas):
         assert warnings, (text, got)           # never different calls without a warning
     if how == "none":
         assert warnings == []
+
+
+# --- the HTTP API: warnings reach the response (a field OpenAI clients ignore) and the log ---------------------
+
+class _Handle:
+    cached_tokens = 0
+
+    def cancel(self):
+        pass
+
+
+def _service(pieces):
+    """A Service whose engine 'generates' `pieces` (text deltas; the last one finishes with a stop string)."""
+    from unigemma.server.service import Observer, Service, ServerSettings, StepOutput
+
+    svc = object.__new__(Service)
+    svc.settings, svc.observer = ServerSettings(model_name="m"), Observer()
+    svc.chat_handles = lambda req, prep: [_Handle()]
+
+    async def steps(h):
+        for k, piece in enumerate(pieces):
+            last = k == len(pieces) - 1
+            yield StepOutput(k, piece, finished=last, finish_reason="stop" if last else None)
+
+    svc._steps = steps
+    return svc
+
+
+def _request(stream):
+    from unigemma.server.protocol import ChatCompletionRequest
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "q"}], tools=TOOLS, stream=stream)
+
+
+def _prepared():
+    from unigemma.server.service import Prepared
+    return Prepared("", [1], {}, 0, "content", [t["function"]["name"] for t in TOOLS], tools=TOOLS)
+
+
+SERVED = (f"<|tool_call>call:get_weather{{city:{Q}Beijing<tool_call|>"
+          f"<|tool_call>call:garbage{{x:1}}<tool_call|><|tool_response>")
+
+
+def test_http_response_carries_parser_warnings_and_logs_them(caplog):
+    import asyncio
+    svc = _service([SERVED[i:i + 5] for i in range(0, len(SERVED), 5)])
+    with caplog.at_level("WARNING", logger="unigemma.server"):
+        out = asyncio.run(svc.chat(_request(False), _prepared()))
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in choice["message"]["tool_calls"]] \
+        == [("get_weather", {"city": "Beijing"})]
+    messages = [w["message"] for w in choice["warnings"]]
+    assert any("string not closed" in m for m in messages)
+    dropped = [w for w in choice["warnings"] if "'garbage', which is not among the request's tools" in w["message"]]
+    assert dropped and dropped[0]["raw"] == "<|tool_call>call:garbage{x:1}"
+    assert any("garbage" in r.getMessage() and out["id"] in r.getMessage() for r in caplog.records)
+
+
+def test_http_stream_carries_parser_warnings_on_the_last_chunk():
+    import asyncio
+
+    async def collect_chunks():
+        svc = _service([SERVED[i:i + 3] for i in range(0, len(SERVED), 3)])
+        return [c async for c in svc.chat_stream(_request(True), _prepared())]
+
+    chunks = asyncio.run(collect_chunks())
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "tool_calls"
+    assert any("not among the request's tools" in w["message"] for w in last["warnings"])
+    assert not any("warnings" in c["choices"][0] for c in chunks[:-1])
+    args = "".join(tc["function"]["arguments"] for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", []))
+    assert json.loads(args) == {"city": "Beijing"}
