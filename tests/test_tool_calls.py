@@ -18,7 +18,7 @@ from unigemma.inputs.tokenizer import Tokenizer
 from unigemma.inputs.wire import FORMAT_TOKENS, QUOTE
 from unigemma.outputs.detokenize import IncrementalDetokenizer
 from unigemma.outputs.parser import (
-    ContentDelta, ParseWarning, ResponseParser, ToolCallArgsDelta, ToolCallEnd, ToolCallStart, collect,
+    ParseWarning, ResponseParser, ToolCallArgsDelta, ToolCallEnd, ToolCallStart, collect,
 )
 
 Q = QUOTE

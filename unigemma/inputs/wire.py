@@ -12,9 +12,11 @@ This module holds:
 
 - the format's token strings and the stop strings, in one place for the template, parser and engine;
 - `encode_wire_value` / `format_tool_call` / `format_tool_response`: JSON value → wire text;
-- `parse_wire_value` / `parse_wire_arguments`: wire text → JSON value. The decoder is forgiving, because
-  models drift from the grammar (chat-format.md §8 items 1–3): it repairs near misses when the reading is
-  unambiguous and records every repair in a `warnings` list; it raises `WireParseError` otherwise.
+- `parse_wire_value` / `parse_wire_arguments` / `parse_tool_calls`: wire text → JSON values. The decoder is
+  forgiving, because models drift from the grammar (chat-format.md §8 items 1–4): it weighs the readings of
+  the whole text, keeps the one that needs the fewest repairs (with the tool's JSON Schema, when known, as
+  evidence), records every repair and every unresolved ambiguity in a `warnings` list, and raises
+  `WireParseError` when no reading exists. See "decoding" below for the rules.
 
 What it does not do: split a whole model response into reasoning / content / calls (outputs/parser.py), or
 render prompts (inputs/template.py).

@@ -26,19 +26,34 @@ How it reads a response (chat-format.md §4, §6)::
 - Markup never reaches content or reasoning: stray format tokens are removed with a ParseWarning. Leading and
   trailing whitespace of content and of each reasoning segment is dropped (trailing whitespace is held until
   more text shows it is inner whitespace).
-- Tool-call arguments stream as JSON text (OpenAI style) conservatively: only what cannot change is sent
-  early (the arguments up to the first closing-quote candidate, whose meaning depends on the text after it);
-  the rest comes when the call closes. The joined `json_text` deltas of a call always equal
-  `json.dumps(arguments, ensure_ascii=False)` of its ToolCallEnd.
-- Near misses are repaired with a ParseWarning: a call closed by `<turn|>`/`<eos>`/`<|tool_response>` or by
-  the next `<|tool_call>`, a call inside an unclosed thought channel, `<channel|>call:NAME{...}` without
-  `<|tool_call>`, a missing `call:` prefix, a JSON-style `{"name":..., "arguments":...}` body, and the value
-  repairs of `unigemma.inputs.wire.parse_wire_value`. A call that cannot be read ends with
-  `ToolCallEnd(arguments=None)` (when it was started) and a ParseWarning holding its raw text: never dropped
-  silently.
+- Tool-call arguments stream as JSON text (OpenAI style) conservatively: only what no later text can change is
+  sent early (`{`, the first key, and the start of its string value up to its first `,` `}` `]` or quote token;
+  see `_ArgsJsonStream`); the rest comes when the call closes. The joined `json_text` deltas of a call always
+  equal `json.dumps(arguments, ensure_ascii=False)` of its ToolCallEnd.
+- Arguments are read by `unigemma.inputs.wire.parse_tool_calls`, which weighs every reading of the call text
+  (the cheapest in repairs wins; the request's tool schemas count too) and names each repair; its notes become
+  ParseWarnings. Near misses repaired with a ParseWarning: several calls in one block
+  (`<|tool_call>call:a{..}call:b{..}<tool_call|>`), a string missing its opening or closing quote, `108.`, JSON
+  or single quotes, a call closed by `<turn|>`/`<eos>`/`<|tool_response>` or by the next `<|tool_call>`, a call
+  inside an unclosed thought channel, `<channel|>call:NAME{...}` without `<|tool_call>`, a missing `call:`
+  prefix, a JSON-style `{"name":..., "arguments":...}` body, a namespaced name (`functions.get_weather`) for a
+  declared tool.
 
-What it does not do: detokenize (outputs/detokenize.py), decide when to stop generating (engine), coerce
-argument types by tool schema.
+Two rules (issue 16), so that a client never gets a confidently wrong call and always sees what was dropped:
+
+- With `tools` given, a call to a function not among them is dropped with a ParseWarning (raw text kept), and
+  no ToolCallStart is sent for it. Not returned as a call: the client would run, or fail on, a function it never
+  offered (SGLang drops it too). Not returned as content: content is shown to users and fed back into the next
+  prompt, where call markup becomes control tokens (chat-format.md §8 item 11). Without `tools`, any
+  well-formed name is a call (a caller parsing raw output has no list to check against).
+- A call that cannot be read (truncated before its arguments, unreadable structure, not the format) ends with
+  `ToolCallEnd(arguments=None)` (when it was started) and a ParseWarning holding its raw text; it is not turned
+  into content, for the same reason (a `<channel|>call:...` look-alike that had no markup stays content). The
+  server puts every ParseWarning in the choice's `warnings` field and in its log, so an HTTP client can see
+  what was dropped.
+
+What it does not do: detokenize (outputs/detokenize.py), decide when to stop generating (engine), decode the
+wire dialect itself (inputs/wire.py).
 """
 
 from __future__ import annotations
