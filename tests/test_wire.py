@@ -124,7 +124,7 @@ def test_first_plausible_close_wins_when_the_rest_fits():
     ("{a:'x'}", {"a": "x"}, "single-quoted string"),
     ("{'a':1}", {"a": 1}, "single-quoted key"),
     ('{a:"y\\n"}', {"a": "y\n"}, "JSON double-quoted string"),
-    ('{"a": 1}', {"a": 1}, "JSON double-quoted key"),
+    ('{"a": 1}', {"a": 1}, "written as JSON"),
     ("{city:Oslo}", {"city": "Oslo"}, "unquoted string"),
     ("{q:hello world}", {"q": "hello world"}, "unquoted string"),
     ("{a=1}", {"a": 1}, "key=value"),

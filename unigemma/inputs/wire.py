@@ -176,9 +176,11 @@ _PY_LITERALS = {"True": True, "False": False, "None": None}
 _KEY_AHEAD = re.compile(r'\s*(?:[\w.\-]+|<\|"\|>[^<>]*?<\|"\|>|"[^"\\]*")\s*[:=]')
 _CALL_AHEAD = re.compile(r"\s*call:([\w.\-:]+)\s*(?=\{)")
 _BARE_END = re.compile(r'[,}\]]|<\|"\|>')
+_UNCLOSED_END = re.compile(r"[,}\]]")
 _WS_KEY_END = re.compile(r"\s+(?=[\w.\-]+\s*[:=])")
 _WS_ITEM_END = re.compile(r"\s+(?=[-\d])")
-_MEMBER_INSIDE = re.compile(r',\s*(?:[\w.\-]+|"[^"]*"|\'[^\']*\'|<\|"\|>[^<>]*?<\|"\|>)\s*[:=]')
+# `, key:` and the start of a wire value: inside a string, the mark of a member it swallowed
+_MEMBER_INSIDE = re.compile(r'[,{]\s*(?:[\w.\-]+|<\|"\|>[^<>]*?<\|"\|>)\s*:\s*(?:<\|"\|>|[\[{]|-?\d|true\b|false\b|null\b)')
 _STRUCT_BEFORE = "[{,:="
 _STRUCT_AFTER = ",}]:="
 _WS = " \t\r\n"
@@ -285,8 +287,8 @@ class _Search:
 
     @staticmethod
     def swallow_cost(value: str) -> int:
-        """A repaired string (no quotes bound it) that holds `, key:` has likely swallowed a member: 1 each."""
-        return len(_MEMBER_INSIDE.findall(value))
+        """1 when a repaired string (no quotes bound it) holds `, key:`: it may have swallowed a member."""
+        return 1 if _MEMBER_INSIDE.search(value) else 0
 
     def note(self, message: str, at: int) -> tuple:
         return (f"{message} (offset {at})",)
@@ -303,7 +305,7 @@ class _Search:
         t = self.t
         c = t[p]
         if t.startswith(QUOTE, p):
-            alts = self.quoted(p, stack)
+            alts = self.quoted(p, stack, base)
         elif c == "{":
             alts = self.obj(p, stack, schema, base)
         elif c == "[":
@@ -311,35 +313,49 @@ class _Search:
         elif c == '"':
             alts = self.json_string(p, stack, key=False)   # or, when it has no closing '"', a bare word
             first = next(alts, None)
-            alts = itertools.chain([first], alts) if first is not None else self.bare(p, stack)
+            alts = itertools.chain([first], alts) if first is not None else self.bare(p, stack, base)
         elif c == "'":
-            alts = itertools.chain(self.single_quoted(p, stack, key=False), self.bare(p, stack))
+            alts = itertools.chain(self.single_quoted(p, stack, key=False), self.bare(p, stack, base))
         else:
-            alts = self.bare(p, stack)
+            alts = self.bare(p, stack, base)
         for v, end, cost, notes, k in alts:
             if schema is not None and not _fits(v, schema):
                 cost += 1
             if base + cost <= self.bound:
                 yield v, end, cost, notes, k
 
-    def quoted(self, p: int, stack: tuple) -> Iterator[_Alt]:
+    def quoted(self, p: int, stack: tuple, base: float) -> Iterator[_Alt]:
         t, s = self.t, p + len(QUOTE)
         j = t.find(QUOTE, s)
         while j >= 0:      # every closing-quote candidate followed by what may follow a value
             if self.follows(j + len(QUOTE), stack):
                 cost, notes = self.interior_cost(s, j), ()
                 if cost:
+                    cost += self.swallow_cost(t[s:j])
                     # the reading chosen may be the only one, but a lost quote produces the same text: say so
                     notes = self.note(f"string holds quote tokens next to ',:{{}}[]' ({t[s:j][:60]!r}); read as "
                                       "one string", p)
                 yield t[s:j], j + len(QUOTE), cost, notes, 1
             j = t.find(QUOTE, j + len(QUOTE))
-        # repair: the string was never closed; it ends before a `,` `}` `]` or at the end of the text
-        for m in itertools.chain(re.compile(r"[,}\]]").finditer(t, s), [None]):
+        # repair: the string was never closed; it ends before a `,` `}` `]` or at the end of the text. (The
+        # costs that grow with the end, a structural quote or a `, key:` inside, are found once.)
+        if base + 1 > self.bound:
+            return
+        member = _MEMBER_INSIDE.search(t, s)
+        member_end = member.end() if member else math.inf
+        quote_end, q = math.inf, t.find(QUOTE, s)
+        while q >= 0:
+            if self.interior_cost(s, q + len(QUOTE) + 1):
+                quote_end = q + len(QUOTE)
+                break
+            q = t.find(QUOTE, q + len(QUOTE))
+        for m in itertools.chain(_UNCLOSED_END.finditer(t, s), [None]):
+            if base + 1 > self.bound:
+                return
             e = m.start() if m else self.n
             if m and not (t[e] == "," or t[e] in stack):
                 continue
-            yield (t[s:e], e, 1 + self.interior_cost(s, e) + self.swallow_cost(t[s:e]),
+            yield (t[s:e], e, 1 + (e >= quote_end) + (e >= member_end),
                    self.note(f"repaired: string not closed by {QUOTE}; it ends "
                              + ("at the end of the text" if m is None else f"before {t[e]!r}"), p), 1)
 
@@ -379,42 +395,55 @@ class _Search:
         # JSON is the commonest drift, and a JSON call quotes every string: each costs little
         yield s, j + 1, 0.2, self.note(f'repaired: JSON double-quoted {what} "..."', p), 1
 
-    def bare(self, p: int, stack: tuple) -> Iterator[_Alt]:
+    def bare(self, p: int, stack: tuple, base: float) -> Iterator[_Alt]:
         """An unquoted scalar: a number or literal; or (repairs) a bare-word string, possibly running over
         commas and brackets, or a string whose opening quote is missing (`query:weather in Tokyo<|"|>`)."""
         t = self.t
         in_obj, in_arr = stack[-1:] == ("}",), stack[-1:] == ("]",)
         ws_re = _WS_KEY_END if in_obj else _WS_ITEM_END if in_arr else None
-        ends = self._bare_ends(p, ws_re)
-        last = -1
-        for e, at_ws in ends:   # candidate ends in order, up to the first quote token (lazily: texts are long)
+        member = _MEMBER_INSIDE.search(t, p)
+        member_end = member.end() if member else math.inf
+        depth: list[str] = []       # brackets open in the word so far, checked as the word grows
+        done, prev_char, last = p, "", -1
+        for e, at_ws in self._bare_ends(p, ws_re):   # candidate ends in order, up to the first quote token
             if e == last:
                 continue
             last = e
+            for c in t[done:e]:
+                if c in "{[":
+                    depth.append("}" if c == "{" else "]")
+                elif c in "}]" and (not depth or depth.pop() != c):
+                    return          # the word closes what it did not open, and so does every longer word
+                elif c == "," and prev_char == ",":
+                    return          # an empty item: no longer word is a value either
+                if c not in " \t\r\n":
+                    prev_char = c
+            done = e
             token = t[p:e].strip()
             if t.startswith(QUOTE, e):
-                if token and token[0] not in "{[,}]" and _balanced(token) and self.follows(e + len(QUOTE), stack):
-                    yield (token, e + len(QUOTE), 1 + self.swallow_cost(token),
+                if token and token[0] not in "{[,}]" and not depth and base + 1 <= self.bound \
+                        and self.follows(e + len(QUOTE), stack):
+                    yield (token, e + len(QUOTE), 1 + (e >= member_end),
                            self.note(f"repaired: string {token!r} has no opening {QUOTE}", p), 1)
                 return
             if not token or token[0] in "{[,}]" or token[-1] == ",":
                 if token[:1] in ("}", "]", ","):
                     return
                 continue
-            if ",," in token.replace(" ", "") or not _balanced(token, open_ok=True):
-                return      # every longer word holds the same fault
-            if not _balanced(token) or (at_ws and in_arr and not _literal(token)[0]):
+            if depth or (at_ws and in_arr and not _literal(token)[0]):
                 continue
             ok, value = _literal(token)
             if ok:
                 yield value, e, 0, (), 1
+            elif base + 0.5 > self.bound:
+                return              # every repair from here on costs more than the bound allows
             elif _LOOSE_NUMBER.match(token):
                 yield float(token), e, 0.5, self.note(f"repaired: number {token!r} read as {float(token)!r}", p), 1
             elif token in _PY_LITERALS:
                 lit = _PY_LITERALS[token]
                 yield lit, e, 0.5, self.note(f"repaired: Python literal {token} read as {json.dumps(lit)}", p), 1
-            else:
-                yield token, e, 1 + self.swallow_cost(token), self.note(f"repaired: unquoted string {token!r}", p), 1
+            elif base + 1 <= self.bound:
+                yield (token, e, 1 + (e >= member_end), self.note(f"repaired: unquoted string {token!r}", p), 1)
 
     def _bare_ends(self, p: int, ws_re) -> Iterator[tuple[int, bool]]:
         """(offset, at whitespace) of each place a bare word starting at `p` may end, in order, lazily."""
@@ -594,19 +623,27 @@ class _Search:
                 yield ([(name, args)], self.n, cost + 2,
                        notes + self.note(f"ignored text after the arguments: {self.t[q:]!r}", q), k)
 
-    def best(self, readings: Iterator[_Alt], what: str) -> tuple[Any, list[str]]:
-        """The cheapest reading (ties: more values, then the first found) and its notes."""
+    def best(self, readings, what: str) -> tuple[Any, list[str]]:
+        """The cheapest reading (ties: more values, then the first found) and its notes.
+
+        `readings()` makes a fresh enumeration. It runs under rising cost bounds (iterative deepening): with
+        every dearer partial reading cut, the first bound that admits a reading finds the cheapest one after
+        little work, where one unbounded depth-first pass could wander among absurd readings of a long text."""
         best, best_key, rivals, cut = None, None, [], False
         try:
-            for alt in readings:
-                key = (alt[2], -alt[4])
-                if best_key is None or key < best_key:
-                    best, best_key, rivals = alt, key, []
-                    self.bound = alt[2]
-                    if alt[2] == 0:
-                        break  # a reading that needs nothing is the only one of its cost (see the top)
-                elif key == best_key and _canon(alt[0]) != _canon(best[0]) and len(rivals) < 3:
-                    rivals.append(alt)
+            for bound in _BOUNDS:
+                self.bound = bound
+                for alt in readings():
+                    key = (alt[2], -alt[4])
+                    if best_key is None or key < best_key:
+                        best, best_key, rivals = alt, key, []
+                        self.bound = alt[2]
+                        if alt[2] == 0:
+                            break  # a reading that needs nothing is the only one of its cost (see the top)
+                    elif key == best_key and _canon(alt[0]) != _canon(best[0]) and len(rivals) < 3:
+                        rivals.append(alt)
+                if best is not None:
+                    break
         except _OutOfBudget:
             cut = True
         if best is None:
@@ -620,6 +657,9 @@ class _Search:
             notes.append(f"stopped comparing readings after {self.budget} steps; the reading chosen may not be "
                          "the best")
         return best[0], notes
+
+
+_BOUNDS = (0, 1, 2, 3, 5, 8, 13, math.inf)
 
 
 def _balanced(token: str, open_ok: bool = False) -> bool:
@@ -640,6 +680,20 @@ def _canon(value: Any, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
 
 
+def _json_fast(text: str, warnings: list[str] | None) -> tuple[Any] | None:
+    """A value written as plain JSON (a common drift), read in one step: every string of it is JSON-quoted, a
+    repair the search would weigh one string at a time. Wire text never holds `"` outside strings, so a text
+    that json.loads reads and that has a `"` is JSON."""
+    if '"' not in text or QUOTE in text:
+        return None
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    _record(["repaired: value written as JSON"], warnings)
+    return (value,)
+
+
 def _record(notes: list[str], warnings: list[str] | None) -> None:
     if warnings is not None:
         warnings.extend(notes)
@@ -654,6 +708,9 @@ def parse_wire_value(text: str, warnings: list[str] | None = None) -> Any:
     text is read as the cheapest reading (see the comment above) with a warning. Raises `WireParseError` when
     the text cannot be read or has text left after the value.
     """
+    fast = _json_fast(text, warnings)
+    if fast is not None:
+        return fast[0]
     search = _Search(text)
 
     def readings() -> Iterator[_Alt]:
@@ -663,7 +720,7 @@ def parse_wire_value(text: str, warnings: list[str] | None = None) -> Any:
                 yield alt
             search.far = max(search.far, end)
 
-    value, notes = search.best(readings(), "a wire value")
+    value, notes = search.best(readings, "a wire value")
     _record(notes, warnings)
     return value
 
@@ -688,12 +745,18 @@ def parse_tool_calls(name: str, text: str, schemas: dict[str, dict] | None = Non
     With `single`, text after the first call's arguments is never read as another call.
     """
     schemas = schemas or {}
+    fast = _json_fast(text, None)
+    if fast is not None and isinstance(fast[0], dict):
+        notes = ["repaired: arguments written as JSON"]
+        args = coerce_arguments(fast[0], schemas[name], notes, name) if name in schemas else fast[0]
+        _record(notes, warnings)
+        return [(name, args)]
     search = _Search(text)
     p = search.ws(0)
     if p >= search.n or text[p] != "{":
         raise WireParseError("tool call arguments must start with '{'", text, p)
     search.multi = not single
-    calls, notes = search.best(search.calls(p, name, schemas, 0), "the tool call arguments")
+    calls, notes = search.best(lambda: search.calls(p, name, schemas, 0), "the tool call arguments")
     out = []
     for call_name, args in calls:
         if call_name in schemas:
