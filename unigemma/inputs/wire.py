@@ -158,13 +158,20 @@ def format_tool_response(name: str, response: Any) -> str:
 # or, as a repair, where it was left unclosed; each bare word may or may not be a string missing its quotes)
 # and keeps the cheapest, where
 #
-#   cost = repairs (each one a warning) + strings whose interior `<|"|>` sits next to structure (`,` `:` `{`
-#          `}` `[` `]`: it looks like a close or an open) + mismatches with the tool's JSON Schema, if given
+#   cost = repairs, each one a warning (1; 0.5 for a Python literal, `108.` or a single-quoted string; 0.2 for
+#          a JSON-quoted one, the commonest drift, which quotes every string of a call)
+#        + 1 for a string whose interior `<|"|>` sits next to structure (`,` `:` `{` `}` `[` `]`: it looks like a
+#          close or an open; also a warning, since a lost quote gives the same text)
+#        + 1 for a repaired string that holds `, key:` and a value's start (a member it may have swallowed)
+#        + 1 for each mismatch with the tool's JSON Schema, if given (a type, an undeclared or missing key)
 #
 # ties go to the reading with more values (the model's `<|"|>` are more likely structure than text), then to
 # the earliest string ends. A tie that is still a tie between different values is reported ("ambiguous").
 # Canonical text (what the template writes) always has exactly one reading of cost 0, so it is read as
-# written and the search stops at the first reading; the search only widens on broken text, and is bounded.
+# written and the search stops at the first reading. Broken text is searched under rising cost bounds
+# (0, 1, 2, 3, 5, ...; dearer partial readings are cut), so the cheapest reading is found after little work,
+# and a budget of values read bounds the worst case (with a warning when it cuts the comparison short).
+# Text that is plain JSON is read as JSON in one step.
 
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?\Z")
 _LOOSE_NUMBER = re.compile(r"-?(?:\d+\.|\.\d+)([eE][+-]?\d+)?\Z")      # `108.`, `.5`: Python spellings
