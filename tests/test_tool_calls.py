@@ -41,6 +41,7 @@ TOOLS = [
     tool("bash", command="string"),
     tool("get_weather", city="string"),
     tool("calc", left="number", right="number", op="string"),
+    tool("configure", settings="object"),
 ]
 
 
@@ -127,9 +128,14 @@ EXAMPLES = [
     ("strings holding every delimiter (canonical: no warning)",
      f"<|tool_call>call:bash{{command:{Q}echo \"a, b\" {{c}} [d]: 'e' \\n\\\\ é 🙂\nnext{Q}}}<tool_call|>",
      [("bash", {"command": "echo \"a, b\" {c} [d]: 'e' \\n\\\\ é 🙂\nnext"})], None),
+    ("arrays of strings with delimiters (canonical: no warning)",
+     f"<|tool_call>call:search{{query:[{Q}x,y{Q},{Q}}}{Q},{Q}a:{Q}]}}<tool_call|>",
+     [("search", {"query": ["x,y", "}", "a:"]})], None),
     ("nested objects and arrays (canonical: no warning)",
-     f"<|tool_call>call:search{{query:[{Q}x,y{Q},{Q}}}{Q}]}}<tool_call|>",
-     [("search", {"query": ["x,y", "}"]})], None),
+     f"<|tool_call>call:configure{{settings:{{flag:true,list:[1,2.5,{{deep:[{Q}x{Q},null]}}],name:{Q}a{{b}}{Q},"
+     f"sub:{{}}}}}}<tool_call|>",
+     [("configure", {"settings": {"flag": True, "list": [1, 2.5, {"deep": ["x", None]}], "name": "a{b}",
+                                  "sub": {}}})], None),
 ]
 
 
