@@ -165,7 +165,8 @@ def test_schema_converts_declared_types_with_a_warning(tok):
 def test_undeclared_tool_is_dropped_with_a_warning(tok):
     # With `tools` given, a call to a function not among them never reaches the client as a call, nor as content
     # (markup in content would be fed back as control tokens); the warning carries the raw text.
-    for text in ("<|tool_call>garbage{x:1}<tool_call|>", "<|tool_call>call:garbage{x:1}<tool_call|>"):
+    for text in ("<|tool_call>garbage{x:1}<tool_call|>", "<|tool_call>call:garbage{x:1}<tool_call|>",
+                 '<|tool_call>{"name": "garbage", "arguments": {"x": 1}}<tool_call|>'):
         events = parse([text], TOOLS)
         content, calls, warnings = all_ways(tok, text, TOOLS)
         assert (content, calls) == ("", [])

@@ -630,8 +630,11 @@ class ResponseParser:
                 obj = parse_wire_value(body, notes)
             except WireParseError as e:
                 return None, "", f"tool call without a name could not be read: {e}"
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not self._name_ok(obj["name"]):
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return None, "", "tool call has no name"
+        if not self._name_ok(obj["name"]):
+            return None, "", (f"call to {obj['name']!r}, which is not among the request's tools, dropped"
+                              if self._tool_names else f"invalid tool name {obj['name']!r}")
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):
             try:
