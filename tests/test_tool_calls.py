@@ -178,6 +178,11 @@ def test_undeclared_tool_is_dropped_with_a_warning(tok):
     content, calls, warnings = all_ways(tok, text, TOOLS)
     assert calls == [("bash", {"command": "ls"})]
     assert any("'rm_rf', which is not among the request's tools" in w for w in warnings)
+    # and a declared call after an undeclared one in the same block is kept
+    text = f"<|tool_call>call:rm_rf{{path:{Q}/{Q}}}call:bash{{command:{Q}ls{Q}}}<tool_call|>"
+    content, calls, warnings = all_ways(tok, text, TOOLS)
+    assert calls == [("bash", {"command": "ls"})]
+    assert any("'rm_rf', which is not among the request's tools" in w for w in warnings)
 
 
 def test_namespaced_name_maps_to_the_declared_tool(tok):

@@ -557,6 +557,7 @@ class ResponseParser:
             events.append(ParseWarning(f"tool call not closed by {TOOL_CALL_CLOSE} ({closed_by})", raw))
         notes: list[str] = []
         calls: list[tuple[str, dict]] = []
+        more: list[tuple[str, dict]] = []   # further calls written in the same block
         problem = ""
         if call.name is None:
             head = call.body.strip()
@@ -584,6 +585,10 @@ class ResponseParser:
         elif not call.name_ok:
             if self._tool_names and _NAME.match(call.name):
                 problem = f"call to {call.name!r}, which is not among the request's tools, dropped"
+                try:  # a declared call may still follow it in the block
+                    more = parse_tool_calls(call.name, call.body[call.brace:], self._schemas, notes)[1:]
+                except WireParseError:
+                    pass
             else:
                 problem = f"invalid tool name {call.name!r}"
         else:
@@ -599,18 +604,18 @@ class ResponseParser:
                 self._emit_content(call.body, events)  # recovered text that was not a call after all
             if call.index >= 0:
                 events.append(ToolCallEnd(call.index, None))
-            return
-        (_, arguments), more = calls[0], calls[1:]
-        final = json.dumps(arguments, ensure_ascii=False)
-        sent = call.stream.emitted
-        if final.startswith(sent):
-            if final[len(sent):]:
-                events.append(ToolCallArgsDelta(call.index, final[len(sent):]))
-        else:  # by construction this should not happen; say so rather than send broken JSON silently
-            events.append(ParseWarning("streamed argument text differs from the parsed arguments; "
-                                       "use ToolCallEnd.arguments", sent))
-        events.append(ToolCallEnd(call.index, arguments))
-        for name, arguments in more:  # further calls written in the same block
+        else:
+            (_, arguments), more = calls[0], calls[1:]
+            final = json.dumps(arguments, ensure_ascii=False)
+            sent = call.stream.emitted
+            if final.startswith(sent):
+                if final[len(sent):]:
+                    events.append(ToolCallArgsDelta(call.index, final[len(sent):]))
+            else:  # by construction this should not happen; say so rather than send broken JSON silently
+                events.append(ParseWarning("streamed argument text differs from the parsed arguments; "
+                                           "use ToolCallEnd.arguments", sent))
+            events.append(ToolCallEnd(call.index, arguments))
+        for name, arguments in more:
             if not self._name_ok(name):
                 events.append(ParseWarning(f"call to {name!r}, which is not among the request's tools, dropped",
                                            raw))
