@@ -669,19 +669,6 @@ class _Search:
 _BOUNDS = (0, 1, 2, 3, 5, 8, 13, math.inf)
 
 
-def _balanced(token: str, open_ok: bool = False) -> bool:
-    """Brackets in a bare word nest properly (a bare word never closes a container it did not open; with
-    `open_ok`, brackets it leaves open are fine)."""
-    depth = []
-    for c in token:
-        if c in "{[":
-            depth.append("}" if c == "{" else "]")
-        elif c in "}]":
-            if not depth or depth.pop() != c:
-                return False
-    return open_ok or not depth
-
-
 def _canon(value: Any, limit: int | None = None) -> str:
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=repr)
     return text if limit is None or len(text) <= limit else text[:limit] + "..."
