@@ -247,9 +247,10 @@ _text = st.text(alphabet=st.one_of(st.sampled_from('<|>"{}[]:,= \n\'\\abé🙂')
                 max_size=8).filter(lambda s: not any(t in s for t in FORMAT_TOKENS))
 _keys = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
-                     st.floats(allow_nan=False, allow_infinity=False, width=32), _text)
-_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(_keys, inner, max_size=3)), max_leaves=8)
+                     st.floats(allow_nan=False, allow_infinity=False, width=32), _text, st.just([]), st.just({}))
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, min_size=1, max_size=3),
+                                                         st.dictionaries(_keys, inner, min_size=1, max_size=3)),
+                       max_leaves=8)
 _args = st.dictionaries(_keys, _values, min_size=1, max_size=4)
 _names = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
 
