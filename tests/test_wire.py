@@ -99,17 +99,19 @@ def test_nan_round_trips_as_nan():
 
 # --- interior quote tokens ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("inner", [
-    'x = {' + Q + 'key' + Q + ': ' + Q + 'v' + Q + '}',                      # a dict literal in code
-    'def f():\n    ' + Q * 3 + 'doc' + Q * 3 + '\n    pass',                   # triple quotes
-    'f(' + Q + 'x' + Q + ', y=2)',                                           # quote then comma
-    'a' + Q + ']',                                                           # quote then bracket
+@pytest.mark.parametrize("inner, warned", [
+    ('x = {' + Q + 'key' + Q + ': ' + Q + 'v' + Q + '}', True),              # a dict literal in code
+    ('def f():\n    ' + Q * 3 + 'doc' + Q * 3 + '\n    pass', False),        # triple quotes
+    ('f(' + Q + 'x' + Q + ', y=2)', True),                                   # quote then comma
+    ('a' + Q + ']', True),                                                   # quote then bracket
+    ('print(' + Q + 'hi' + Q + ')', False),
 ])
-def test_interior_quote_tokens(inner):
+def test_interior_quote_tokens(inner, warned):
+    # read right; where a quote token sits next to structure, a lost quote would read the same: a warning says so
     text = "{code:" + Q + inner + Q + ",n:1}"
     warnings = []
     assert parse_wire_value(text, warnings) == {"code": inner, "n": 1}
-    assert warnings == []
+    assert [w.split(" (")[0] for w in warnings] == (["string holds quote tokens next to ',:{}[]'"] if warned else [])
 
 
 def test_first_plausible_close_wins_when_the_rest_fits():
@@ -122,7 +124,7 @@ def test_first_plausible_close_wins_when_the_rest_fits():
     ("{a:'x'}", {"a": "x"}, "single-quoted string"),
     ("{'a':1}", {"a": 1}, "single-quoted key"),
     ('{a:"y\\n"}', {"a": "y\n"}, "JSON double-quoted string"),
-    ('{"a": 1}', {"a": 1}, "JSON double-quoted key"),
+    ('{"a": 1}', {"a": 1}, "written as JSON"),
     ("{city:Oslo}", {"city": "Oslo"}, "unquoted string"),
     ("{q:hello world}", {"q": "hello world"}, "unquoted string"),
     ("{a=1}", {"a": 1}, "key=value"),
@@ -134,7 +136,7 @@ def test_first_plausible_close_wins_when_the_rest_fits():
     ("{a:[1,2", {"a": [1, 2]}, "missing ']'"),
     ("{a:1,}", {"a": 1}, "trailing comma"),
     ("{a:True,b:None}", {"a": True, "b": None}, "Python literal"),
-    ("{a:1,a:2}", {"a": 2}, "duplicate key"),
+    ("{a:1,a:2}", {"a": 1}, "duplicate key"),     # the first: it may have been streamed already
 ])
 def test_each_repair_is_recorded(text, expected, fragment):
     warnings = []
@@ -149,7 +151,7 @@ def test_full_json_object_is_read():
     assert warnings
 
 
-@pytest.mark.parametrize("text", ["{a:}", "{a", "{,}", "{a:1}}", "{a:" + Q + "x}", "", "[1,,2]"])
+@pytest.mark.parametrize("text", ["{a:}", "{a", "{,}", "{a:1}}", "", "[1,,2]"])
 def test_unrepairable_raises(text):
     with pytest.raises(WireParseError):
         parse_wire_value(text)

@@ -39,6 +39,7 @@ class ChatChunk:
     tool_calls: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
+    warnings: list[str] = field(default_factory=list)   # parser warnings (repaired or dropped calls, markup)
 
 
 def _finish_reason(engine_reason: str | None, n_calls: int) -> str | None:
@@ -63,7 +64,7 @@ def chat(llm, messages, tools=None, tool_choice=None, response_format=None, enab
     media = {k: (v.to(llm.device) if hasattr(v, "to") else v) for k, v in prompt.media.items()} or None
     request = Request(prompt.input_ids, params, media=media, constraint=constraint)
     names = [t.get("function", {}).get("name") for t in (declared or []) if isinstance(t, dict)]
-    parser = ResponseParser(start, seed=seed_ids, tool_names=names or None)
+    parser = ResponseParser(start, seed=seed_ids, tool_names=names or None, tools=declared)
     events = _run(engine, request)
     if stream:
         return _stream(events, parser)
@@ -130,8 +131,11 @@ def _stream(events, parser: ResponseParser) -> Iterator[ChatChunk]:
                 ch.content += pe.text
             elif isinstance(pe, ReasoningDelta):
                 ch.reasoning += pe.text
+            elif isinstance(pe, ParseWarning):
+                ch.warnings.append(pe.message)
+            elif isinstance(pe, ToolCallEnd):
+                n_calls += pe.arguments is not None
             elif isinstance(pe, ToolCallStart):
-                n_calls += 1
                 ch.tool_calls.append({"index": pe.index, "id": pe.id, "type": "function",
                                       "function": {"name": pe.name, "arguments": ""}})
             elif isinstance(pe, ToolCallArgsDelta):
@@ -141,7 +145,7 @@ def _stream(events, parser: ResponseParser) -> Iterator[ChatChunk]:
     for ev in events:
         last = ev
         ch = convert(parser.feed(ev.text))
-        if ch.content or ch.reasoning or ch.tool_calls:
+        if ch.content or ch.reasoning or ch.tool_calls or ch.warnings:
             yield ch
     ch = convert(parser.finish())
     ch.finish_reason = _finish_reason(last.finish_reason if last else None, n_calls)

@@ -26,19 +26,34 @@ How it reads a response (chat-format.md §4, §6)::
 - Markup never reaches content or reasoning: stray format tokens are removed with a ParseWarning. Leading and
   trailing whitespace of content and of each reasoning segment is dropped (trailing whitespace is held until
   more text shows it is inner whitespace).
-- Tool-call arguments stream as JSON text (OpenAI style) conservatively: only what cannot change is sent
-  early (the arguments up to the first closing-quote candidate, whose meaning depends on the text after it);
-  the rest comes when the call closes. The joined `json_text` deltas of a call always equal
-  `json.dumps(arguments, ensure_ascii=False)` of its ToolCallEnd.
-- Near misses are repaired with a ParseWarning: a call closed by `<turn|>`/`<eos>`/`<|tool_response>` or by
-  the next `<|tool_call>`, a call inside an unclosed thought channel, `<channel|>call:NAME{...}` without
-  `<|tool_call>`, a missing `call:` prefix, a JSON-style `{"name":..., "arguments":...}` body, and the value
-  repairs of `unigemma.inputs.wire.parse_wire_value`. A call that cannot be read ends with
-  `ToolCallEnd(arguments=None)` (when it was started) and a ParseWarning holding its raw text: never dropped
-  silently.
+- Tool-call arguments stream as JSON text (OpenAI style) conservatively: only what no later text can change is
+  sent early (`{`, the first key, and the start of its string value up to its first `,` `}` `]` or quote token;
+  see `_ArgsJsonStream`); the rest comes when the call closes. The joined `json_text` deltas of a call always
+  equal `json.dumps(arguments, ensure_ascii=False)` of its ToolCallEnd.
+- Arguments are read by `unigemma.inputs.wire.parse_tool_calls`, which weighs every reading of the call text
+  (the cheapest in repairs wins; the request's tool schemas count too) and names each repair; its notes become
+  ParseWarnings. Near misses repaired with a ParseWarning: several calls in one block
+  (`<|tool_call>call:a{..}call:b{..}<tool_call|>`), a string missing its opening or closing quote, `108.`, JSON
+  or single quotes, a call closed by `<turn|>`/`<eos>`/`<|tool_response>` or by the next `<|tool_call>`, a call
+  inside an unclosed thought channel, `<channel|>call:NAME{...}` without `<|tool_call>`, a missing `call:`
+  prefix, a JSON-style `{"name":..., "arguments":...}` body, a namespaced name (`functions.get_weather`) for a
+  declared tool.
 
-What it does not do: detokenize (outputs/detokenize.py), decide when to stop generating (engine), coerce
-argument types by tool schema.
+Two rules (issue 16), so that a client never gets a confidently wrong call and always sees what was dropped:
+
+- With `tools` given, a call to a function not among them is dropped with a ParseWarning (raw text kept), and
+  no ToolCallStart is sent for it. Not returned as a call: the client would run, or fail on, a function it never
+  offered (SGLang drops it too). Not returned as content: content is shown to users and fed back into the next
+  prompt, where call markup becomes control tokens (chat-format.md §8 item 11). Without `tools`, any
+  well-formed name is a call (a caller parsing raw output has no list to check against).
+- A call that cannot be read (truncated before its arguments, unreadable structure, not the format) ends with
+  `ToolCallEnd(arguments=None)` (when it was started) and a ParseWarning holding its raw text; it is not turned
+  into content, for the same reason (a `<channel|>call:...` look-alike that had no markup stays content). The
+  server puts every ParseWarning in the choice's `warnings` field and in its log, so an HTTP client can see
+  what was dropped.
+
+What it does not do: detokenize (outputs/detokenize.py), decide when to stop generating (engine), decode the
+wire dialect itself (inputs/wire.py).
 """
 
 from __future__ import annotations
@@ -52,7 +67,7 @@ from typing import Any, Iterable, Union
 
 from unigemma.inputs.wire import (
     CHANNEL_CLOSE, CHANNEL_OPEN, FORMAT_TOKENS, QUOTE, STOP_STRINGS, THOUGHT_LABEL, TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN, TURN_OPEN, WireParseError, parse_wire_arguments, parse_wire_value,
+    TOOL_CALL_OPEN, TURN_OPEN, WireParseError, coerce_arguments, parse_tool_calls, parse_wire_value,
 )
 
 __all__ = [
@@ -127,8 +142,8 @@ _CALL_TERMINATORS = (TOOL_CALL_CLOSE, TOOL_CALL_OPEN) + STOP_STRINGS
 _ANY_RE = _token_regex(_ALL_TOKENS)
 _CALL_END_RE = _token_regex(_CALL_TERMINATORS)
 _NAME = re.compile(r"[\w.\-:]+\Z")
-_STRICT_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?\Z")
 _STREAM_KEY = re.compile(r"([\w.\-]+):")
+_STREAM_STRING_STOP = re.compile(r'[,}\]]|<\|"\|>')
 _STREAM_KEY_PART = re.compile(r"[\w.\-]*\Z")
 _BARE_CALL = re.compile(r"call:[\w.\-:]+\{")
 _BARE_CALL_PART = re.compile(r"(c(a(l(l(:[\w.\-:]*)?)?)?)?)?\Z")
@@ -182,22 +197,23 @@ class _TextStream:
 
 
 class _ArgsJsonStream:
-    """JSON text of tool-call arguments, produced while the wire text arrives, never ahead of certainty.
+    """JSON text of tool-call arguments sent while the wire text arrives: only what no later text can change.
 
-    It follows the canonical wire grammar only (bare keys, quote-token strings, JSON numbers and literals,
-    nesting). At the first thing that the final parse might read differently (a closing-quote candidate, a
-    repair, a duplicate key) it stops; the caller then sends the rest from the final parse. Everything emitted is
-    therefore a prefix of `json.dumps(final_arguments, ensure_ascii=False)`.
+    The final arguments come from a search over the readings of the whole call (unigemma.inputs.wire): text
+    that arrives later can move where an earlier string ends (a string left unclosed ends at a `,` `}` or `]`
+    in it), turn a number into part of a bare string, or bring a duplicate key. What every reading shares is
+    the `{`, the first key, and, when its value opens with a quote token and the tool declares it a string (or
+    does not declare it), that string's text up to its first `,` `}` `]` or quote token. That much is sent
+    early (the common case it serves: the long first string of a `write` or `run` call); the rest comes when
+    the call closes. Everything emitted is therefore a prefix of `json.dumps(final_arguments)`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, string_ok=lambda key: True) -> None:
         self.buf = ""
         self.state = "start"
-        self.stack: list[str] = []
-        self.keys: list[set[str]] = []
-        self.sep = ""
         self.emitted = ""
         self.stopped = False
+        self.string_ok = string_ok
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -216,121 +232,44 @@ class _ArgsJsonStream:
         return False
 
     def _step(self, out: list[str]) -> bool:
-        """Consume one grammar element from `buf`; False when more text is needed (or streaming stopped)."""
-        stripped = self.buf.lstrip()
+        """Consume one element from `buf`; False when more text is needed (or streaming stopped)."""
         if self.state != "string":
-            self.buf = stripped
-        if not self.buf:
+            self.buf = self.buf.lstrip()
+        b = self.buf
+        if not b:
             return False
-        b, state = self.buf, self.state
-        if state == "start":
+        if self.state == "start":
             if b[0] != "{":
                 return self._stop()
-            self._open(out, "{")
+            out.append("{")
+            self.buf, self.state = b[1:], "key"
             return True
-        if state == "key_or_close":
-            if b[0] == "}" and not self.sep:
-                return self._close(out, "}")
+        if self.state == "key":
             m = _STREAM_KEY.match(b)
             if not m:
-                if _STREAM_KEY_PART.match(b):
-                    return False
-                return self._stop()
+                return False if _STREAM_KEY_PART.match(b) else self._stop()
             key = m.group(1)
-            if key in self.keys[-1]:
+            if not self.string_ok(key):
                 return self._stop()
-            self.keys[-1].add(key)
-            out.append(self.sep + json.dumps(key, ensure_ascii=False) + ": ")
-            self.sep = ""
-            self.buf = b[m.end():]
-            self.state = "value"
+            out.append(json.dumps(key, ensure_ascii=False) + ": ")
+            self.buf, self.state = b[m.end():], "value"
             return True
-        if state == "value_or_close":
-            if b[0] == "]":
-                return self._close(out, "]")
-            self.state = "value"
-            return True
-        if state == "value":
+        if self.state == "value":
             if b.startswith(QUOTE):
-                out.append(self.sep + '"')
-                self.sep = ""
-                self.buf = b[len(QUOTE):]
-                self.state = "string"
+                out.append('"')
+                self.buf, self.state = b[len(QUOTE):], "string"
                 return True
-            if QUOTE.startswith(b):
-                return False
-            if b[0] in "{[":
-                out.append(self.sep)
-                self.sep = ""
-                self._open(out, b[0])
-                return True
-            self.state = "scalar"
-            return True
-        if state == "string":
-            end = b.find(QUOTE)
-            if end >= 0:
-                out.append(_json_chars(b[:end]))
-                return self._stop()  # where the string ends depends on what follows: leave it to the final parse
-            keep = 0
-            for n in range(min(len(QUOTE) - 1, len(b)), 0, -1):
-                if QUOTE.startswith(b[-n:]):
-                    keep = n
-                    break
-            if len(b) > keep:
-                out.append(_json_chars(b[:len(b) - keep]))
-                self.buf = b[len(b) - keep:]
-            return False
-        if state == "scalar":
-            m = re.search(r"[,}\]]", b)
-            if not m:
-                if "<" in b or "{" in b or "[" in b:
-                    return self._stop()
-                return False
-            token = b[:m.start()].strip()
-            if token in ("true", "false", "null"):
-                value: Any = {"true": True, "false": False, "null": None}[token]
-            else:
-                num = _STRICT_NUMBER.match(token)
-                if not num:
-                    return self._stop()
-                value = float(token) if num.group(1) or num.group(2) else int(token)
-            out.append(self.sep + json.dumps(value))
-            self.sep = ""
-            self.buf = b[m.start():]
-            self.state = "after_value"
-            return True
-        if state == "after_value":
-            if b[0] == ",":
-                self.buf = b[1:]
-                self.sep = ", "
-                self.state = "key_or_close" if self.stack[-1] == "}" else "value"
-                return True
-            if b[0] in "}]":
-                return self._close(out, b[0])
+            return False if QUOTE.startswith(b) else self._stop()
+        # string: up to the first `,` `}` `]` or quote token, holding back a partial quote token at the end
+        m = _STREAM_STRING_STOP.search(b)
+        if m:
+            out.append(_json_chars(b[:m.start()]))
             return self._stop()
-        return self._stop()  # "done": text after the closing brace
-
-    def _open(self, out: list[str], bracket: str) -> None:
-        out.append(bracket)
-        self.buf = self.buf[1:]
-        if bracket == "{":
-            self.stack.append("}")
-            self.keys.append(set())
-            self.state = "key_or_close"
-        else:
-            self.stack.append("]")
-            self.state = "value_or_close"
-
-    def _close(self, out: list[str], closer: str) -> bool:
-        if not self.stack or self.stack[-1] != closer:
-            return self._stop()
-        out.append(closer)
-        self.buf = self.buf[1:]
-        self.stack.pop()
-        if closer == "}":
-            self.keys.pop()
-        self.state = "after_value" if self.stack else "done"
-        return True
+        keep = next((n for n in range(min(len(QUOTE) - 1, len(b)), 0, -1) if QUOTE.startswith(b[-n:])), 0)
+        if len(b) > keep:
+            out.append(_json_chars(b[:len(b) - keep]))
+            self.buf = b[len(b) - keep:]
+        return False
 
 
 @dataclass
@@ -352,11 +291,15 @@ class ResponseParser:
     start_state: "content" (default; thinking off, or thinking on before any channel), "reasoning" (the prompt
     ended inside `<|channel>thought\\n`), or "channel" (the prompt ended with `<|channel>`).
     seed: tool-call ids are `call_<24 hex>`; with a seed they are reproducible (tests), else random.
-    tool_names: declared tool names, accepted even where they fall outside the usual name characters.
+    tools: the request's tools (OpenAI `{"type": "function", "function": {"name", "parameters"}}` dicts, or the
+    inner function dicts). Their JSON Schemas choose among readings of broken arguments and convert values to
+    the declared types; and a call to a function not among them is dropped with a warning (module docstring).
+    tool_names: declared names without schemas (the same rule for undeclared names).
+    Without either, any well-formed name is accepted (a caller parsing raw output without a request).
     """
 
     def __init__(self, start_state: str = "content", *, seed: int | None = None,
-                 tool_names: Iterable[str] | None = None):
+                 tool_names: Iterable[str] | None = None, tools: Iterable[dict] | None = None):
         if start_state not in START_STATES:
             raise ValueError(f"start_state is {start_state!r}; expected one of {', '.join(START_STATES)}")
         self._mode = "label" if start_state == "channel" else start_state
@@ -368,7 +311,14 @@ class ResponseParser:
         self._call: _Call | None = None
         self._ignored = ""
         self._rng = random.Random(seed) if seed is not None else None
+        self._schemas: dict[str, dict] = {}
         self._tool_names = set(tool_names or ())
+        for tool in tools or ():
+            fn = tool.get("function", tool) if isinstance(tool, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                self._tool_names.add(fn["name"])
+                if isinstance(fn.get("parameters"), dict):
+                    self._schemas[fn["name"]] = fn["parameters"]
         self.tool_call_count = 0
         self.stopped_by: str | None = None
         self._finished = False
@@ -535,7 +485,20 @@ class ResponseParser:
         return f"call_{bits:024x}"
 
     def _name_ok(self, name: str) -> bool:
-        return bool(name) and (name in self._tool_names or bool(_NAME.match(name)))
+        """A name that may be a call: declared, or (when nothing is declared) well-formed."""
+        if not name:
+            return False
+        if self._tool_names:
+            return self._resolve(name) is not None
+        return bool(_NAME.match(name))
+
+    def _resolve(self, name: str) -> str | None:
+        """The declared tool `name` means: itself, or a declared name it carries a namespace prefix for
+        (`functions.get_weather`, `default_api:get_weather`), when exactly one fits."""
+        if name in self._tool_names:
+            return name
+        fits = [t for t in self._tool_names if name.endswith(t) and name[-len(t) - 1] in ".:/"]
+        return fits[0] if len(fits) == 1 else None
 
     def _call_text(self, text: str, events: list[Event]) -> None:
         call = self._call
@@ -557,6 +520,7 @@ class ResponseParser:
                                                call.raw_prefix + call.body[:brace + 1]))
             call.name_ok = self._name_ok(call.name)
             if call.name_ok:
+                self._rename(call, events)
                 self._open_call(call, events)
                 text = call.body[brace:]
             else:
@@ -565,6 +529,18 @@ class ResponseParser:
             piece = call.stream.feed(text)
             if piece:
                 events.append(ToolCallArgsDelta(call.index, piece))
+
+    def _rename(self, call: _Call, events: list[Event]) -> None:
+        """Map a namespaced name to the declared one (with a warning); set the argument stream's schema."""
+        if self._tool_names and call.name not in self._tool_names:
+            declared = self._resolve(call.name or "")
+            events.append(ParseWarning(f"tool name {call.name!r} read as the declared {declared!r}",
+                                       call.raw_prefix + call.body))
+            call.name = declared
+        schema = self._schemas.get(call.name or "")
+        props = schema.get("properties") if isinstance(schema, dict) else None
+        if isinstance(props, dict):
+            call.stream.string_ok = lambda key: key in props and _declares_string(props[key])
 
     def _open_call(self, call: _Call, events: list[Event]) -> None:
         call.index = self.tool_call_count
@@ -580,7 +556,8 @@ class ResponseParser:
         if closed_by is not None:
             events.append(ParseWarning(f"tool call not closed by {TOOL_CALL_CLOSE} ({closed_by})", raw))
         notes: list[str] = []
-        arguments: dict | None = None
+        calls: list[tuple[str, dict]] = []
+        more: list[tuple[str, dict]] = []   # further calls written in the same block
         problem = ""
         if call.name is None:
             head = call.body.strip()
@@ -589,40 +566,65 @@ class ResponseParser:
             if self._name_ok(head):
                 call.name = head
                 notes.append(f"tool call {head!r} has no argument block; read as {{}}")
-                arguments = {}
+                calls = [(head, {})]
+                self._rename(call, events)
                 self._open_call(call, events)
+            elif head and _NAME.match(head):
+                problem = f"call to {head!r}, which is not among the request's tools, dropped"
             else:
                 problem = "empty tool call" if not head else "tool call has no '{' argument block"
         elif not call.name:
             arguments, name, problem = self._json_style(call.body[call.brace:], notes)
             if arguments is not None:
                 call.name = name
+                self._rename(call, events)
+                if call.name in self._schemas:
+                    arguments = coerce_arguments(arguments, self._schemas[call.name], notes, call.name)
+                calls = [(call.name, arguments)]
                 self._open_call(call, events)
         elif not call.name_ok:
-            problem = f"invalid tool name {call.name!r}"
+            if self._tool_names and _NAME.match(call.name):
+                problem = f"call to {call.name!r}, which is not among the request's tools, dropped"
+                try:  # a declared call may still follow it in the block
+                    more = parse_tool_calls(call.name, call.body[call.brace:], self._schemas, notes)[1:]
+                except WireParseError:
+                    pass
+            else:
+                problem = f"invalid tool name {call.name!r}"
         else:
             try:
-                arguments = parse_wire_arguments(call.body[call.brace:], notes)
+                calls = parse_tool_calls(call.name, call.body[call.brace:], self._schemas, notes)
             except WireParseError as e:
                 problem = f"arguments of tool call {call.name!r} could not be read: {e}"
         for note in notes:
             events.append(ParseWarning(f"tool call {call.name!r}: {note}", raw))
-        if arguments is None:
+        if not calls:
             events.append(ParseWarning(problem or "tool call could not be read", raw))
             if not call.raw_prefix and "<" not in call.body:
                 self._emit_content(call.body, events)  # recovered text that was not a call after all
             if call.index >= 0:
                 events.append(ToolCallEnd(call.index, None))
-            return
-        final = json.dumps(arguments, ensure_ascii=False)
-        sent = call.stream.emitted
-        if final.startswith(sent):
-            if final[len(sent):]:
-                events.append(ToolCallArgsDelta(call.index, final[len(sent):]))
-        else:  # by construction this should not happen; say so rather than send broken JSON silently
-            events.append(ParseWarning("streamed argument text differs from the parsed arguments; "
-                                       "use ToolCallEnd.arguments", sent))
-        events.append(ToolCallEnd(call.index, arguments))
+        else:
+            (_, arguments), more = calls[0], calls[1:]
+            final = json.dumps(arguments, ensure_ascii=False)
+            sent = call.stream.emitted
+            if final.startswith(sent):
+                if final[len(sent):]:
+                    events.append(ToolCallArgsDelta(call.index, final[len(sent):]))
+            else:  # by construction this should not happen; say so rather than send broken JSON silently
+                events.append(ParseWarning("streamed argument text differs from the parsed arguments; "
+                                           "use ToolCallEnd.arguments", sent))
+            events.append(ToolCallEnd(call.index, arguments))
+        for name, arguments in more:
+            if not self._name_ok(name):
+                events.append(ParseWarning(f"call to {name!r}, which is not among the request's tools, dropped",
+                                           raw))
+                continue
+            extra = _Call(raw_prefix="", name=name)
+            self._rename(extra, events)
+            self._open_call(extra, events)
+            events.append(ToolCallArgsDelta(extra.index, json.dumps(arguments, ensure_ascii=False)))
+            events.append(ToolCallEnd(extra.index, arguments))
 
     def _json_style(self, body: str, notes: list[str]) -> tuple[dict | None, str, str]:
         """`<|tool_call>{"name": ..., "arguments": {...}}`: a JSON call where the wire form was expected."""
@@ -633,8 +635,11 @@ class ResponseParser:
                 obj = parse_wire_value(body, notes)
             except WireParseError as e:
                 return None, "", f"tool call without a name could not be read: {e}"
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not self._name_ok(obj["name"]):
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
             return None, "", "tool call has no name"
+        if not self._name_ok(obj["name"]):
+            return None, "", (f"call to {obj['name']!r}, which is not among the request's tools, dropped"
+                              if self._tool_names else f"invalid tool name {obj['name']!r}")
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):
             try:
@@ -645,6 +650,15 @@ class ResponseParser:
             return None, "", "JSON-style tool call whose arguments are not an object"
         notes.append('JSON-style call {"name": ..., "arguments": ...} read as a call')
         return args, obj["name"], ""
+
+
+def _declares_string(schema: Any) -> bool:
+    """A property whose value, when quoted, is kept as the string it is (no conversion to stream around)."""
+    if not isinstance(schema, dict):
+        return False
+    ty = schema.get("type")
+    types = ty if isinstance(ty, list) else [ty]
+    return any(isinstance(t, str) and t.lower() == "string" for t in types) and "enum" not in schema
 
 
 # --- whole responses ----------------------------------------------------------------------------------------------
@@ -690,8 +704,9 @@ def collect(events: Iterable[Event], stopped_by: str | None = None) -> ParsedRes
 
 
 def parse_response(text: str, start_state: str = "content", *, seed: int | None = None,
-                   tool_names: Iterable[str] | None = None) -> ParsedResponse:
-    """Parse a whole response (decoded with special tokens kept)."""
-    parser = ResponseParser(start_state, seed=seed, tool_names=tool_names)
+                   tool_names: Iterable[str] | None = None, tools: Iterable[dict] | None = None) -> ParsedResponse:
+    """Parse a whole response (decoded with special tokens kept). `tools`: the request's tools (see
+    ResponseParser)."""
+    parser = ResponseParser(start_state, seed=seed, tool_names=tool_names, tools=tools)
     events = parser.feed(text) + parser.finish()
     return collect(events, parser.stopped_by)

@@ -391,6 +391,7 @@ class Prepared:
     start_state: str = "content"
     tool_names: list[str] = field(default_factory=list)
     constraint: Any = None
+    tools: list[dict] = field(default_factory=list)   # the request's tools: the parser reads calls by their schemas
 
 
 class Observer:
@@ -543,6 +544,7 @@ class Service:
         start = start_state_for_prompt(text)
         prep = Prepared(text, ids, media, first_media, start, [t["function"]["name"] for t in tools or []])
         prep.constraint = self._constraint(req, tools, thinking, start == "reasoning")
+        prep.tools = tools or []
         return prep
 
     def _needs(self, sub: str, where: str) -> None:
@@ -724,12 +726,24 @@ class Service:
 
     def _parser(self, prep: Prepared):
         from unigemma.outputs.parser import ResponseParser
-        return ResponseParser(prep.start_state, tool_names=prep.tool_names)
+        return ResponseParser(prep.start_state, tool_names=prep.tool_names, tools=prep.tools)
+
+    @staticmethod
+    def _warnings(warnings: list, request_id: str, choice: int) -> list[dict]:
+        """Parser warnings (repaired, ambiguous or dropped tool calls, stray markup) as the choice's `warnings`
+        field, and in the server log. OpenAI clients ignore the unknown field; a client that looks can see
+        what was repaired or dropped, with the raw text."""
+        import logging
+        for w in warnings:
+            logging.getLogger("unigemma.server").warning("%s choice %d: %s | raw text: %r", request_id, choice,
+                                                         w.message, w.raw[:2000])
+        return [{"message": w.message, "raw": w.raw} for w in warnings]
 
     async def chat(self, req: ChatCompletionRequest, prep: Prepared) -> dict:
         from unigemma.outputs.parser import collect
 
         handles = self.chat_handles(req, prep)
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
 
         async def one(i: int, h: RequestHandle) -> tuple[dict, int]:
             parser = self._parser(prep)
@@ -752,6 +766,8 @@ class Service:
                 msg["tool_calls"] = parsed.tool_calls
             choice = {"index": i, "message": msg, "finish_reason": finish,
                       "logprobs": {"content": lps} if req.logprobs else None}
+            if parsed.warnings:
+                choice["warnings"] = self._warnings(parsed.warnings, cid, i)
             return choice, n
 
         try:
@@ -761,7 +777,7 @@ class Service:
                 h.cancel()
         completion = sum(n for _, n in results)
         usage = self._usage(len(prep.prompt_ids), completion, handles[0].cached_tokens)
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": _now(),
+        return {"id": cid, "object": "chat.completion", "created": _now(),
                 "model": self.settings.model_name, "choices": [c for c, _ in results], "usage": usage,
                 "system_fingerprint": None}
 
@@ -777,7 +793,8 @@ class Service:
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
                            handles: list[RequestHandle]) -> AsyncIterator[dict]:
-        from unigemma.outputs.parser import (ContentDelta, ReasoningDelta, ToolCallArgsDelta, ToolCallStart)
+        from unigemma.outputs.parser import (ContentDelta, ParseWarning, ReasoningDelta, ToolCallArgsDelta,
+                                             ToolCallEnd, ToolCallStart)
 
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", _now()
         queue: asyncio.Queue = asyncio.Queue()
@@ -793,7 +810,7 @@ class Service:
             try:
                 parser = self._parser(prep)
                 await queue.put(chunk(i, {"role": "assistant", "content": ""}))
-                reason, called = None, False
+                reason, called, warnings = None, False, []
                 async for out in self._steps(h):
                     if out.token_id >= 0:
                         counts[i] += 1
@@ -811,8 +828,11 @@ class Service:
                             deltas.append({"content": ev.text})
                         elif isinstance(ev, ReasoningDelta):
                             deltas.append({"reasoning_content": ev.text})
+                        elif isinstance(ev, ParseWarning):
+                            warnings.append(ev)
+                        elif isinstance(ev, ToolCallEnd):
+                            called = called or ev.arguments is not None   # a call dropped after its start
                         elif isinstance(ev, ToolCallStart):
-                            called = True
                             deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
                                                            "function": {"name": ev.name, "arguments": ""}}]})
                         elif isinstance(ev, ToolCallArgsDelta):
@@ -823,7 +843,10 @@ class Service:
                     for k, d in enumerate(deltas):
                         await queue.put(chunk(i, d, logprobs=lps if k == 0 else None))
                 finish = "tool_calls" if called else ("length" if reason == "length" else "stop")
-                await queue.put(chunk(i, {}, finish))
+                last = chunk(i, {}, finish)
+                if warnings:   # on the last chunk: by then every call is read or dropped
+                    last["choices"][0]["warnings"] = self._warnings(warnings, cid, i)
+                await queue.put(last)
             except APIError as e:
                 await queue.put(e)
             finally:
