@@ -245,12 +245,15 @@ def run_config(name: str, args, root: Path, bw: float):
         _restore_repacks(repacks)
         if args.quant:  # weight-only int8 / int4 at batch 1 and 8 against float, same prompts
             for q in args.quant.split(","):
-                qllm = unigemma.load(path, device="cpu", dtype="float32", quantize=q)
+                # the kernels compute in bf16 (an fp32 model would dequantize each weight on every call)
+                qllm = unigemma.load(path, device="cpu", dtype=args.quant_dtype, quantize=q)
                 qeng = engine(model=qllm.model)
                 time_engine(qeng, prompts(1, args.prompt, vocab), 8)
                 r1, _ = time_engine(qeng, prompts(1, args.prompt, vocab), args.new, reps=2)
                 emit(bench="decode", impl=f"unigemma-{q}", metric="tokens_per_s", value=r1, unit="tok/s", batch=1,
-                     vs_float=r1 / ours, weight_bytes=weight_bytes(qllm.model), **common)
+                     vs_float=r1 / ours, weight_bytes=weight_bytes(qllm.model), dtype=args.quant_dtype,
+                     kernels=sorted({m.kernel or "dequantize" for m in qllm.model.modules()
+                                     if type(m).__name__ == "QuantLinear"}), **common)
                 if not args.quick:
                     r8, _ = time_engine(qeng, prompts(8, args.prompt, vocab), args.new, reps=1)
                     emit(bench="decode", impl=f"unigemma-{q}", metric="tokens_per_s", value=r8, unit="tok/s",
@@ -479,6 +482,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="skip the batch-8 measurements")
     ap.add_argument("--quant", default="int8,int4", help="weight-only variants also timed (empty: none)")
+    ap.add_argument("--quant-dtype", default="bfloat16", help="compute dtype of the quantized variants (the CPU "
+                    "int8 / int4 kernels run in bf16; float32 dequantizes every weight on every call)")
     ap.add_argument("--demo", action="store_true", help="also speculative decoding (MTP, prompt lookup) on the "
                     "bundled demo model, through Engine under inference mode")
     ap.add_argument("--demo-rounds", type=int, default=2)
