@@ -474,3 +474,35 @@ def gemma4_12b_config() -> UnifiedConfig:
         "vision_config": {"model_type": "gemma4_unified_vision"},
         "audio_config": {"model_type": "gemma4_unified_audio"},
     }, "gemma4-12b")
+
+
+# The family's published text geometries (spec/family.md; the authority is a checkpoint's own config.json). The
+# vision / audio encoders are not built by this package yet, so these describe the text stacks only.
+_FAMILY_GEOMETRY = {
+    "e2b": dict(hidden_size=1536, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
+                intermediate_size=6144, use_double_wide_mlp=True, sliding_window=512, num_kv_shared_layers=20,
+                hidden_size_per_layer_input=256, attention_k_eq_v=False, max_position_embeddings=131072,
+                layer_types=[FULL if (i + 1) % 5 == 0 else SLIDING for i in range(35)]),
+    "e4b": dict(hidden_size=2560, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=10240, sliding_window=512, num_kv_shared_layers=18,
+                hidden_size_per_layer_input=256, attention_k_eq_v=False, max_position_embeddings=131072),
+    "26b-a4b": dict(hidden_size=2816, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+                    num_global_key_value_heads=2, intermediate_size=2112, enable_moe_block=True, num_experts=128,
+                    top_k_experts=8, moe_intermediate_size=704, sliding_window=1024, hidden_size_per_layer_input=0,
+                    attention_k_eq_v=True, max_position_embeddings=262144),
+    "31b": dict(hidden_size=5376, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=16,
+                num_global_key_value_heads=4, intermediate_size=21504, sliding_window=1024,
+                hidden_size_per_layer_input=0, attention_k_eq_v=True, max_position_embeddings=262144),
+}
+FAMILY_NAMES = tuple(_FAMILY_GEOMETRY)
+
+
+def gemma4_family_config(name: str) -> UnifiedConfig:
+    """A published family geometry by name (e2b, e4b, 26b-a4b, 31b) as a `gemma4_text` config, for `inspect`
+    and benchmarks."""
+    key = name.lower().removeprefix("gemma-4-").removeprefix("gemma4-")
+    if key not in _FAMILY_GEOMETRY:
+        raise ValueError(f"unknown Gemma 4 geometry {name!r} (known: {', '.join(FAMILY_NAMES)}, 12b)")
+    d = {"model_type": "gemma4_text", "vocab_size": 262144, "head_dim": 256, "global_head_dim": 512,
+         "final_logit_softcapping": 30.0, "eos_token_id": [1, 106], **_FAMILY_GEOMETRY[key]}
+    return UnifiedConfig.from_dict(d, f"gemma4-{key}")
