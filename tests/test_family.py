@@ -67,7 +67,7 @@ def test_fp32_logits_mixed_batch_past_window(family, name):
     for i, r in enumerate(rows):
         ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
     expected = ref(input_ids=ids, attention_mask=mask).logits
-    paths = ["grouped", "gathered"] if name == "moe" else [None]
+    paths = ["grouped", "gathered", "all"] if name == "moe" else [None]
     for p in paths:
         experts_paths(llm, p)
         ours = llm.model(ids, attention_mask=mask)
@@ -129,7 +129,7 @@ def test_greedy_identical_to_reference_generate(family, name):
 
 
 def test_moe_paths_agree_and_read_only_chosen_experts(family):
-    """Both expert paths give the same outputs; the gathered one indexes only the chosen experts' slices."""
+    """The expert paths give the same outputs; gathered and grouped read only the chosen experts."""
     _, llm, _ = family["moe"]
     layer = next(l for l in llm.model.language_model.layers if l.has_moe)
     x = torch.randn(5, layer.experts.gate_up_proj.shape[-1])
@@ -137,7 +137,8 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
     assert idx.shape == (5, 2) and torch.allclose(w.sum(-1) / 1, w.sum(-1))
     a = layer.experts._grouped(x, idx, w)
     b = layer.experts._gathered(x, idx, w)
-    assert (a - b).abs().max() < 1e-5
+    c = layer.experts._all(x, idx, w)
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
     # an expert no token chose may hold anything (NaN here) without touching the result
     unused = sorted(set(range(layer.experts.num_experts)) - set(idx.flatten().tolist()))
     saved = layer.experts.gate_up_proj.data.clone()
@@ -145,6 +146,8 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
     try:
         assert torch.isfinite(layer.experts._gathered(x, idx, w)).all()
         assert torch.isfinite(layer.experts._grouped(x, idx, w)).all()
+        choose = layer.experts.choose_path
+        assert choose(x, 2) == "grouped"  # on the CPU, whatever the size
     finally:
         layer.experts.gate_up_proj.data.copy_(saved)
 
@@ -182,9 +185,10 @@ def test_family_config_errors():
     assert (c.hidden_size_per_layer_input, c.sliding_window, c.use_bidirectional_attention) == (256, 512, None)
 
 
-@pytest.mark.parametrize("path", ["grouped", "gathered"])
+@pytest.mark.parametrize("path", ["grouped", "gathered", "all"])
 def test_moe_runner_decode_either_expert_path(family, path):
-    """The runner's batched decode through the cache with each expert path (gathered: the CUDA decode path)."""
+    """The runner's batched decode through the cache with each expert path (gathered / all: the CUDA decode
+    paths, static shapes for CUDA graphs)."""
     ref, llm, _ = family["moe"]
     a, b = ids_of(30, 8), ids_of(15, 9)
     experts_paths(llm, path)

@@ -8,12 +8,16 @@ The block sits beside the dense MLP of the same layer (text.py adds the two, eac
 Parameter names are the checkpoint's: `router.{proj.weight, scale, per_expert_scale}`,
 `experts.{gate_up_proj (E, 2I, H), down_proj (E, H, I)}`.
 
-Only the selected experts' weights are read, in one of two ways (`Experts.forward`):
-  gathered  index the 3-D tensors with the (N, k) choices and run batched products: static shapes, no host
-            sync (CUDA-graph safe); used on CUDA for a few tokens (decode) and always while a graph is captured.
+The experts run in one of three ways (`Experts.forward`, `choose_path`):
+  gathered  index the 3-D tensors with the (N, k) choices and run batched products: reads only the chosen
+            experts' slices, static shapes, no host sync (CUDA-graph safe); CUDA steps of a few tokens (decode).
   grouped   sort the N·k (token, expert) pairs by expert and run one product per touched expert over views of
-            its weights (no copy); needs the per-expert counts on the host, so it runs where a sync is free
-            (the CPU) or cheap relative to the work (prefill on CUDA).
+            its weights (no copy); reads only the touched experts, but needs the per-expert counts on the host,
+            so it runs where a sync is free (the CPU, always) or cheap next to the work (CUDA prefill).
+  all       every expert on every token, weighted by the (N, E) routing weights (zero where not chosen):
+            static shapes, each weight read once; for CUDA-graph capture of larger decode batches, where the
+            chosen experts cover most of them anyway (batch 32, top-8 of 128: ~112 distinct experts per layer)
+            and gathering a copy per (token, expert) pair would read and write far more.
 This module does no quantization: the expert tensors stay in the model's float dtype.
 """
 
@@ -64,13 +68,26 @@ class Experts(nn.Module):
             return self.path
         if not x.is_cuda:
             return "grouped"  # a host sync costs nothing here, and views avoid copying the chosen weights
-        return "gathered" if torch.cuda.is_current_stream_capturing() or pairs <= self.num_experts else "grouped"
+        if pairs <= max(1, self.num_experts // 4):
+            return "gathered"
+        return "all" if torch.cuda.is_current_stream_capturing() else "grouped"
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x (N, H), idx (N, k) int64, w (N, k) float32 → (N, H) in x's dtype."""
-        if self.choose_path(x, idx.numel()) == "gathered":
+        path = self.choose_path(x, idx.numel())
+        if path == "gathered":
             return self._gathered(x, idx, w)
+        if path == "all":
+            return self._all(x, idx, w)
         return self._grouped(x, idx, w)
+
+    def _all(self, x, idx, w):
+        N, K = idx.shape
+        y = torch.matmul(x, self.gate_up_proj.transpose(1, 2))         # (E, N, 2I): x broadcast over experts
+        gate, up = y.chunk(2, dim=-1)
+        o = torch.matmul(fusion.gelu_mul(gate, up), self.down_proj.transpose(1, 2))  # (E, N, H)
+        dense = torch.zeros(N, self.num_experts, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # (N, E)
+        return fusion.weighted_sum(o.transpose(0, 1), dense)
 
     def _gathered(self, x, idx, w):
         N, K = idx.shape
