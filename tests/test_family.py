@@ -247,3 +247,72 @@ def test_inspect_knows_the_family_by_name():
     with pytest.raises(ValueError, match="known: e2b"):
         from unigemma.config import gemma4_family_config
         gemma4_family_config("7b")
+
+
+def test_fine_tune_and_lora_on_a_family_model(tmp_path):
+    """Training works unchanged on the family's layers: a gemma4_text model with PLE *and* MoE (and KV sharing)
+    fine-tunes (loss falls, gradients reach experts / router / per-layer inputs, gradient checkpointing gives
+    the same gradients), LoRA trains and the result loads."""
+    from test_train import arithmetic_jsonl, make_checkpoint, run_cfg
+    from unigemma.checkpoint import build_model
+    from unigemma.train.loop import CausalLMLoss, train
+
+    torch.set_grad_enabled(True)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = {"model_type": "gemma4_text", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 48,
+               "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+               "global_head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 30.0, "eos_token_id": [1, 16],
+               "layer_types": ["sliding_attention", "full_attention", "full_attention"], "num_kv_shared_layers": 1,
+               "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 512, "enable_moe_block": True,
+               "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 16}
+        make_checkpoint(tmp_path / "base", cfg)
+        arithmetic_jsonl(tmp_path / "train.jsonl", 32)
+        arithmetic_jsonl(tmp_path / "eval.jsonl", 8, offset=100)
+        r = train(run_cfg(tmp_path, "ft", optim={"steps": 20}))
+        assert sum(r.losses[-4:]) < 0.8 * sum(r.losses[:4])
+        unigemma.load(r.output_dir / "final", device="cpu")
+
+        model, _ = build_model(tmp_path / "base")
+        model.requires_grad_(True)
+        model.train()
+        ids = torch.randint(30, 500, (2, 12))
+        labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)
+        grads = []
+        for gc in (False, True):
+            model.zero_grad()
+            model.language_model.gradient_checkpointing = gc
+            s, _ = CausalLMLoss(model)({"input_ids": ids, "labels": labels})
+            s.backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        for key in ("experts.gate_up_proj", "router.proj.weight", "per_layer_input_gate.weight",
+                    "embed_tokens_per_layer.weight"):
+            assert any(key in k and g.abs().sum() > 0 for k, g in grads[0].items()), key
+        for k in grads[0]:
+            torch.testing.assert_close(grads[0][k], grads[1][k])
+
+        lr = train(run_cfg(tmp_path, "lora", lora={"enabled": True, "rank": 4, "alpha": 8,
+                                                   "targets": ["q_proj", "down_proj"]}, optim={"steps": 4}))
+        assert len(lr.losses) == 4
+        unigemma.load(lr.output_dir / "final", device="cpu")
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_bf16_top1_agreement(family, name):
+    """bf16 weights: top-1 tokens agree with the reference's bf16 forward (from_pretrained keeps its rotary
+    tables float32, as a real deployment does)."""
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    _, _, path = family[name]
+    cls = Gemma4ForCausalLM if FAMILY[name][3] else Gemma4ForConditionalGeneration
+    ref = cls.from_pretrained(str(path), dtype=torch.bfloat16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = unigemma.load(path, device="cpu", dtype="bfloat16")
+    ids = torch.tensor([ids_of(40, 11), ids_of(40, 12)])
+    a = ref(input_ids=ids).logits.argmax(-1)
+    b = llm.model(ids).argmax(-1)
+    assert (a == b).float().mean() >= 0.95, f"{name}: {(a == b).float().mean():.3f}"
