@@ -128,6 +128,21 @@ def test_greedy_identical_to_reference_generate(family, name):
         assert outs[rid].token_ids == expected[0, len(p):].tolist(), name
 
 
+@pytest.mark.parametrize("name", ["e", "moe"])
+def test_speculative_verification_is_lossless(family, name):
+    """Prompt-lookup speculation (verification steps of 1 + k tokens, rollback of rejected drafts in the ring
+    and past KV-shared / MoE layers) on a repetitive prompt gives the reference's greedy tokens."""
+    ref, llm, _ = family[name]
+    p = ids_of(6, 13) * 4
+    eng = Engine(llm.model, None, llm.eos_token_ids, max_slots=1, max_model_len=96, speculative="lookup",
+                 num_draft_tokens=3, adaptive=False)
+    rid = eng.add(Request(p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)))
+    out = eng.run_until_done()[rid]
+    expected = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert out.token_ids == expected[0, len(p):].tolist()
+    assert out.usage.drafted_tokens > 0
+
+
 def test_moe_paths_agree_and_read_only_chosen_experts(family):
     """The expert paths give the same outputs; gathered and grouped read only the chosen experts."""
     _, llm, _ = family["moe"]
