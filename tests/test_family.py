@@ -331,3 +331,29 @@ def test_bf16_top1_agreement(family, name):
     a = ref(input_ids=ids).logits.argmax(-1)
     b = llm.model(ids).argmax(-1)
     assert (a == b).float().mean() >= 0.95, f"{name}: {(a == b).float().mean():.3f}"
+
+
+@pytest.mark.parametrize("name", ["e", "moe"])
+def test_fused_and_compiled_runner(family, name):
+    """The GPU runner's recipe on the CPU (fuse=True): q/k/v and gate/up fused, element-wise pieces (PLE, router
+    input, MoE combine, weighted expert sum) compiled by inductor; experts on the gathered path (CUDA decode).
+    Decode logits still equal the reference's; the family's new modules are left alone by fuse_projections."""
+    from unigemma.model import fusion
+
+    ref, llm, _ = family[name]
+    torch._dynamo.reset()
+    seq = ids_of(30, 14)
+    experts_paths(llm, "gathered")
+    try:
+        with torch.inference_mode():
+            runner = ModelRunner(llm.model, 1, 64, fuse=True, cpu_column_major=False, cpu_packed=False, spare=4)
+            assert runner.fused > 0 and fusion.fuse_projections(llm.model) == 0
+            runner.prefill_chunk(0, seq, 0, 26)
+            got = [runner.decode(torch.tensor([[seq[t]]]), torch.tensor([[t]]), kv_len=t + 1)[0][0, -1]
+                   for t in range(26, 30)]
+    finally:
+        experts_paths(llm, None)
+        fusion.unfuse(llm.model)
+    expected = ref(input_ids=torch.tensor([seq])).logits[0, 26:30]
+    ok, d = close(torch.stack(got), expected)
+    assert ok, f"{name}: max |Δ| = {d:.3g}"
