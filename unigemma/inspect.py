@@ -195,8 +195,8 @@ def format_report(info: dict) -> str:
     ]
     if info.get("experts"):
         x = info["experts"]
-        lines.insert(-1, f"experts        {x['num_experts']} x {x['moe_intermediate_size']}, top-{x['top_k']} per token, "
-                         "beside the dense MLP")
+        lines.insert(-1, f"experts        {x['num_experts']} x {x['moe_intermediate_size']}, "
+                         f"top-{x['top_k']} per token, beside the dense MLP")
     if info.get("hidden_size_per_layer_input"):
         lines.insert(-1, f"per-layer in   {info['hidden_size_per_layer_input']} per layer and token (PLE)")
     if info.get("skipped_towers"):

@@ -61,7 +61,7 @@ class Experts(nn.Module):
         self.num_experts, self.intermediate = E, I
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self.path: str | None = None  # "gathered" / "grouped" to force one (tests, benchmarks); None: automatic
+        self.path: str | None = None  # "gathered" / "grouped" / "all" forces one (tests, benchmarks); None: auto
 
     def choose_path(self, x: torch.Tensor, pairs: int) -> str:
         if self.path is not None:
@@ -111,7 +111,7 @@ class Experts(nn.Module):
         flat = idx.reshape(-1)                                         # (N·k,) expert of each (token, slot) pair
         order = torch.argsort(flat, stable=True)
         tok = order // K                                               # token of each pair, grouped by expert
-        # the touched experts and their pair counts, on the host (torch.bincount is ~5 ms on the CPU here)
+        # the touched experts and their pair counts, on the host (bincount, a scatter, took ms on a busy CPU)
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
         xs = x[tok]                                                    # (N·k, H)
         rows = torch.empty_like(xs)
@@ -119,6 +119,6 @@ class Experts(nn.Module):
         for e, n in zip(experts.tolist(), counts.tolist()):
             rows[start:start + n] = self._expert(xs[start:start + n], e)
             start += n
-        # back to (token, slot) order — a gather, not index_add_ (a scatter: ~5 ms per call on this CPU)
+        # back to (token, slot) order by a gather (index_add_, a scatter, took ms per call on a busy CPU)
         o = rows[torch.argsort(order)].view(N, K, -1)                 # (N, k, H)
         return fusion.weighted_sum(o, w)
