@@ -242,6 +242,21 @@ def test_quantize_on_load_runs(family, name):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.6
 
 
+def test_quantized_family_checkpoint_roundtrip(family, tmp_path):
+    """`unigemma quantize` on a `gemma4` checkpoint (towers carried along as they are) loads, skipping the
+    towers again, and computes what quantize-on-load computes."""
+    from unigemma.quant import quantize_checkpoint
+
+    _, _, path = family["e"]
+    quantize_checkpoint(path, tmp_path / "q", "int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = unigemma.load(tmp_path / "q", device="cpu", dtype="float32")
+        on_load = unigemma.load(path, device="cpu", dtype="float32", quantize="int8")
+    ids = torch.tensor([ids_of(20, 15)])
+    assert torch.equal(saved.model(ids), on_load.model(ids))
+
+
 def test_inspect_knows_the_family_by_name():
     from unigemma.inspect import format_report, inspect_config, resolve
 
