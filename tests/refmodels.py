@@ -78,3 +78,57 @@ def make_reference(name: str, path: Path, seed: int = 0, max_shard_size: str = "
     randomize(ref, seed)
     ref.save_pretrained(str(path), max_shard_size=max_shard_size)
     return ref
+
+
+# --- the family (`gemma4`, `gemma4_text`; transformers Gemma4ForConditionalGeneration / Gemma4ForCausalLM) -------
+FAMILY_TEXT = dict(BASE_TEXT, hidden_size_per_layer_input=0, max_position_embeddings=512)
+_SLIDE, _FULL = "sliding_attention", "full_attention"
+
+# name → (text_config overrides, top-level overrides, with vision/audio towers, text-only ForCausalLM)
+FAMILY = {
+    # E2B / E4B style: per-layer input embeddings, KV sharing (double-wide MLP on the reuse layers), 4:1 layers,
+    # plain full layers (no k_eq_v), towers present (skipped by unigemma)
+    "e": (dict(num_hidden_layers=8, hidden_size_per_layer_input=16, vocab_size_per_layer_input=128,
+               num_kv_shared_layers=3, use_double_wide_mlp=True, global_head_dim=32, num_key_value_heads=1,
+               layer_types=[_SLIDE, _SLIDE, _SLIDE, _SLIDE, _FULL, _SLIDE, _SLIDE, _FULL]), {}, True, False),
+    # 26B-A4B style: MoE beside the dense MLP, k_eq_v full layers with their own KV heads; text-only checkpoint
+    "moe": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
+                 intermediate_size=40, attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=1,
+                 use_bidirectional_attention="vision"), {}, False, True),
+    # 31B style: dense, k_eq_v, untied LM head, no softcap variation (softcap on)
+    "dense": (dict(attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=2,
+                   tie_word_embeddings=False), dict(tie_word_embeddings=False), False, False),
+}
+
+
+def family_config(name: str):
+    from transformers import Gemma4Config, Gemma4TextConfig
+
+    text_over, top_over, towers, text_only = FAMILY[name]
+    text = {**FAMILY_TEXT, **copy.deepcopy(text_over)}
+    if text_only:
+        return Gemma4TextConfig(**text)
+    kw = dict(text_config=text, image_token_id=IMG, audio_token_id=AUD, video_token_id=VID, boi_token_id=BOI,
+              eoi_token_id=EOI, boa_token_id=BOA, eoa_token_index=EOA, **top_over)
+    if towers:
+        kw["vision_config"] = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+        kw["audio_config"] = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  subsampling_conv_channels=[8, 4], output_proj_dims=32)
+    else:
+        kw["vision_config"] = None
+        kw["audio_config"] = None
+    return Gemma4Config(**kw)
+
+
+def make_family_reference(name: str, path: Path, seed: int = 0, max_shard_size: str = "60KB"):
+    """Build, randomise and save a family reference model; returns it (eval, float32)."""
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = family_config(name)
+    cls = Gemma4ForCausalLM if FAMILY[name][3] else Gemma4ForConditionalGeneration
+    ref = cls(cfg).eval()
+    randomize(ref, seed)
+    ref.save_pretrained(str(path), max_shard_size=max_shard_size)
+    return ref

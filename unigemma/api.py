@@ -175,7 +175,9 @@ def check_model_folder(path: Path, what: str = "model") -> None:
 
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
          drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
-    """Load a gemma4_unified checkpoint folder (None: the bundled demo model).
+    """Load a Gemma 4 checkpoint folder (None: the bundled demo model): `gemma4_unified` / `gemma4_unified_text`,
+    or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B; a `gemma4` checkpoint's vision / audio
+    encoders are skipped with a warning: text only until the encoders land).
 
     drafter: an MTP drafter folder (`gemma4_unified_assistant`) → `llm.drafter`, which generation uses for
     speculative decoding; None: the bundled demo drafter when `path` is None and unigemma/demo/drafter exists, else

@@ -15,6 +15,8 @@ Errors name the file and the tensor: missing, unexpected or wrongly shaped tenso
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -42,6 +44,22 @@ def canonical_name(key: str, text_only: bool = False) -> str:
         if key.startswith(f"model.embed_vision.{part}"):
             return "model.vision_embedder." + key[len("model.embed_vision."):]
     return key
+
+
+_TOWERS = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+_SHARED_KV = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+
+
+def skipped_tensor(name: str, config) -> bool:
+    """Tensors a checkpoint may hold that this package does not build: the family's vision / audio encoders
+    (not implemented yet) and the K/V projections of KV-sharing reuse layers (unused; the reference ignores
+    them too). `name` is canonical."""
+    if getattr(config, "skipped_towers", ()) and name.startswith(_TOWERS):
+        return True
+    m = _SHARED_KV.match(name)
+    text = getattr(config, "text", None)
+    return bool(m and text is not None and int(m.group(1)) < text.num_hidden_layers
+                and text.kv_sharing_modes[int(m.group(1))] == "reuse")
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -160,19 +178,25 @@ def checkpoint_dtype(path: Path, cfg_raw: dict) -> torch.dtype:
 def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device: torch.device,
               text_only: bool = False, tied: tuple[str, str] | None = None,
               transform: Callable[[str, torch.Tensor, nn.Module], nn.Module | None] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> None:
+              progress: Callable[[int, int], None] | None = None,
+              skip: Callable[[str], bool] | None = None) -> int:
     """Assign every checkpoint tensor to `model` (built on the meta device).
 
     tied: (alias, source) parameter names that share storage (e.g. ("lm_head.weight", embed weight)); the alias
     may be absent from the files. transform(name, tensor, module) may replace the owning Linear (quantize-on-load).
+    skip(canonical name) → True: the tensor is not read (see `skipped_tensor`). Returns how many were skipped.
     """
     files = weight_files(path)
     expected = dict(model.named_parameters(remove_duplicate=False))
     expected.update(dict(model.named_buffers(remove_duplicate=False)))
     seen: dict[str, Path] = {}
     total = len(expected)
+    skipped = 0
     for f, raw_name, load in iter_tensors(files):
         name = canonical_name(raw_name, text_only)
+        if name not in expected and skip is not None and skip(name):
+            skipped += 1
+            continue
         if name not in expected:
             raise CheckpointError(f"{f}: unexpected tensor {raw_name!r} (no such parameter in a "
                                   f"{type(model).__name__} built from this config.json)")
@@ -199,6 +223,7 @@ def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device:
         mod_name, _, attr = alias.rpartition(".")
         src_mod, _, src_attr = source.rpartition(".")
         setattr(model.get_submodule(mod_name), attr, getattr(model.get_submodule(src_mod), src_attr))
+    return skipped
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, transform=None) -> None:
@@ -238,7 +263,12 @@ def build_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"
             tied = ("lm_head.weight", "model.language_model.embed_tokens.weight") if cfg.tie_word_embeddings else None
             text_only = cfg.is_text_only
     load_into(model, path, dtype=torch_dtype, device=device, text_only=text_only, tied=tied,
-              transform=transform, progress=progress)
+              transform=transform, progress=progress, skip=lambda name: skipped_tensor(name, cfg))
+    towers = getattr(cfg, "skipped_towers", ())
+    if towers:
+        warnings.warn(f"{path}: this {cfg.model_type} checkpoint's {' and '.join(t.split('_')[0] for t in towers)} "
+                      "encoder(s) are not supported by unigemma yet; their tensors were skipped and the model runs "
+                      "text only (media inputs are refused)", UserWarning, stacklevel=2)
     model.eval()
     return model, cfg
 

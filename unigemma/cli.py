@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="architecture, parameters, weight bytes, KV-cache bytes per token/context")
     s.add_argument("model", nargs="?", default=None,
-                   help="checkpoint folder or config.json ('gemma4-12b' = the published geometry); default: demo")
+                   help="checkpoint folder or config.json, or a published geometry by name: gemma4-12b, gemma4-e2b, "
+                        "gemma4-e4b, gemma4-26b-a4b, gemma4-31b; default: demo")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype assumed for weights and KV cache when the folder has no weights")

@@ -1,9 +1,15 @@
 """Configs: dataclasses built from a checkpoint's `config.json`, validated at load.
 
-Three model types are understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1):
+Model types understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1, spec/family.md):
   gemma4_unified            the multimodal model: text decoder + optional vision / audio embedders
   gemma4_unified_text       the text decoder alone (`Gemma4UnifiedForCausalLM` checkpoints)
   gemma4_unified_assistant  the MTP drafter
+  gemma4                    the family (E2B, E4B, 26B-A4B, 31B): text decoder + vision / audio encoders (the
+                            encoders are not implemented yet: their tensors are skipped, text runs)
+  gemma4_text               the family's text decoder alone (`Gemma4ForCausalLM` checkpoints)
+
+The family's text stack is the same decoder with more switches: per-layer input embeddings
+(`hidden_size_per_layer_input`) and the mixture-of-experts block (`enable_moe_block`).
 
 Only fields that change what the model computes are kept. Defaults are the reference's *code* defaults (not the
 12B values), because a config.json written by transformers omits nothing but a hand-written one may.
@@ -74,6 +80,12 @@ class TextConfig:
     attention_k_eq_v: bool = False
     num_kv_shared_layers: int = 0
     use_double_wide_mlp: bool = False
+    hidden_size_per_layer_input: int = 0       # per-layer input embeddings (E2B / E4B); 0: none
+    vocab_size_per_layer_input: int = 262_144
+    enable_moe_block: bool = False             # router + experts beside the dense MLP (26B-A4B)
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
     rope_parameters: dict[str, RopeParams] = field(default_factory=dict)
     sliding_window: int = 1024
     final_logit_softcapping: float | None = None
@@ -116,9 +128,14 @@ class TextConfig:
 
     # --- parsing ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict, where: str = "text_config") -> "TextConfig":
+    def from_dict(cls, d: dict, where: str = "text_config", family: bool = False) -> "TextConfig":
+        """family: a `gemma4_text` config (the family's code defaults differ from the unified model's: window
+        512, no bidirectional vision attention, per-layer inputs of 256, context 131,072)."""
         _check(isinstance(d, dict), where, f"must be an object, got {type(d).__name__}")
         c = cls()
+        if family:
+            c.sliding_window, c.use_bidirectional_attention = 512, None
+            c.max_position_embeddings, c.hidden_size_per_layer_input = 131_072, 256
         c.vocab_size = _int(d, "vocab_size", c.vocab_size, where, 1)
         c.hidden_size = _int(d, "hidden_size", c.hidden_size, where, 1)
         c.intermediate_size = _int(d, "intermediate_size", c.intermediate_size, where, 1)
@@ -150,12 +167,30 @@ class TextConfig:
                f"field 'hidden_activation' = {act!r} is not supported (accepted: 'gelu_pytorch_tanh')")
         c.hidden_activation = act
 
-        bidi = d.get("use_bidirectional_attention", "vision")
+        bidi = d.get("use_bidirectional_attention", c.use_bidirectional_attention)
         _check(bidi in ("vision", None), where,
                f"field 'use_bidirectional_attention' = {bidi!r} is not supported for generation "
                "(accepted: 'vision' or null; 'all' turns the decoder into a non-causal encoder)")
         c.use_bidirectional_attention = bidi
         _check(not c.attention_bias, where, "field 'attention_bias' = true is not supported (accepted: false)")
+
+        # Per-layer input embeddings and the mixture-of-experts block (fields of the family's text config).
+        if d.get("hidden_size_per_layer_input", c.hidden_size_per_layer_input) is None:
+            c.hidden_size_per_layer_input = 0
+        else:
+            c.hidden_size_per_layer_input = _int(d, "hidden_size_per_layer_input", c.hidden_size_per_layer_input,
+                                                 where, 0)
+        if c.hidden_size_per_layer_input:
+            c.vocab_size_per_layer_input = _int(d, "vocab_size_per_layer_input", c.vocab_size_per_layer_input,
+                                                where, 1)
+        c.enable_moe_block = bool(d.get("enable_moe_block", False))
+        if c.enable_moe_block:
+            for key in ("num_experts", "top_k_experts", "moe_intermediate_size"):
+                _check(isinstance(d.get(key), int) and not isinstance(d.get(key), bool) and d[key] >= 1, where,
+                       f"enable_moe_block is true, so field {key!r} must be a positive integer, got {d.get(key)!r}")
+                setattr(c, key, d[key])
+            _check(c.top_k_experts <= c.num_experts, where,
+                   f"top_k_experts ({c.top_k_experts}) must be <= num_experts ({c.num_experts})")
 
         # Layer types: explicit list, or the 5:1 rule; the last layer is always full (as the reference forces).
         lt = d.get("layer_types")
@@ -288,9 +323,19 @@ class AudioConfig:
         return c
 
 
+TEXT_ONLY_TYPES = ("gemma4_unified_text", "gemma4_text")
+FAMILY_TYPES = ("gemma4", "gemma4_text")
+MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text", "gemma4", "gemma4_text")
+
+
 @dataclass
 class UnifiedConfig:
-    """`gemma4_unified` (multimodal) or `gemma4_unified_text` (text only: vision/audio None)."""
+    """A Gemma 4 language model: `gemma4_unified` (multimodal), `gemma4_unified_text` (text only: vision/audio
+    None), or the family's `gemma4` / `gemma4_text` (same decoder, its own switches).
+
+    For `gemma4`, the checkpoint's vision / audio *encoders* (`vision_config` / `audio_config`) are not built
+    yet: `skipped_towers` names them, their tensors are skipped on load, and media inputs are refused.
+    """
 
     model_type: str
     text: TextConfig
@@ -304,11 +349,16 @@ class UnifiedConfig:
     boa_token_id: int = 256_000
     eoa_token_id: int = 258_883
     tie_word_embeddings: bool = True
+    skipped_towers: tuple[str, ...] = ()
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_text_only(self) -> bool:
-        return self.model_type == "gemma4_unified_text"
+        return self.model_type in TEXT_ONLY_TYPES
+
+    @property
+    def is_family(self) -> bool:
+        return self.model_type in FAMILY_TYPES
 
     @property
     def placeholder_ids(self) -> tuple[int, int, int]:
@@ -317,19 +367,23 @@ class UnifiedConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config.json") -> "UnifiedConfig":
         mt = d.get("model_type")
-        if mt == "gemma4_unified_text":
-            text = TextConfig.from_dict(d, where)
+        if mt in TEXT_ONLY_TYPES:
+            text = TextConfig.from_dict(d, where, family=mt == "gemma4_text")
             return cls(model_type=mt, text=text, tie_word_embeddings=text.tie_word_embeddings, raw=d)
-        _check(mt == "gemma4_unified", where,
-               f"model_type {mt!r} is not supported (accepted: 'gemma4_unified', 'gemma4_unified_text', "
+        _check(mt in MODEL_TYPES, where,
+               f"model_type {mt!r} is not supported (accepted: {', '.join(repr(t) for t in MODEL_TYPES)}, "
                "'gemma4_unified_assistant')")
         tc = d.get("text_config")
-        text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config")
+        family = mt == "gemma4"
+        text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config", family=family)
         c = cls(model_type=mt, text=text, raw=d)
-        if d.get("vision_config") is not None:
-            c.vision = VisionConfig.from_dict(d["vision_config"], f"{where}: vision_config")
-        if d.get("audio_config") is not None:
-            c.audio = AudioConfig.from_dict(d["audio_config"], f"{where}: audio_config")
+        if family:
+            c.skipped_towers = tuple(k for k in ("vision_config", "audio_config") if d.get(k) is not None)
+        else:
+            if d.get("vision_config") is not None:
+                c.vision = VisionConfig.from_dict(d["vision_config"], f"{where}: vision_config")
+            if d.get("audio_config") is not None:
+                c.audio = AudioConfig.from_dict(d["audio_config"], f"{where}: audio_config")
         for name, key in (("image_token_id", "image_token_id"), ("audio_token_id", "audio_token_id"),
                           ("video_token_id", "video_token_id"), ("boi_token_id", "boi_token_id"),
                           ("eoi_token_id", "eoi_token_id"), ("boa_token_id", "boa_token_id"),
@@ -420,3 +474,35 @@ def gemma4_12b_config() -> UnifiedConfig:
         "vision_config": {"model_type": "gemma4_unified_vision"},
         "audio_config": {"model_type": "gemma4_unified_audio"},
     }, "gemma4-12b")
+
+
+# The family's published text geometries (spec/family.md; the authority is a checkpoint's own config.json). The
+# vision / audio encoders are not built by this package yet, so these describe the text stacks only.
+_FAMILY_GEOMETRY = {
+    "e2b": dict(hidden_size=1536, num_hidden_layers=35, num_attention_heads=8, num_key_value_heads=1,
+                intermediate_size=6144, use_double_wide_mlp=True, sliding_window=512, num_kv_shared_layers=20,
+                hidden_size_per_layer_input=256, attention_k_eq_v=False, max_position_embeddings=131072,
+                layer_types=[FULL if (i + 1) % 5 == 0 else SLIDING for i in range(35)]),
+    "e4b": dict(hidden_size=2560, num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=10240, sliding_window=512, num_kv_shared_layers=18,
+                hidden_size_per_layer_input=256, attention_k_eq_v=False, max_position_embeddings=131072),
+    "26b-a4b": dict(hidden_size=2816, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+                    num_global_key_value_heads=2, intermediate_size=2112, enable_moe_block=True, num_experts=128,
+                    top_k_experts=8, moe_intermediate_size=704, sliding_window=1024, hidden_size_per_layer_input=0,
+                    attention_k_eq_v=True, max_position_embeddings=262144),
+    "31b": dict(hidden_size=5376, num_hidden_layers=60, num_attention_heads=32, num_key_value_heads=16,
+                num_global_key_value_heads=4, intermediate_size=21504, sliding_window=1024,
+                hidden_size_per_layer_input=0, attention_k_eq_v=True, max_position_embeddings=262144),
+}
+FAMILY_NAMES = tuple(_FAMILY_GEOMETRY)
+
+
+def gemma4_family_config(name: str) -> UnifiedConfig:
+    """A published family geometry by name (e2b, e4b, 26b-a4b, 31b) as a `gemma4_text` config, for `inspect`
+    and benchmarks."""
+    key = name.lower().removeprefix("gemma-4-").removeprefix("gemma4-")
+    if key not in _FAMILY_GEOMETRY:
+        raise ValueError(f"unknown Gemma 4 geometry {name!r} (known: {', '.join(FAMILY_NAMES)}, 12b)")
+    d = {"model_type": "gemma4_text", "vocab_size": 262144, "head_dim": 256, "global_head_dim": 512,
+         "final_logit_softcapping": 30.0, "eos_token_id": [1, 106], **_FAMILY_GEOMETRY[key]}
+    return UnifiedConfig.from_dict(d, f"gemma4-{key}")

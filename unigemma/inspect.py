@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import FULL, SLIDING, AssistantConfig, UnifiedConfig, gemma4_12b_config, load_config
+from .config import (FAMILY_NAMES, FULL, SLIDING, AssistantConfig, UnifiedConfig, gemma4_12b_config,
+                     gemma4_family_config, load_config)
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -21,6 +22,12 @@ CONTEXTS = {"8K": 8192, "32K": 32768, "128K": 131072, "256K": 262144}
 
 
 def _component(name: str) -> str:
+    if "per_layer" in name:  # PLE: the per-layer token table, the context projection, per-layer gate/proj/norms
+        return "per_layer_embeddings" if "embed_tokens_per_layer" in name else "per_layer_inputs"
+    if ".experts." in name:
+        return "experts"
+    if ".router." in name:
+        return "router"
     if "embed_tokens" in name or name.startswith("lm_head"):
         return "embeddings"
     if "vision_embedder" in name or "embed_vision" in name:
@@ -85,6 +92,12 @@ def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = Non
     params = count_parameters(cfg)
     total = sum(params.values())
     el = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    # Per token, a MoE layer runs top_k of its experts; PLE's per-layer table is a lookup (read one row per
+    # layer), not a product: "active" counts what a token's forward multiplies through.
+    experts = params.get("experts", 0)
+    active = total - experts - params.get("per_layer_embeddings", 0)
+    if getattr(t, "enable_moe_block", False):
+        active += experts * t.top_k_experts // t.num_experts
     on_disk = safetensors_bytes(path) if path is not None else None
     weight_bytes = sum(on_disk.values()) if on_disk else total * el
     n_full = t.layer_types.count(FULL)
@@ -111,6 +124,10 @@ def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = Non
         "vision": getattr(cfg, "vision", None) is not None,
         "audio": getattr(cfg, "audio", None) is not None,
         "parameters": total,
+        "active_parameters": active,
+        "experts": ({"num_experts": t.num_experts, "top_k": t.top_k_experts,
+                     "moe_intermediate_size": t.moe_intermediate_size} if t.enable_moe_block else None),
+        "hidden_size_per_layer_input": t.hidden_size_per_layer_input,
         "parameters_by_component": params,
         "dtype": dtype if not on_disk else None,
         "weight_bytes": int(weight_bytes),
@@ -119,13 +136,32 @@ def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = Non
                                "note": "sliding layers hold at most sliding_window tokens"},
         "kv_bytes_at_context": {k: kv_bytes(cfg, n, el) for k, n in CONTEXTS.items()},
     }
+    if not isinstance(cfg, AssistantConfig):
+        info["weight_bytes_by_format"] = weight_bytes_by_format(cfg, el)
+    if getattr(cfg, "skipped_towers", ()):
+        info["skipped_towers"] = list(cfg.skipped_towers)
     return info
 
 
+def weight_bytes_by_format(cfg: UnifiedConfig, el: int = 2) -> dict[str, int]:
+    """Weight bytes as unigemma would hold the model: float (el bytes per value), `--quantize int8` and `int4`
+    (decoder linears quantized, embeddings int8; MoE experts and per-layer tables stay float today)."""
+    from .quant import quantized_weight_bytes
+
+    float_name = {4: "float32", 2: "bf16"}[el]
+    out = {float_name: int(sum(count_parameters(cfg).values()) * el)}
+    for q in ("int8", "int4"):
+        out[q] = int(quantized_weight_bytes(cfg, q, el)["total"])
+    return out
+
+
 def resolve(target: str | None) -> tuple[UnifiedConfig | AssistantConfig, Path | None]:
-    """A checkpoint folder, a config.json file, or the name `gemma4-12b` (published geometry, no weights)."""
+    """A checkpoint folder, a config.json file, or a published geometry by name (no weights): gemma4-12b, and the
+    family's gemma4-e2b, -e4b, -26b-a4b, -31b (text stacks; `e2b` etc. also accepted)."""
     if target in ("gemma4-12b", "12b", "gemma-4-12b"):
         return gemma4_12b_config(), None
+    if target is not None and target.lower().removeprefix("gemma-4-").removeprefix("gemma4-") in FAMILY_NAMES:
+        return gemma4_family_config(target), None
     if target is None:
         from .api import demo_model_path
 
@@ -154,12 +190,24 @@ def format_report(info: dict) -> str:
         f"k_eq_v         {info['attention_k_eq_v']}, kv-shared layers {info['num_kv_shared_layers']}, "
         f"vocab {info['vocab_size']}, softcap {info['final_logit_softcapping']}",
         f"vision/audio   {info['vision']}/{info['audio']}",
-        f"parameters     {info['parameters']:,} ({info['parameters'] / 1e9:.2f} B)",
+        f"parameters     {info['parameters']:,} ({info['parameters'] / 1e9:.2f} B), active per token "
+        f"{info['active_parameters']:,} ({info['active_parameters'] / 1e9:.2f} B)",
     ]
+    if info.get("experts"):
+        x = info["experts"]
+        lines.insert(-1, f"experts        {x['num_experts']} x {x['moe_intermediate_size']}, "
+                         f"top-{x['top_k']} per token, beside the dense MLP")
+    if info.get("hidden_size_per_layer_input"):
+        lines.insert(-1, f"per-layer in   {info['hidden_size_per_layer_input']} per layer and token (PLE)")
+    if info.get("skipped_towers"):
+        lines.insert(-1, f"not built      {', '.join(info['skipped_towers'])} (encoders not supported yet: text only)")
     for k, v in sorted(info["parameters_by_component"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {k:<13}{v:>16,}")
     lines.append(f"weights        {human(info['weight_bytes'])}  "
                  + ", ".join(f"{k}: {human(v)}" for k, v in info["weight_bytes_by_dtype"].items()))
+    if info.get("weight_bytes_by_format"):
+        lines.append("by format      " + ", ".join(f"{k} {human(v)}" for k, v in info["weight_bytes_by_format"].items())
+                     + "  (int8/int4: decoder linears; experts and PLE tables stay float)")
     kv = info["kv_bytes_per_token"]
     lines.append(f"KV per token   sliding {human(kv['sliding'])} (bounded by the window), full {human(kv['full'])}")
     lines.append("KV at context  " + ", ".join(f"{k}: {human(v)}" for k, v in info["kv_bytes_at_context"].items()))

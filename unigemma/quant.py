@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (CheckpointError, _assign, _resolve_dtype, canonical_name, checkpoint_dtype, iter_tensors,
-                         read_header, weight_files)
+                         read_header, skipped_tensor, weight_files)
 from .config import AssistantConfig, UnifiedConfig, load_config
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -951,6 +951,8 @@ def load_quantized(path: str | Path, dtype=None, device: str | torch.device = "c
             if len(got) == len(plan[base].parts):
                 _install(model, base, plan[base], pending.pop(base), torch_dtype, device, kernels, f"{f}: {base}")
                 done += 1
+            continue
+        if name not in expected and skipped_tensor(name, cfg):  # encoders not built yet, unused reuse-layer K/V
             continue
         if name not in expected:
             raise CheckpointError(f"{f}: unexpected tensor {raw!r} (no such parameter in a model built from this "

@@ -158,8 +158,9 @@ class ModelRunner:
         is_mm = tokens == self._mm_ids[0]
         for tid in self._mm_ids[1:]:
             is_mm = is_mm | (tokens == tid)
-        x = m.language_model.embed(torch.where(is_mm, self._pad_id, tokens))
-        hidden = m.language_model(x, positions, cache=self.cache, kv_len=kv_len)
+        ids = torch.where(is_mm, self._pad_id, tokens)
+        x = m.language_model.embed(ids)
+        hidden = m.language_model(x, positions, cache=self.cache, kv_len=kv_len, input_ids=ids)
         if self._head_t is None:
             return m.logits_from_hidden(hidden), hidden
         return softcap(hidden @ self._head_t, self._softcap), hidden

@@ -176,6 +176,38 @@ def gelu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @fusable
+def add_rms(h: torch.Tensor, x: torch.Tensor, w_post: torch.Tensor, eps: float) -> torch.Tensor:
+    """h + norm(x, w_post): a sublayer's residual when something else follows before the layer scalar."""
+    return h + _rms(x, w_post, eps)
+
+
+@fusable
+def moe_combine(dense: torch.Tensor, experts: torch.Tensor, w_dense: torch.Tensor, w_experts: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """norm(dense MLP out, w_dense) + norm(experts out, w_experts): the two feed-forward branches of a MoE layer."""
+    return _rms(dense, w_dense, eps) + _rms(experts, w_experts, eps)
+
+
+@fusable
+def router_input(h: torch.Tensor, scale: torch.Tensor, root: float, eps: float) -> torch.Tensor:
+    """The router's input: norm(h) (weightless) · scale · H^−½."""
+    return _rms(h, None, eps) * scale * root
+
+
+@fusable
+def weighted_sum(o: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """o (N, k, H), w (N, k) float32 → Σ_k (o · w) rounded to o's dtype per term, as the experts' outputs are."""
+    return (o * w[..., None]).to(o.dtype).sum(dim=1)
+
+
+@fusable
+def per_layer_inputs(proj: torch.Tensor, tok: torch.Tensor, w_norm: torch.Tensor, scale: float, eps: float):
+    """(norm(proj · scale, w_norm) + tok) · 2^−½: the per-layer inputs from the context projection (B, T, L, P)
+    and the token-identity embeddings (B, T, L, P)."""
+    return (_rms(proj * scale, w_norm, eps) + tok) * (2.0 ** -0.5)
+
+
+@fusable
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap
 

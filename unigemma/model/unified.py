@@ -75,15 +75,27 @@ class Gemma4Unified(nn.Module):
     def image_features(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """(N, P, 6912), (N, P, 2) → (total valid patches, H): padding slots dropped, slot order kept."""
         if self.model.vision_embedder is None:
-            raise ValueError("this checkpoint has no vision_config: it cannot take images or video")
+            raise ValueError(self._no_tower("vision_config", "images or video"))
         x = self.model.embed_vision(self.model.vision_embedder(pixel_values, position_ids))
         return x[(position_ids != -1).all(dim=-1)]
+
+    def _no_tower(self, key: str, what: str) -> str:
+        if key in self.config.skipped_towers:
+            return (f"this {self.config.model_type} checkpoint's {key.split('_')[0]} encoder is not supported by "
+                    f"unigemma yet (its tensors were skipped on load): it runs text only and cannot take {what}")
+        return f"this checkpoint has no {key}: it cannot take {what}"
 
     def audio_features(self, input_features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, F, 640), (N, F) bool → (real frames, H)."""
         if self.model.embed_audio is None:
-            raise ValueError("this checkpoint has no audio_config: it cannot take audio")
+            raise ValueError(self._no_tower("audio_config", "audio"))
         return self.model.embed_audio(input_features)[mask.bool()]
+
+    def text_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids with image / video / audio placeholders replaced by the pad id (what the token tables see)."""
+        c = self.config
+        is_mm = (input_ids == c.image_token_id) | (input_ids == c.video_token_id) | (input_ids == c.audio_token_id)
+        return torch.where(is_mm, torch.full_like(input_ids, c.text.pad_token_id), input_ids)
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_position_ids=None,
               pixel_values_videos=None, video_position_ids=None, num_frames_per_video=None,
@@ -155,9 +167,10 @@ class Gemma4Unified(nn.Module):
             if cache is not None:
                 raise ValueError("a cached forward needs explicit position_ids")
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        lm_ids = self.text_ids(input_ids) if self.config.text.hidden_size_per_layer_input else None
         hidden, plan = self.language_model(
             inputs_embeds, position_ids, block_ids=self.block_ids(input_ids, mm_token_type_ids),
-            key_valid=attention_mask, cache=cache, slots=slots, kv_len=kv_len, return_plan=True)
+            key_valid=attention_mask, cache=cache, slots=slots, kv_len=kv_len, return_plan=True, input_ids=lm_ids)
         logits = None
         if compute_logits:
             h = hidden

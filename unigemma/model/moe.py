@@ -1,0 +1,124 @@
+"""The mixture-of-experts block of the family's 26B-A4B: a router and experts stored as 3-D tensors.
+
+    residual h (N, H) ─► router: rms(h) · scale · H^−½ ─► proj ─► softmax (fp32) ─► top-k ─► renormalise
+                                                                                   · per_expert_scale[i]
+    rms(h, pre_feedforward_layernorm_2) ─► experts: Σ_k w_k · down_e(gelu(gate_e x) · up_e x),  e = i_k
+
+The block sits beside the dense MLP of the same layer (text.py adds the two, each with its own post-norm).
+Parameter names are the checkpoint's: `router.{proj.weight, scale, per_expert_scale}`,
+`experts.{gate_up_proj (E, 2I, H), down_proj (E, H, I)}`.
+
+The experts run in one of three ways (`Experts.forward`, `choose_path`):
+  gathered  index the 3-D tensors with the (N, k) choices and run batched products: reads only the chosen
+            experts' slices, static shapes, no host sync (CUDA-graph safe); CUDA steps of a few tokens (decode).
+  grouped   sort the N·k (token, expert) pairs by expert and run one product per touched expert over views of
+            its weights (no copy); reads only the touched experts, but needs the per-expert counts on the host,
+            so it runs where a sync is free (the CPU, always) or cheap next to the work (CUDA prefill).
+  all       every expert on every token, weighted by the (N, E) routing weights (zero where not chosen):
+            static shapes, each weight read once; for CUDA-graph capture of larger decode batches, where the
+            chosen experts cover most of them anyway (batch 32, top-8 of 128: ~112 distinct experts per layer)
+            and gathering a copy per (token, expert) pair would read and write far more.
+This module does no quantization: the expert tensors stay in the model's float dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from . import fusion
+
+
+class Router(nn.Module):
+    """(N, H) residual → top-k expert weights (N, k) float32 and indices (N, k)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+        self.root = H ** -0.5
+        self.proj = nn.Linear(H, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(H))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(fusion.router_input(h, self.scale, self.root, self.eps))  # (N, E)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """E gated-GELU experts as 3-D tensors; `forward(x, idx, w)` = Σ_k w_k · expert_{idx_k}(x) per token."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        E, H, I = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts, self.intermediate = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.path: str | None = None  # "gathered" / "grouped" / "all" forces one (tests, benchmarks); None: auto
+
+    def choose_path(self, x: torch.Tensor, pairs: int) -> str:
+        if self.path is not None:
+            return self.path
+        if not x.is_cuda:
+            return "grouped"  # a host sync costs nothing here, and views avoid copying the chosen weights
+        if pairs <= max(1, self.num_experts // 4):
+            return "gathered"
+        return "all" if torch.cuda.is_current_stream_capturing() else "grouped"
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (N, H), idx (N, k) int64, w (N, k) float32 → (N, H) in x's dtype."""
+        path = self.choose_path(x, idx.numel())
+        if path == "gathered":
+            return self._gathered(x, idx, w)
+        if path == "all":
+            return self._all(x, idx, w)
+        return self._grouped(x, idx, w)
+
+    def _all(self, x, idx, w):
+        N, K = idx.shape
+        y = torch.matmul(x, self.gate_up_proj.transpose(1, 2))         # (E, N, 2I): x broadcast over experts
+        gate, up = y.chunk(2, dim=-1)
+        o = torch.matmul(fusion.gelu_mul(gate, up), self.down_proj.transpose(1, 2))  # (E, N, H)
+        dense = torch.zeros(N, self.num_experts, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # (N, E)
+        return fusion.weighted_sum(o.transpose(0, 1), dense)
+
+    def _gathered(self, x, idx, w):
+        N, K = idx.shape
+        gu = self.gate_up_proj[idx]                                    # (N, k, 2I, H): the chosen experts only
+        y = torch.matmul(gu, x[:, None, :, None]).squeeze(-1)          # (N, k, 2I)
+        gate, up = y.chunk(2, dim=-1)                                  # 2 × (N, k, I)
+        a = fusion.gelu_mul(gate, up)
+        o = torch.matmul(self.down_proj[idx], a[..., None]).squeeze(-1)  # (N, k, H)
+        return fusion.weighted_sum(o, w)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on rows x (n, H), reading views of its weights."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(fusion.gelu_mul(gate, up), self.down_proj[e])
+
+    def _grouped(self, x, idx, w):
+        N, K = idx.shape
+        if N == 1:  # one token (CPU decode at batch 1): its k experts in turn, no sorting
+            o = [self._expert(x, e) for e in idx[0].tolist()]
+            return fusion.weighted_sum(torch.stack(o, dim=1), w)
+        flat = idx.reshape(-1)                                         # (N·k,) expert of each (token, slot) pair
+        order = torch.argsort(flat, stable=True)
+        tok = order // K                                               # token of each pair, grouped by expert
+        # the touched experts and their pair counts, on the host (bincount, a scatter, took ms on a busy CPU)
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        xs = x[tok]                                                    # (N·k, H)
+        rows = torch.empty_like(xs)
+        start = 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            rows[start:start + n] = self._expert(xs[start:start + n], e)
+            start += n
+        # back to (token, slot) order by a gather (index_add_, a scatter, took ms per call on a busy CPU)
+        o = rows[torch.argsort(order)].view(N, K, -1)                 # (N, k, H)
+        return fusion.weighted_sum(o, w)
