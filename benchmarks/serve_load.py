@@ -58,6 +58,8 @@ async def client_loop(i: int, args, stats: dict, deadline: float) -> None:
             body = {"model": args.model, "stream": True, "max_tokens": args.max_tokens, "temperature": 0.8,
                     "messages": [{"role": "user", "content": rng.choice(PROMPTS) + f" (client {i})"}],
                     "stream_options": {"include_usage": True}}
+            if args.ignore_eos:  # every request decodes max_tokens (a small model's short answers measure HTTP)
+                body["ignore_eos"] = True
             t0 = time.perf_counter()
             last = None
             try:
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true", help="requests decode max_tokens tokens whatever the model "
+                   "says (unigemma's extension): the decode throughput, not the answers' natural length")
     p.add_argument("--max-concurrency", type=int, default=8, help="with --spawn")
     p.add_argument("--max-model-len", type=int, default=1024, help="with --spawn")
     p.add_argument("--device", default=None)
