@@ -3,6 +3,7 @@ active weights, and bytes read per token vs the active-weights limit (JSON lines
 
     python benchmarks/moe.py [--hidden 512] [--layers 4] [--experts 32] [--top-k 4] [--expert-size 256]
                              [--dense-size 512] [--steps 32] [--batch 1,4] [--threads N] [--quick]
+                             [--quant int8,int4]
 
 Three `gemma4_text` models with random fp32 weights, built by unigemma (no reference involved), each decoding
 through the ModelRunner and its KV cache after a 64-token prefill:
@@ -16,6 +17,10 @@ noisy), `metric: "bytes_per_token"` for the MoE at batch 1 — the weight bytes 
 non-expert weight + the distinct experts the router chose in each layer, counted from the router's choices) vs
 the active-weight bytes (non-expert + k experts per layer) — and `impl: "limit"` = measured read bandwidth ÷
 active bytes (the speed of a step that only streams the active weights once). Compare ratios within one run.
+
+--quant int8,int4: the MoE model also in bf16 (the CPU weight-only kernels' compute dtype) and quantized from it,
+experts included (`quant.QuantExperts`): `impl` moe-bf16 / moe-int8 / moe-int4, with their weight bytes and the
+kernel the experts run.
 """
 
 from __future__ import annotations
@@ -74,6 +79,16 @@ def build(args, kind: str) -> Gemma4Unified:
     return model
 
 
+def held_bytes(model) -> int:
+    """Bytes of every parameter and buffer (quantized tensors are buffers); a tied table counted once."""
+    seen, n = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
 def weight_bytes(model) -> tuple[int, int, int]:
     """(all weight bytes, expert bytes, bytes of one expert in one layer)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -121,6 +136,7 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, 4 steps")
+    ap.add_argument("--quant", default="", help="comma-separated: int8, int4 (bf16 MoE models, experts quantized)")
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.experts, args.top_k, args.expert_size, args.dense_size = 64, 4, 8, 2, 32, 64
@@ -159,6 +175,23 @@ def main(argv=None):
                 emit(**common, metric="tokens_per_s", impl=k, batch=b, value=round(decode_rate(m, b, args.steps), 2))
         emit(**common, metric="tokens_per_s", impl="limit", batch=1, value=round(bw / active, 2),
              note="read bandwidth / active weight bytes")
+        if args.quant:
+            import copy
+
+            from unigemma.quant import quantize_model
+
+            bf16 = copy.deepcopy(models["moe"]).to(torch.bfloat16)
+            variants = {"moe-bf16": bf16}
+            for q in [q for q in args.quant.split(",") if q]:
+                variants[f"moe-{q}"] = quantize_model(copy.deepcopy(bf16), q)
+            for k, m in variants.items():
+                gu = moe_layers and m.language_model.layers[0].experts.gate_up_proj
+                emit(**common, metric="weight_bytes", impl=k, value=held_bytes(m),
+                     expert_kernel=getattr(gu, "kernel", None))
+            for b in batches:
+                for k, m in variants.items():
+                    emit(**common, metric="tokens_per_s", impl=k, batch=b,
+                         value=round(decode_rate(m, b, args.steps), 2))
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ FAMILY = {
                num_kv_shared_layers=3, use_double_wide_mlp=True, global_head_dim=32, num_key_value_heads=1,
                layer_types=[_SLIDE, _SLIDE, _SLIDE, _SLIDE, _FULL, _SLIDE, _SLIDE, _FULL]), {}, True, False),
     # 26B-A4B style: MoE beside the dense MLP, k_eq_v full layers with their own KV heads; text-only checkpoint
-    "moe": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=24,
-                 intermediate_size=40, attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=1,
+    "moe": (dict(enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+                 intermediate_size=64, attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=1,
                  use_bidirectional_attention="vision"), {}, False, True),
     # 31B style: dense, k_eq_v, untied LM head, no softcap variation (softcap on)
     "dense": (dict(attention_k_eq_v=True, global_head_dim=32, num_global_key_value_heads=2,

@@ -181,7 +181,7 @@ def test_family_loading(family):
     _, moe, _ = family["moe"]
     assert moe.config.model_type == "gemma4_text" and moe.config.is_text_only
     t = moe.config.text
-    assert (t.enable_moe_block, t.num_experts, t.top_k_experts, t.moe_intermediate_size) == (True, 8, 2, 24)
+    assert (t.enable_moe_block, t.num_experts, t.top_k_experts, t.moe_intermediate_size) == (True, 8, 2, 32)
     assert e.config.text.hidden_size_per_layer_input == 16
 
 
@@ -223,10 +223,10 @@ def test_moe_runner_decode_either_expert_path(family, path):
 
 @pytest.mark.parametrize("name", ["e", "moe"])
 def test_quantize_on_load_runs(family, name):
-    """int8 quantization of the decoder linears works on the family's layers; the experts and the PLE table stay
-    float. (Agreement is loose: these tiny random models amplify int8 rounding — the dense one agrees on ~90% of
-    top-1 tokens, MoE less, since rounding flips near-ties in the router.)"""
-    from unigemma.quant import QuantLinear
+    """int8 quantization of the decoder linears and the experts works on the family's layers; the router and the
+    PLE table stay float. (Agreement is loose: these tiny random models amplify int8 rounding — the dense one
+    agrees on ~90% of top-1 tokens, MoE less, since rounding flips near-ties in the router.)"""
+    from unigemma.quant import QuantExperts, QuantLinear
 
     ref, _, path = family[name]
     with warnings.catch_warnings():
@@ -235,7 +235,8 @@ def test_quantize_on_load_runs(family, name):
     layer = q.model.language_model.layers[0]
     assert isinstance(layer.mlp.down_proj, QuantLinear) and isinstance(layer.self_attn.q_proj, QuantLinear)
     if name == "moe":
-        assert layer.experts.gate_up_proj.dtype == torch.float32
+        assert isinstance(layer.experts.gate_up_proj, QuantExperts) and layer.experts.down_proj.bits == 8
+        assert layer.router.proj.weight.dtype == torch.float32
     ids = torch.tensor([ids_of(30, 10)])
     expected = ref(input_ids=ids).logits
     got = q.model(ids)
@@ -373,3 +374,123 @@ def test_fused_and_compiled_runner(family, name):
     expected = ref(input_ids=torch.tensor([seq])).logits[0, 26:30]
     ok, d = close(torch.stack(got), expected)
     assert ok, f"{name}: max |Δ| = {d:.3g}"
+
+
+# --- quantized experts (int8 / int4, weight-only) ------------------------------------------------------------------
+
+def _float_twin(experts):
+    """A float Experts module holding the dequantized weights of quantized `experts` (what they compute with)."""
+    import copy
+
+    from unigemma.model.moe import Experts
+
+    twin = copy.copy(experts)
+    twin._parameters, twin._modules = dict(experts._parameters), dict(experts._modules)
+    for attr in ("gate_up_proj", "down_proj"):
+        q = twin._modules.pop(attr)
+        twin._parameters[attr] = torch.nn.Parameter(q.every(torch.float32), requires_grad=False)
+    assert isinstance(twin, Experts)
+    return twin
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", {"bits": 4, "group_size": 32, "zero_point": True}])
+def test_quantized_experts_compute_their_dequantized_weights_on_every_path(family, quant):
+    """Each expert path on quantized experts equals the float math on the dequantized weights (fp32, exact up
+    to summation order), reads only the chosen experts, and the quantization error is that of the format."""
+    from unigemma.quant import QuantExperts
+
+    _, float_llm, path = family["moe"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = unigemma.load(path, device="cpu", dtype="float32", quantize=quant)
+    i = next(i for i, l in enumerate(q.model.language_model.layers) if l.has_moe)
+    layer, float_layer = q.model.language_model.layers[i], float_llm.model.language_model.layers[i]
+    qe = layer.experts
+    assert isinstance(qe.gate_up_proj, QuantExperts) and isinstance(qe.down_proj, QuantExperts)
+    twin = _float_twin(qe)
+    x = torch.randn(7, qe.gate_up_proj.in_features, generator=torch.Generator().manual_seed(3))
+    w, idx = layer.router(x)
+    want = twin._grouped(x, idx, w)
+    for run in (qe._grouped, qe._gathered, qe._all):
+        torch.testing.assert_close(run(x, idx, w), want, atol=2e-5, rtol=0)
+    # the quantization error of the weights themselves: int8 ≤ half a step per row, int4 ≤ half a step per group
+    wf = float_layer.experts.gate_up_proj.detach()
+    err = (qe.gate_up_proj.every(torch.float32) - wf).abs()
+    step = wf.abs().amax(-1, keepdim=True) / 127 if qe.gate_up_proj.bits == 8 else None
+    if step is not None:
+        assert (err <= step / 2 + 1e-7).all()
+    else:
+        g = wf.view(*wf.shape[:-1], -1, 32)
+        rng = (g.amax(-1) - g.amin(-1)) / 15 if qe.gate_up_proj.zero_point else g.abs().amax(-1) / 7.5
+        assert (err.view_as(g) <= rng[..., None] * 0.5 + 1e-6).all()
+    # an expert no token chose may hold anything without touching the result
+    unused = sorted(set(range(qe.num_experts)) - set(idx.flatten().tolist()))
+    scales = qe.gate_up_proj.scales
+    saved = scales.clone()
+    scales[unused] = float("nan")
+    try:
+        assert torch.isfinite(qe._gathered(x, idx, w)).all() and torch.isfinite(qe._grouped(x, idx, w)).all()
+    finally:
+        scales.copy_(saved)
+
+
+@pytest.mark.parametrize("quant,kernel", [("int8", "int8"), ("int4", "int4-cpu")])
+def test_quantized_experts_run_the_cpu_kernels_in_bf16(family, quant, kernel):
+    """In bf16 the CPU weight-only ops serve each expert's product on views of the stacked tensors (int4: repacked
+    once into the op's layout); the result agrees with the dequantized float math to bf16 rounding, the saved
+    (canonical) tensors are unchanged by the repacking, and the model runs through the runner's decode."""
+    from unigemma.quant import QuantExperts, quantize_model
+
+    _, _, path = family["moe"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = unigemma.load(path, device="cpu", dtype="bfloat16")
+        fast = unigemma.load(path, device="cpu", dtype="bfloat16", quantize=quant)
+    quantize_model(plain.model, quant, kernels=False)
+    i = next(i for i, l in enumerate(fast.model.language_model.layers) if l.has_moe)
+    qe, pe = fast.model.language_model.layers[i].experts, plain.model.language_model.layers[i].experts
+    assert isinstance(qe.gate_up_proj, QuantExperts)
+    assert qe.gate_up_proj.kernel == kernel and qe.down_proj.kernel == kernel and pe.gate_up_proj.kernel is None
+    for attr in ("gate_up_proj", "down_proj"):  # the state dict is the canonical form whatever the layout
+        a, b = getattr(qe, attr).state_dict(), getattr(pe, attr).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(3, qe.gate_up_proj.in_features, generator=torch.Generator().manual_seed(4)).bfloat16()
+    w, idx = fast.model.language_model.layers[i].router(x)
+    got, want = qe._grouped(x, idx, w).float(), pe._grouped(x, idx, w).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    a = ids_of(12, 21)
+    runner = ModelRunner(fast.model, max_slots=1, max_model_len=32, spare=4)
+    runner.prefill_chunk(0, a, 0, 11)
+    logits, _ = runner.decode(torch.tensor([[a[11]]]), torch.tensor([[11]]), kv_len=12)
+    full = fast.model(torch.tensor([a])).float()[0, 11]
+    assert torch.isfinite(logits).all() and logits[0, -1].float().argmax() == full.argmax()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_moe_checkpoint_roundtrip_and_bytes(family, tmp_path, quant):
+    """`unigemma quantize` writes the experts quantized (`<proj>.qweight` / `.scales`), the checkpoint loads to the
+    same model as quantize-on-load, and the bytes `inspect` reports are the bytes on disk."""
+    from safetensors import safe_open
+
+    from unigemma.quant import QuantConfig, QuantExperts, quantize_checkpoint, quantized_weight_bytes
+
+    _, llm, path = family["moe"]
+    quantize_checkpoint(path, tmp_path / "q", quant)
+    names = {}
+    for f in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as fh:
+            names.update({k: fh.get_slice(k).get_dtype() for k in fh.keys()})
+    layer_i = next(i for i, l in enumerate(llm.model.language_model.layers) if l.has_moe)
+    base = f"model.layers.{layer_i}.experts.gate_up_proj"
+    assert names[f"{base}.qweight"] == ("I8" if quant == "int8" else "U8") and f"{base}.scales" in names
+    assert base not in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = unigemma.load(tmp_path / "q", device="cpu", dtype="float32")
+        on_load = unigemma.load(path, device="cpu", dtype="float32", quantize=quant)
+    assert isinstance(saved.model.language_model.layers[layer_i].experts.down_proj, QuantExperts)
+    ids = torch.tensor([ids_of(20, 16)])
+    assert torch.equal(saved.model(ids), on_load.model(ids))
+    est = quantized_weight_bytes(llm.config, QuantConfig.parse(quant), dtype_bytes=4)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
+    assert est["total"] <= on_disk <= est["total"] * 1.05 + 64 * 1024  # headers and alignment aside

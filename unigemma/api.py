@@ -185,7 +185,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     (num_assistant_tokens) becomes `llm.drafter.generation_config`, the engine's draft length.
 
     quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
-    linears (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
+    linears and MoE experts (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
     A checkpoint written by `unigemma quantize` (or a compressed-tensors pack-quantized one) loads quantized
     without it. kv_dtype: None (the model's dtype) | "bf16" | "fp16" | "fp32" | "fp8" → `llm.kv_dtype`, the
     storage dtype the engine gives the KV cache.

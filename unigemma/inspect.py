@@ -145,7 +145,7 @@ def inspect_config(cfg: UnifiedConfig | AssistantConfig, path: Path | None = Non
 
 def weight_bytes_by_format(cfg: UnifiedConfig, el: int = 2) -> dict[str, int]:
     """Weight bytes as unigemma would hold the model: float (el bytes per value), `--quantize int8` and `int4`
-    (decoder linears quantized, embeddings int8; MoE experts and per-layer tables stay float today)."""
+    (decoder linears and MoE experts quantized, embeddings int8; the per-layer tables stay float)."""
     from .quant import quantized_weight_bytes
 
     float_name = {4: "float32", 2: "bf16"}[el]
@@ -207,7 +207,7 @@ def format_report(info: dict) -> str:
                  + ", ".join(f"{k}: {human(v)}" for k, v in info["weight_bytes_by_dtype"].items()))
     if info.get("weight_bytes_by_format"):
         lines.append("by format      " + ", ".join(f"{k} {human(v)}" for k, v in info["weight_bytes_by_format"].items())
-                     + "  (int8/int4: decoder linears; experts and PLE tables stay float)")
+                     + "  (int8/int4: decoder linears and experts; PLE tables stay float)")
     kv = info["kv_bytes_per_token"]
     lines.append(f"KV per token   sliding {human(kv['sliding'])} (bounded by the window), full {human(kv['full'])}")
     lines.append("KV at context  " + ", ".join(f"{k}: {human(v)}" for k, v in info["kv_bytes_at_context"].items()))

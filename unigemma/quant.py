@@ -44,9 +44,11 @@ from .checkpoint import (CheckpointError, _assign, _resolve_dtype, canonical_nam
 from .config import AssistantConfig, UnifiedConfig, load_config
 
 GROUP_SIZES = (32, 64, 128, 256)
-# Decoder linears, by their module path (checkpoint names): these are quantized; norms, vision/audio embedders
-# and the layer scalars stay in float.
+# Decoder linears, by their module path (checkpoint names): these are quantized (and the MoE experts, EXPERTS
+# below); norms, routers, per-layer input tables, vision/audio embedders and the layer scalars stay in float.
 DECODER_LINEAR = re.compile(r"^model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+# The mixture-of-experts tensors (3-D, E experts × (N, K)), by their parameter path: quantized like the linears.
+EXPERTS = re.compile(r"^model\.language_model\.layers\.\d+\.experts\.(gate_up_proj|down_proj)$")
 EMBED = "model.language_model.embed_tokens"
 # Rows (tokens × batch) up to which the fused weight-only ops beat dequantize + a dense matmul on CPU (measured
 # crossover: ~64–256 rows for a 768 × 3072 layer); above it (prefill) the dense matmul wins and the
@@ -511,6 +513,145 @@ class QuantLinear(nn.Module):
                 f"layout={self.layout}, kernel={self.kernel}")
 
 
+class QuantExperts(nn.Module):
+    """One projection of E experts, weight-only int8 / int4: the stand-in for a 3-D float tensor
+    `experts.gate_up_proj` (E, 2I, H) or `experts.down_proj` (E, H, I), read by model/moe.py through `chosen`,
+    `every` and `linear`.
+
+    Canonical tensors are QuantLinear's with a leading expert dimension (on disk `<proj>.qweight`, `.scales`,
+    `.zeros`; each expert's rows are quantized exactly as a QuantLinear's):
+        int8   qweight int8 (E, N, K)       scales (E, N)
+        int4   qweight uint8 (E, N, K/2)    scales (E, N, K/g)     [zeros uint8 (E, N, K/g)]
+    `prepare()` probes a kernel once (on expert 0) and every expert's product runs it on views of the stacked
+    tensors; for the CPU int4 op the stack is repacked into that op's layout ("int4-cpu"). Layouts that cannot be
+    read back by expert index (the CUDA tinygemm one) are not used, so `chosen` always dequantizes directly.
+    """
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, bits: int,
+                 group_size: int | None = None, zero_point: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        proto = QuantLinear(in_features, out_features, bits, group_size, zero_point, dtype=dtype, device="meta")
+        self.num_experts, self.out_features, self.in_features, self.bits = num_experts, out_features, in_features, bits
+        self.group_size, self.zero_point = proto.group_size, proto.zero_point
+        for k, v in proto._buffers.items():  # the same tensors with the expert dimension in front
+            self.register_buffer(k, torch.empty(num_experts, *v.shape, dtype=v.dtype, device=device))
+        self.layout = f"int{bits}"
+        self.kernel: str | None = None
+        self._kgroup = self.group_size
+        self._views: list[QuantLinear] | None = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int, group_size: int | None = 32, zero_point: bool = False,
+                   dtype: torch.dtype | None = None) -> "QuantExperts":
+        """Quantize a float (E, N, K) expert tensor (rows of all experts at once: the scales are per row / group)."""
+        E, N, K = weight.shape
+        sd = dtype or _scale_dtype(weight)
+        m = cls(E, N, K, bits, group_size, zero_point, sd, device="meta")
+        flat = weight.reshape(E * N, K)
+        if bits == 8:
+            q, s = quantize_int8(flat, sd)
+            m._set(qweight=q.view(E, N, K), scales=s.view(E, N))
+        else:
+            q, s, z = quantize_int4(flat, m.group_size, zero_point, sd)
+            m._set(qweight=q.view(E, N, -1), scales=s.view(E, N, -1), zeros=None if z is None else z.view(E, N, -1))
+        return m
+
+    def _set(self, **tensors) -> None:
+        for k, v in tensors.items():
+            if v is not None:
+                self._buffers[k] = v
+        self._views = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return (self.scale_zeros if self.layout == "int4-cpu" else self.scales).dtype
+
+    def _apply(self, fn, recurse=True):
+        self._views = None  # views of the old tensors
+        return super()._apply(fn, recurse)
+
+    def expert(self, e: int) -> QuantLinear:
+        """Expert e as a QuantLinear over views of the stacked tensors (no copy)."""
+        if self._views is None:
+            self._views = [self._view(i) for i in range(self.num_experts)]
+        return self._views[e]
+
+    def _view(self, e: int) -> QuantLinear:
+        m = QuantLinear(self.in_features, self.out_features, self.bits, self.group_size, self.zero_point,
+                        dtype=self.compute_dtype, device="meta")
+        m._buffers = {k: v[e] for k, v in self._buffers.items()}
+        m.layout, m.kernel, m._kgroup = self.layout, self.kernel, self._kgroup
+        return m
+
+    # --- what model/moe.py reads ----------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x (n, K) → (n, N) through expert e's weights (its kernel for few rows, else dequantize + matmul)."""
+        return self.expert(e)(x)
+
+    def chosen(self, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Experts idx (any shape) → their float weights (*idx.shape, N, K); reads only their quantized bytes."""
+        dtype = dtype or self.compute_dtype
+        N, K = self.out_features, self.in_features
+        if self.layout == "int8":
+            return self.qweight[idx].to(dtype) * self.scales[idx].to(dtype)[..., None]
+        if self.layout == "int4":
+            z = self._buffers.get("zeros")
+            w = dequantize_int4(self.qweight[idx].reshape(-1, K // 2), self.scales[idx].reshape(-1, K // self.group_size),
+                                None if z is None else z[idx].reshape(-1, K // self.group_size), dtype)
+            return w.view(*idx.shape, N, K)
+        # "int4-cpu": expert by expert through the op's layout (the CPU runs the grouped path; this serves tests)
+        ws = [self.expert(e).dequantize(dtype) for e in idx.reshape(-1).tolist()]
+        return torch.stack(ws).view(*idx.shape, N, K)
+
+    def every(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """All experts' float weights (E, N, K)."""
+        return self.chosen(torch.arange(self.num_experts, device=self.qweight.device), dtype)
+
+    # --- kernels --------------------------------------------------------------------------------------------
+    def prepare(self, kernels: bool = True) -> "QuantExperts":
+        """Choose one kernel for every expert (QuantLinear's choice, probed on expert 0) and lay the stack out for
+        it. Idempotent; keeps the canonical form when no kernel applies or `kernels` is False."""
+        if self.kernel is not None or not kernels or self.layout not in ("int8", "int4"):
+            return self
+        probe = self._view(0)
+        probe._buffers = {k: v.clone() for k, v in probe._buffers.items()}  # prepare may repack: not in place
+        kind = probe.prepare(kernels).kernel
+        dev, dt = self.qweight.device, self.scales.dtype
+        if kind == "int4-cuda":  # tinygemm's layout cannot be indexed by expert: its canonical-layout sibling
+            kind = "int4-triton" if _has_triton() and _probe("int4-triton", dev, dt) else None
+        if kind == "int4-cpu":
+            kg = _kernel_group(self.group_size)
+            zeros = self._buffers.pop("zeros", None)
+            E, K = self.num_experts, self.in_features
+            packed = torch.stack([_cpu_pack(self.qweight[e], K) for e in range(E)])
+            sz = torch.stack([_scale_zeros(self.scales[e], None if zeros is None else zeros[e], self.group_size, kg,
+                                           dt) for e in range(E)])
+            del self._buffers["scales"]
+            self._buffers["qweight"] = packed
+            self.register_buffer("scale_zeros", sz)
+            self.layout, self._kgroup = "int4-cpu", kg
+        self.kernel = kind
+        self._views = None
+        return self
+
+    # --- state dict: always the canonical form -----------------------------------------------------------------
+    def canonical(self) -> dict[str, torch.Tensor]:
+        if self.layout in ("int8", "int4"):
+            return {k: v for k, v in self._buffers.items() if v is not None}
+        per = [self.expert(e).canonical() for e in range(self.num_experts)]
+        return {k: torch.stack([p[k] for p in per]) for k in per[0]}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for k, v in self.canonical().items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}, zero_point={self.zero_point}" if self.bits == 4 else ""
+        return (f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}{g}, layout={self.layout}, kernel={self.kernel}")
+
+
 class QuantEmbedding(nn.Module):
     """An int8 embedding table with one scale per row (row = token): lookup = q[ids] · s[ids].
 
@@ -559,6 +700,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _set_experts(model: nn.Module, name: str, q: "QuantExperts") -> nn.Module:
+    """Put quantized experts in place of the 3-D parameter `name`; returns the owning Experts module."""
+    owner_name, _, attr = name.rpartition(".")
+    return _swap_experts(model.get_submodule(owner_name), attr, q)
+
+
+def _swap_experts(owner: nn.Module, attr: str, q: "QuantExperts") -> nn.Module:
+    owner._parameters.pop(attr, None)
+    owner.add_module(attr, q)
+    return owner
+
+
 def _tie_head(model: nn.Module) -> None:
     """After the embedding became int8: the tied LM head shares its table."""
     emb = model.get_submodule(EMBED)
@@ -567,7 +720,8 @@ def _tie_head(model: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, config: "QuantConfig | str", kernels: bool = True) -> nn.Module:
-    """Quantize a loaded float `Gemma4Unified` in place (decoder linears; embeddings per config) and return it."""
+    """Quantize a loaded float `Gemma4Unified` in place (decoder linears and MoE experts; embeddings per config)
+    and return it."""
     qc = QuantConfig.parse(config)
     from .model.fusion import unfuse
 
@@ -576,6 +730,10 @@ def quantize_model(model: nn.Module, config: "QuantConfig | str", kernels: bool 
         if isinstance(mod, nn.Linear) and DECODER_LINEAR.match(name):
             q = QuantLinear.from_float(mod.weight.detach(), qc.bits, qc.group_size, qc.zero_point)
             _set_module(model, name, q.prepare(kernels))
+    for name, p in list(model.named_parameters()):
+        if EXPERTS.match(name):
+            q = QuantExperts.from_float(p.detach(), qc.bits, qc.group_size, qc.zero_point)
+            _set_experts(model, name, q.prepare(kernels))
     emb = model.get_submodule(EMBED)
     if qc.embeddings == "int8" and isinstance(emb, nn.Embedding):
         _set_module(model, EMBED, QuantEmbedding.from_float(emb.weight.detach()))
@@ -595,9 +753,12 @@ def load_transform(config: QuantConfig, kernels: bool = True, release: bool = Fa
     (the loader's own freshly read ones)."""
     def transform(name: str, tensor: torch.Tensor, module: nn.Module):
         mod_name, _, attr = name.rpartition(".")
-        if attr != "weight":
+        if EXPERTS.match(name):  # the owning Experts module comes back with this tensor quantized in it
+            q = QuantExperts.from_float(tensor, config.bits, config.group_size, config.zero_point).prepare(kernels)
+            out = _swap_experts(module, attr, q)
+        elif attr != "weight":
             return None
-        if isinstance(module, nn.Linear) and DECODER_LINEAR.match(mod_name):
+        elif isinstance(module, nn.Linear) and DECODER_LINEAR.match(mod_name):
             out = QuantLinear.from_float(tensor, config.bits, config.group_size, config.zero_point).prepare(kernels)
         elif config.embeddings == "int8" and mod_name == EMBED:
             out = QuantEmbedding.from_float(tensor)
@@ -674,7 +835,10 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, config: QuantConfig | 
         raw_base = raw[: -len(".weight")] if raw.endswith(".weight") else raw
         t = load()
         out: dict[str, torch.Tensor]
-        if attr == "weight" and DECODER_LINEAR.match(mod_name):
+        if EXPERTS.match(name):  # (E, N, K): the same tensors as QuantExperts keeps, under the parameter's name
+            out = {f"{raw}.{k}": v for k, v in
+                   QuantExperts.from_float(t, qc.bits, qc.group_size, qc.zero_point).canonical().items()}
+        elif attr == "weight" and DECODER_LINEAR.match(mod_name):
             if qc.bits == 8:
                 q, s = quantize_int8(t)
                 out = {f"{raw_base}.qweight": q, f"{raw_base}.scales": s}
@@ -809,6 +973,11 @@ def _plan(model: nn.Module, files: list[Path], text_only: bool, qc: dict, where:
         if bits not in (4, 8) or (bits == 4 and g not in GROUP_SIZES):
             raise ValueError(f"{where}: quantization_config bits={bits!r} group_size={g!r} is not supported")
         for base, p in parts.items():
+            if EXPERTS.match(base):
+                bits_e = 8 if p.get("qweight", (None,))[0] == torch.int8 else 4
+                plan[base] = _Spec("experts", bits_e, None if bits_e == 8 else g, zp and bits_e == 4,
+                                   {"qweight", "scales"} | ({"zeros"} if zp and bits_e == 4 else set()))
+                continue
             mod = _get(model, base, where, next(iter(p.values()))[2])
             if base == EMBED or (isinstance(mod, nn.Embedding)):
                 plan[base] = _Spec("embedding", 8, None, False, {"qweight", "scales"})
@@ -968,7 +1137,7 @@ def load_quantized(path: str | Path, dtype=None, device: str | torch.device = "c
         if progress is not None:
             progress(len(seen) + done, len(expected))
     # the float weights of modules stored quantized are not expected (their biases are)
-    missing = [n for n in expected if n not in seen and n != tied_alias
+    missing = [n for n in expected if n not in seen and n != tied_alias and n not in plan
                and not (n.rpartition(".")[0] in plan and n.endswith(".weight"))]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -984,6 +1153,19 @@ def load_quantized(path: str | Path, dtype=None, device: str | torch.device = "c
 
 
 def _install(model, base: str, spec: _Spec, t: dict, dtype, device, kernels: bool, where: str) -> None:
+    if spec.kind == "experts":
+        owner_name, _, attr = base.rpartition(".")
+        E, N, K = model.get_submodule(owner_name)._parameters[attr].shape
+        m = QuantExperts(E, N, K, spec.bits, spec.group_size, spec.zero_point, dtype, device="meta")
+        for k, v in t.items():
+            want = m._buffers[k]
+            bad_dtype = v.dtype != want.dtype if k != "scales" else not v.is_floating_point()
+            if tuple(v.shape) != tuple(want.shape) or bad_dtype:
+                raise CheckpointError(f"{where}.{k}: expected {want.dtype if k != 'scales' else 'float'} "
+                                      f"{tuple(want.shape)}, got {v.dtype} {tuple(v.shape)}")
+        m._set(**{k: (v.to(dtype) if k == "scales" else v).to(device) for k, v in t.items()})
+        _set_experts(model, base, m.prepare(kernels))
+        return
     mod = model.get_submodule(base)
     if spec.kind == "embedding":
         q, s = t["qweight"], t["scales"]
@@ -1035,15 +1217,16 @@ def quantized_weight_bytes(cfg: UnifiedConfig, config: QuantConfig | str, dtype_
     out = {"linear_weights": 0, "linear_scales": 0, "embeddings": 0, "other": 0}
     for name, p in model.named_parameters():  # a tied head is yielded once (with the embedding)
         mod_name = name.rpartition(".")[0]
-        if DECODER_LINEAR.match(mod_name):
-            N, K = p.shape
+        if DECODER_LINEAR.match(mod_name) or EXPERTS.match(name):
+            N, K = p.shape[-2:]
+            E = p.shape[0] if p.dim() == 3 else 1
             if qc.bits == 8:
-                out["linear_weights"] += N * K
-                out["linear_scales"] += N * dtype_bytes
+                out["linear_weights"] += E * N * K
+                out["linear_scales"] += E * N * dtype_bytes
             else:
                 G = K // qc.group_size
-                out["linear_weights"] += N * K // 2
-                out["linear_scales"] += N * G * (dtype_bytes + (1 if qc.zero_point else 0))
+                out["linear_weights"] += E * N * K // 2
+                out["linear_scales"] += E * N * G * (dtype_bytes + (1 if qc.zero_point else 0))
         elif mod_name in (EMBED, "lm_head"):
             V, H = p.shape
             out["embeddings"] += V * H + V * dtype_bytes if qc.embeddings == "int8" else V * H * dtype_bytes

@@ -18,7 +18,9 @@ The experts run in one of three ways (`Experts.forward`, `choose_path`):
             static shapes, each weight read once; for CUDA-graph capture of larger decode batches, where the
             chosen experts cover most of them anyway (batch 32, top-8 of 128: ~112 distinct experts per layer)
             and gathering a copy per (token, expert) pair would read and write far more.
-This module does no quantization: the expert tensors stay in the model's float dtype.
+Quantized experts (`unigemma.quant.QuantExperts`, int8 / int4 weight-only) take the place of a 3-D tensor: the
+three paths read their weights through `_chosen` (the chosen experts' weights, dequantized), `_every` and `_linear`
+(one expert's product, a weight-only kernel where one applies), so the math below is the same code for both.
 """
 
 from __future__ import annotations
@@ -81,27 +83,43 @@ class Experts(nn.Module):
             return self._all(x, idx, w)
         return self._grouped(x, idx, w)
 
+    # --- weights: a float 3-D tensor, or a quantized stand-in with the same indexing ----------------------------
+    @staticmethod
+    def _chosen(p, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """p (E, N, K) at expert indices idx (any shape) → (*idx.shape, N, K) float."""
+        return p[idx] if isinstance(p, torch.Tensor) else p.chosen(idx, dtype)
+
+    @staticmethod
+    def _every(p, dtype: torch.dtype) -> torch.Tensor:
+        """Every expert's weight, (E, N, K) float."""
+        return p if isinstance(p, torch.Tensor) else p.every(dtype)
+
+    @staticmethod
+    def _linear(p, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x (n, K) · p[e]ᵀ → (n, N)."""
+        return F.linear(x, p[e]) if isinstance(p, torch.Tensor) else p.linear(x, e)
+
     def _all(self, x, idx, w):
         N, K = idx.shape
-        y = torch.matmul(x, self.gate_up_proj.transpose(1, 2))         # (E, N, 2I): x broadcast over experts
+        y = torch.matmul(x, self._every(self.gate_up_proj, x.dtype).transpose(1, 2))  # (E, N, 2I): x over experts
         gate, up = y.chunk(2, dim=-1)
-        o = torch.matmul(fusion.gelu_mul(gate, up), self.down_proj.transpose(1, 2))  # (E, N, H)
+        o = torch.matmul(fusion.gelu_mul(gate, up), self._every(self.down_proj, x.dtype).transpose(1, 2))  # (E, N, H)
         dense = torch.zeros(N, self.num_experts, dtype=w.dtype, device=w.device).scatter(1, idx, w)  # (N, E)
         return fusion.weighted_sum(o.transpose(0, 1), dense)
 
     def _gathered(self, x, idx, w):
         N, K = idx.shape
-        gu = self.gate_up_proj[idx]                                    # (N, k, 2I, H): the chosen experts only
+        gu = self._chosen(self.gate_up_proj, idx, x.dtype)             # (N, k, 2I, H): the chosen experts only
         y = torch.matmul(gu, x[:, None, :, None]).squeeze(-1)          # (N, k, 2I)
         gate, up = y.chunk(2, dim=-1)                                  # 2 × (N, k, I)
         a = fusion.gelu_mul(gate, up)
-        o = torch.matmul(self.down_proj[idx], a[..., None]).squeeze(-1)  # (N, k, H)
+        o = torch.matmul(self._chosen(self.down_proj, idx, x.dtype), a[..., None]).squeeze(-1)  # (N, k, H)
         return fusion.weighted_sum(o, w)
 
     def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e on rows x (n, H), reading views of its weights."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(fusion.gelu_mul(gate, up), self.down_proj[e])
+        gate, up = self._linear(self.gate_up_proj, x, e).chunk(2, dim=-1)
+        return self._linear(self.down_proj, fusion.gelu_mul(gate, up), e)
 
     def _grouped(self, x, idx, w):
         N, K = idx.shape
