@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import socket
@@ -132,6 +133,7 @@ def _worker(rank: int, world: int, port: int, root: str | None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)  # a native abort in a worker shows where Python was
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         if root is not None:  # the training loop under DDP and DiLoCo (one spawn saves a second start-up)

@@ -596,9 +596,9 @@ class QuantExperts(nn.Module):
         if self.layout == "int8":
             return self.qweight[idx].to(dtype) * self.scales[idx].to(dtype)[..., None]
         if self.layout == "int4":
-            z = self._buffers.get("zeros")
-            w = dequantize_int4(self.qweight[idx].reshape(-1, K // 2), self.scales[idx].reshape(-1, K // self.group_size),
-                                None if z is None else z[idx].reshape(-1, K // self.group_size), dtype)
+            z, G = self._buffers.get("zeros"), K // self.group_size
+            w = dequantize_int4(self.qweight[idx].reshape(-1, K // 2), self.scales[idx].reshape(-1, G),
+                                None if z is None else z[idx].reshape(-1, G), dtype)
             return w.view(*idx.shape, N, K)
         # "int4-cpu": expert by expert through the op's layout (the CPU runs the grouped path; this serves tests)
         ws = [self.expert(e).dequantize(dtype) for e in idx.reshape(-1).tolist()]
