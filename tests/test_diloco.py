@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import socket
@@ -147,7 +148,11 @@ def _worker(rank: int, world: int, port: int, root: str | None) -> None:
         _bytes(rank)
         dist.barrier()  # nobody tears down gloo's connections while a peer still finishes its last transfer
     finally:
+        # DDP reducers and pending Work objects hold the process group; collected here, the group is torn down
+        # while the interpreter is whole, not during its finalization (where gloo's threads can abort the worker)
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def test_diloco_four_workers():

@@ -11,6 +11,7 @@ Errors in the config print one line naming the key and exit with status 2. This 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from .config import TrainConfigError
@@ -62,6 +63,7 @@ def _leave_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # let every worker finish its last transfer before connections close
+        gc.collect()  # what still holds the group (DDP's reducer, finished Work) goes now, not at interpreter exit
         dist.destroy_process_group()
 
 
