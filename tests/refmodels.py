@@ -132,3 +132,31 @@ def make_family_reference(name: str, path: Path, seed: int = 0, max_shard_size: 
     randomize(ref, seed)
     ref.save_pretrained(str(path), max_shard_size=max_shard_size)
     return ref
+
+
+def make_family_drafter(name: str, path: Path, seed: int = 7, num_assistant_tokens: int = 3,
+                        ordered: bool = False):
+    """Save a random `gemma4_assistant` MTP drafter for the family target `name`: its attention geometry mirrors
+    the target's (head dims, K/V heads, k_eq_v, window), as a published drafter's does; every layer reads the
+    target's K/V. ordered=True: the centroid LM head (`use_ordered_embeddings`). Returns it (eval, float32)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    target = {**FAMILY_TEXT, **copy.deepcopy(FAMILY[name][0])}
+    keep = ("vocab_size", "num_attention_heads", "num_key_value_heads", "head_dim", "global_head_dim",
+            "num_global_key_value_heads", "attention_k_eq_v", "sliding_window", "max_position_embeddings")
+    tc = {k: v for k, v in target.items() if k in keep}
+    tc.update(model_type="gemma4_text", num_hidden_layers=2, hidden_size=48, intermediate_size=64,
+              final_logit_softcapping=None, layer_types=[_SLIDE, _FULL], num_kv_shared_layers=2,
+              hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, enable_moe_block=False,
+              use_double_wide_mlp=False)
+    extra = dict(use_ordered_embeddings=True, num_centroids=16, centroid_intermediate_top_k=4) if ordered else {}
+    torch.manual_seed(seed)
+    cfg = Gemma4AssistantConfig(text_config=tc, backbone_hidden_size=target["hidden_size"], **extra)
+    dr = Gemma4AssistantForCausalLM(cfg).eval()
+    randomize(dr, seed)
+    if ordered:  # a permutation of the vocabulary, as the published ordering is
+        dr.masked_embedding.token_ordering.copy_(torch.randperm(target["vocab_size"],
+                                                                generator=torch.Generator().manual_seed(seed)))
+    dr.generation_config.num_assistant_tokens = num_assistant_tokens
+    dr.save_pretrained(str(path))
+    return dr

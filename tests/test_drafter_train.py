@@ -144,3 +144,47 @@ def test_distillation_raises_acceptance(tmp_path):
     prompts = [[2, 15, 40, 41, 42, 16, 107 % 512, 15, 50], [2, 15, 60, 61, 16, 15, 70, 71, 72]]
     res = measure_acceptance(target, drafter, prompts, k=3, max_new_tokens=16)
     assert res["outputs"] == [greedy_generate(target, p, 16) for p in prompts]
+
+
+def test_distillation_for_a_family_target(tmp_path):
+    """`task: drafter` against a `gemma4_text` target with per-layer inputs and KV sharing (E2B-style): the
+    drafter (`gemma4_assistant`) reads the target's store layers; the distillation loss falls, and the saved drafter
+    loads beside its target and speculates losslessly."""
+    import unigemma
+    from unigemma.checkpoint import build_model, save_model
+    from unigemma.config import UnifiedConfig
+    from unigemma.model.unified import Gemma4Unified
+    from unigemma.testing import write_tiny_tokenizer
+
+    text = {"model_type": "gemma4_text", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 5, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+            "global_head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 30.0, "eos_token_id": [1, 16],
+            "layer_types": [SLIDING, SLIDING, FULL, SLIDING, FULL], "num_kv_shared_layers": 2,
+            "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 512}
+    target_dir = tmp_path / "target"
+    target_dir.mkdir()
+    torch.manual_seed(2)
+    model = Gemma4Unified(UnifiedConfig.from_dict(text))
+    init_weights(model, 0.05)
+    save_model(model, target_dir, text)
+    write_tiny_tokenizer(target_dir)
+    d = drafter_config()
+    d["model_type"] = "gemma4_assistant"
+    d["text_config"].update(model_type="gemma4_text", hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
+    (tmp_path / "drafter.json").write_text(json.dumps(d))
+    train_f = _pattern_jsonl(tmp_path / "train.jsonl", 0, 16)
+    dcfg = tc.from_dict({"task": "drafter", "output_dir": str(tmp_path / "drafter"),
+                         "drafter": {"target": str(target_dir), "init": str(tmp_path / "drafter.json"),
+                                     "draft_steps": 2, "acceptance_prompts": 2, "acceptance_new_tokens": 8},
+                         "model": {"init_std": 0.02},
+                         "data": {"train": str(train_f), "batch_size": 4, "num_workers": 0},
+                         "optim": {"steps": 30, "lr": 1e-2, "warmup_steps": 2}, "log": {"every": 1}})
+    r = train(dcfg)
+    assert sum(r.losses[-5:]) < sum(r.losses[:5]), r.losses
+    llm = unigemma.load(target_dir, device="cpu", drafter=r.output_dir / "final")
+    assert isinstance(llm.drafter, Gemma4Assistant) and llm.drafter.config.model_type == "gemma4_assistant"
+    target, _ = build_model(target_dir)
+    drafter, _ = build_model(r.output_dir / "final")
+    prompts = [[2, 15, 40, 41, 42, 16, 107, 15, 50], [2, 15, 60, 61, 16, 15, 70, 71, 72, 73, 74, 75]]
+    res = measure_acceptance(target, drafter, prompts, k=3, max_new_tokens=16)
+    assert res["outputs"] == [greedy_generate(target, p, 16) for p in prompts]

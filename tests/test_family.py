@@ -494,3 +494,93 @@ def test_quantized_moe_checkpoint_roundtrip_and_bytes(family, tmp_path, quant):
     est = quantized_weight_bytes(llm.config, QuantConfig.parse(quant), dtype_bytes=4)
     on_disk = sum(f.stat().st_size for f in (tmp_path / "q").glob("*.safetensors"))
     assert est["total"] <= on_disk <= est["total"] * 1.05 + 64 * 1024  # headers and alignment aside
+
+
+# --- the family's MTP drafters (`gemma4_assistant`) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def family_drafters(family, tmp_path_factory):
+    """name → (reference drafter, LLM of the family target with that drafter); the dense target's drafter uses
+    the centroid LM head."""
+    from refmodels import make_family_drafter
+
+    root = tmp_path_factory.mktemp("family-drafters")
+    out = {}
+    for i, name in enumerate(FAMILY):
+        dr = make_family_drafter(name, root / name, seed=40 + i, ordered=name == "dense")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            llm = unigemma.load(family[name][2], device="cpu", dtype="float32", drafter=root / name)
+        out[name] = (dr, llm)
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_drafter_logits_equal_reference(family_drafters, name):
+    """The drafter is a function of (target embedding ⊕ target hidden, position, the target's K/V per layer type):
+    fed the same inputs, logits and the chained hidden state match the reference's (fp32, ≤ 1e-4)."""
+    from unigemma.config import FULL, SLIDING
+
+    dr, llm = family_drafters[name]
+    ours = llm.drafter
+    assert ours.config.model_type == "gemma4_assistant"
+    t = llm.config.text
+    g = torch.Generator().manual_seed(5)
+    B, lengths = 2, {FULL: 10, SLIDING: 6}  # the sliding keys within the window: every key visible to both
+    shared = {}
+    for lt, L in lengths.items():
+        s = t.store_layer(lt)
+        shape = (B, t.layer_kv_heads[s], L, t.layer_head_dim[s])
+        shared[lt] = (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+    x = torch.randn(B, 1, 2 * t.hidden_size, generator=g)
+    pos = torch.tensor([[9], [9]])
+    masks = {lt: torch.ones(B, L, dtype=torch.bool) for lt, L in lengths.items()}
+    logits, hidden = ours(x, pos, shared, masks)
+    ref = dr(inputs_embeds=x, position_ids=pos, shared_kv_states=shared)
+    for got, want, what in ((logits, ref.logits, "logits"), (hidden, ref.last_hidden_state, "hidden")):
+        ok, d = close(got, want)
+        assert ok, f"{name} drafter {what}: max |Δ| = {d:.3g}"
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_family_mtp_greedy_identical_to_plain_and_reference(family, family_drafters, name):
+    """Greedy MTP speculation through the engine (a batch of two, past the sliding window, fixed k = 3) gives the
+    plain greedy tokens, which are the reference's `generate` tokens; the reference's own assisted generation with
+    the same drafter agrees (so the drafter is one the reference accepts for this target)."""
+    ref, _, _ = family[name]
+    dr, llm = family_drafters[name]
+    prompts = [ids_of(9, 31), ids_of(23, 32)]
+
+    def run(spec):
+        eng = Engine(llm.model, None, [], llm.drafter if spec else None, max_slots=2, max_model_len=96,
+                     speculative=spec, adaptive=False, num_draft_tokens=3)
+        ids = [eng.add(Request(p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))) for p in prompts]
+        outs = eng.run_until_done()
+        return [outs[i] for i in ids]
+
+    plain, spec = run(None), run("mtp")
+    for p, a, b in zip(prompts, plain, spec):
+        expected = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None)
+        assert a.token_ids == expected[0, len(p):].tolist()
+        assert b.token_ids == a.token_ids
+        assert b.usage.drafted_tokens >= 3
+    assisted = ref.generate(torch.tensor([prompts[0]]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                            assistant_model=dr)
+    assert assisted[0, len(prompts[0]):].tolist() == plain[0].token_ids
+
+
+def test_family_drafter_config_errors(tmp_path):
+    import json
+
+    from unigemma.config import AssistantConfig, ConfigError
+
+    base = {"model_type": "gemma4_assistant", "backbone_hidden_size": 64,
+            "text_config": {"model_type": "gemma4_text", "num_hidden_layers": 2, "hidden_size_per_layer_input": 0}}
+    c = AssistantConfig.from_dict(json.loads(json.dumps(base)))
+    assert c.model_type == "gemma4_assistant" and c.text.num_kv_shared_layers == 2
+    for key, bad in (("enable_moe_block", True), ("hidden_size_per_layer_input", 16), ("use_double_wide_mlp", True),
+                     ("num_kv_shared_layers", 1)):
+        d = json.loads(json.dumps(base))
+        d["text_config"][key] = bad
+        with pytest.raises(ConfigError, match=key):
+            AssistantConfig.from_dict(d)

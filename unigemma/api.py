@@ -158,7 +158,8 @@ def read_default_image_tokens(path: Path) -> int:
 
 MODEL_FOLDER = ("a checkpoint folder: config.json, tokenizer.json and model.safetensors (or sharded "
                 "model-*.safetensors with model.safetensors.index.json), as published on the Hub")
-DRAFTER_FOLDER = "an MTP drafter checkpoint folder (gemma4_unified_assistant): config.json and model.safetensors"
+DRAFTER_FOLDER = ("an MTP drafter checkpoint folder (gemma4_unified_assistant or gemma4_assistant): config.json and "
+                  "model.safetensors")
 DRAFTER_OFF = ("none", "off")  # the spellings of "no drafter" (also the CLI's --drafter none)
 
 
@@ -179,15 +180,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B; a `gemma4` checkpoint's vision / audio
     encoders are skipped with a warning: text only until the encoders land).
 
-    drafter: an MTP drafter folder (`gemma4_unified_assistant`) → `llm.drafter`, which generation uses for
-    speculative decoding; None: the bundled demo drafter when `path` is None and unigemma/demo/drafter exists, else
-    none; False, "none" or "off" (the CLI's spellings): no drafter. The drafter's generation_config.json
-    (num_assistant_tokens) becomes `llm.drafter.generation_config`, the engine's draft length.
+    drafter: an MTP drafter folder (`gemma4_unified_assistant`, or `gemma4_assistant` for the family) →
+    `llm.drafter`, which generation uses for speculative decoding; None: the bundled demo drafter when `path` is
+    None and unigemma/demo/drafter exists, else none; False, "none" or "off" (the CLI's spellings): no drafter.
+    The drafter's generation_config.json (num_assistant_tokens) becomes `llm.drafter.generation_config`, the
+    engine's draft length.
 
     quantize: None | "int8" | "int4" | `unigemma.quant.QuantConfig` — weight-only quantization of the decoder
-    linears and MoE experts (and, by default, the embedding / LM head table as int8), applied while tensors stream from disk.
-    A checkpoint written by `unigemma quantize` (or a compressed-tensors pack-quantized one) loads quantized
-    without it. kv_dtype: None (the model's dtype) | "bf16" | "fp16" | "fp32" | "fp8" → `llm.kv_dtype`, the
+    linears and MoE experts (and, by default, the embedding / LM head table as int8), applied while tensors stream
+    from disk. A checkpoint written by `unigemma quantize` (or a compressed-tensors pack-quantized one) loads
+    quantized without it. kv_dtype: None (the model's dtype) | "bf16" | "fp16" | "fp32" | "fp8" → `llm.kv_dtype`, the
     storage dtype the engine gives the KV cache.
     """
     from . import quant
@@ -224,7 +226,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     else:
         model, cfg = build_model(path, dtype=dtype, device=dev, progress=progress)
     if isinstance(cfg, AssistantConfig):
-        raise ValueError(f"{path} holds an MTP drafter (gemma4_unified_assistant); pass it as drafter=..., and the "
+        raise ValueError(f"{path} holds an MTP drafter ({cfg.model_type}); pass it as drafter=..., and the "
                          "target model's folder as the path")
     tok = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     draft = None
@@ -232,7 +234,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
         dpath = Path(drafter)
         draft, dcfg = build_model(dpath, dtype=next(model.parameters()).dtype, device=dev)
         if not isinstance(dcfg, AssistantConfig):
-            raise ValueError(f"drafter {drafter} is a {dcfg.model_type} checkpoint, not gemma4_unified_assistant")
+            raise ValueError(f"drafter {drafter} is a {dcfg.model_type} checkpoint, not an MTP drafter "
+                             "(gemma4_unified_assistant, gemma4_assistant)")
         if dcfg.backbone_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"drafter backbone_hidden_size {dcfg.backbone_hidden_size} != target hidden_size "
                              f"{cfg.text.hidden_size}")

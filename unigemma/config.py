@@ -7,6 +7,7 @@ Model types understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1, s
   gemma4                    the family (E2B, E4B, 26B-A4B, 31B): text decoder + vision / audio encoders (the
                             encoders are not implemented yet: their tensors are skipped, text runs)
   gemma4_text               the family's text decoder alone (`Gemma4ForCausalLM` checkpoints)
+  gemma4_assistant          the family's MTP drafters (the same model as gemma4_unified_assistant)
 
 The family's text stack is the same decoder with more switches: per-layer input embeddings
 (`hidden_size_per_layer_input`) and the mixture-of-experts block (`enable_moe_block`).
@@ -372,7 +373,7 @@ class UnifiedConfig:
             return cls(model_type=mt, text=text, tie_word_embeddings=text.tie_word_embeddings, raw=d)
         _check(mt in MODEL_TYPES, where,
                f"model_type {mt!r} is not supported (accepted: {', '.join(repr(t) for t in MODEL_TYPES)}, "
-               "'gemma4_unified_assistant')")
+               "and the drafters 'gemma4_unified_assistant', 'gemma4_assistant')")
         tc = d.get("text_config")
         family = mt == "gemma4"
         text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config", family=family)
@@ -397,9 +398,14 @@ class UnifiedConfig:
         return c
 
 
+ASSISTANT_TYPES = ("gemma4_unified_assistant", "gemma4_assistant")
+
+
 @dataclass
 class AssistantConfig:
-    """`gemma4_unified_assistant`: the MTP drafter. Every decoder layer reuses the target's K/V."""
+    """An MTP drafter: `gemma4_unified_assistant` (for the unified 12B) or `gemma4_assistant` (for the family's
+    E2B / E4B / 26B-A4B / 31B). The same model: every decoder layer reuses the target's K/V; a `gemma4_assistant`
+    text stack is a plain `gemma4_text` one (no per-layer inputs, no experts, no double-wide MLP)."""
 
     text: TextConfig
     backbone_hidden_size: int = 3840
@@ -412,15 +418,27 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config.json") -> "AssistantConfig":
-        _check(d.get("model_type") == "gemma4_unified_assistant", where,
-               f"model_type {d.get('model_type')!r} is not an MTP drafter (accepted: 'gemma4_unified_assistant')")
+        mt = d.get("model_type")
+        _check(mt in ASSISTANT_TYPES, where, f"model_type {mt!r} is not an MTP drafter (accepted: "
+               f"{', '.join(repr(t) for t in ASSISTANT_TYPES)})")
+        family = mt == "gemma4_assistant"
         tc = dict(d.get("text_config") or {})
+        n = tc.get("num_hidden_layers", TextConfig.num_hidden_layers)
+        if family:  # the published drafters state it; the reference refuses anything else
+            for key, plain in (("hidden_size_per_layer_input", 0), ("vocab_size_per_layer_input", 0),
+                               ("enable_moe_block", False), ("use_double_wide_mlp", False)):
+                _check(tc.get(key, plain) in (plain, None), f"{where}: text_config",
+                       f"{key}={tc.get(key)!r}: a gemma4_assistant drafter needs {plain!r}")
+            _check(tc.get("num_kv_shared_layers", n) == n, f"{where}: text_config",
+                   f"num_kv_shared_layers={tc.get('num_kv_shared_layers')!r}: every layer of a drafter reuses the "
+                   f"target's K/V, so it must equal num_hidden_layers ({n})")
+            tc.setdefault("hidden_size_per_layer_input", 0)
         # The drafter has no K/V of its own: every layer is a reuse layer (the reference sets this on build).
         if not tc.get("num_kv_shared_layers"):
-            tc["num_kv_shared_layers"] = tc.get("num_hidden_layers", TextConfig.num_hidden_layers)
-        text = TextConfig.from_dict(tc, f"{where}: text_config")
-        c = cls(text=text, raw=d)
-        c.backbone_hidden_size = _int(d, "backbone_hidden_size", 3840, where, 1)
+            tc["num_kv_shared_layers"] = n
+        text = TextConfig.from_dict(tc, f"{where}: text_config", family=family)
+        c = cls(text=text, model_type=mt, raw=d)
+        c.backbone_hidden_size = _int(d, "backbone_hidden_size", 1536 if family else 3840, where, 1)
         c.use_ordered_embeddings = bool(d.get("use_ordered_embeddings", False))
         c.num_centroids = _int(d, "num_centroids", 2048, where, 1)
         c.centroid_intermediate_top_k = _int(d, "centroid_intermediate_top_k", 32, where, 1)
@@ -455,7 +473,7 @@ def load_config(path: str | Path) -> UnifiedConfig | AssistantConfig:
     f = Path(path)
     d = read_config_json(f)
     where = str(f / "config.json" if f.is_dir() else f)
-    if d.get("model_type") == "gemma4_unified_assistant":
+    if d.get("model_type") in ASSISTANT_TYPES:
         return AssistantConfig.from_dict(d, where)
     return UnifiedConfig.from_dict(d, where)
 

@@ -1,4 +1,5 @@
-"""MTP drafter distillation: train a `gemma4_unified_assistant` against a frozen target, as decoding uses it.
+"""MTP drafter distillation: train a `gemma4_unified_assistant` (or, for a family target, a `gemma4_assistant`)
+against a frozen target, as decoding uses it.
 
 At decode time (spec/mtp-drafting.md §4, engine/speculative.py) the drafter drafts from position p, the position
 of the last accepted token x_p:
@@ -358,8 +359,8 @@ class DrafterTask:
                 me.token_ordering.copy_(torch.arange(me.token_ordering.numel(), device=device))
             self.drafter.to(dtype)
         if not isinstance(self.drafter_config, AssistantConfig):
-            raise ValueError(f"drafter.init {dc.init} is a {self.drafter_config.model_type} model, not "
-                             "gemma4_unified_assistant")
+            raise ValueError(f"drafter.init {dc.init} is a {self.drafter_config.model_type} model, not an MTP "
+                             "drafter (gemma4_unified_assistant, gemma4_assistant)")
         check_geometry(self.target_config, self.drafter_config)
         self.config_dict["dtype"] = "bfloat16" if dtype == torch.bfloat16 else "float32"
         for p in self.drafter.parameters():
