@@ -584,3 +584,70 @@ def test_family_drafter_config_errors(tmp_path):
         d["text_config"][key] = bad
         with pytest.raises(ConfigError, match=key):
             AssistantConfig.from_dict(d)
+
+
+# --- a smaller model of the family as draft model -------------------------------------------------------------------
+
+def _spec_run(llm, drafter, prompts, spec, n=24, k=3, adaptive=False):
+    eng = Engine(llm.model, None, [], drafter, max_slots=3, max_model_len=96, speculative=spec, adaptive=adaptive,
+                 num_draft_tokens=k)
+    ids = [eng.add(Request(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))) for p in prompts]
+    outs = eng.run_until_done()
+    return [outs[i] for i in ids]
+
+
+@pytest.mark.parametrize("target,draft", [("dense", "e"), ("moe", "e"), ("e", "dense")])
+def test_draft_model_greedy_identical_to_plain(family, target, draft):
+    """A smaller family checkpoint sharing the vocabulary drafts through its own cache (a batch of three, past the
+    sliding window, many rejections: random weights): the output is the plain greedy output."""
+    from unigemma.engine.speculative import DraftModelProposer
+
+    _, llm, _ = family[target]
+    _, dm, dpath = family[draft]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        both = unigemma.load(family[target][2], device="cpu", dtype="float32", drafter=dpath)
+    assert both.drafter.config.model_type == dm.config.model_type
+    prompts = [ids_of(9, 51), ids_of(23, 52), ids_of(14, 53)]
+    plain = _spec_run(llm, None, prompts, None)
+    eng = Engine(both.model, None, [], both.drafter, max_slots=3, max_model_len=96)
+    assert isinstance(eng.scheduler.proposer, DraftModelProposer)  # "auto" picks the draft model
+    spec = _spec_run(both, both.drafter, prompts, "draft")
+    for a, b in zip(plain, spec):
+        assert b.token_ids == a.token_ids
+        assert b.usage.drafted_tokens > 0
+
+
+def test_draft_model_oracle_is_always_accepted_and_rolls_back(family):
+    """The target drafting for itself proposes exactly its own greedy tokens: every draft is accepted, so the
+    draft cache followed every step (catch-up, pending token, drafts). A drafter that also sees rejections — the
+    same model quantized to int4 — still gives the plain output, through rollbacks of its cache."""
+    _, llm, path = family["dense"]
+    prompts = [ids_of(9, 61), ids_of(23, 62)]
+    plain = _spec_run(llm, None, prompts, None, n=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = unigemma.load(path, device="cpu", dtype="float32").model
+        q4 = unigemma.load(path, device="cpu", dtype="float32", quantize="int4").model
+    for drafter, exact in ((oracle, True), (q4, False)):
+        spec = _spec_run(llm, drafter, prompts, "draft", n=30, k=4)
+        for a, b in zip(plain, spec):
+            assert b.token_ids == a.token_ids
+            if exact:
+                assert b.usage.accepted_tokens == b.usage.drafted_tokens > 0
+        if not exact:
+            assert any(b.usage.accepted_tokens < b.usage.drafted_tokens for b in spec)
+
+
+def test_draft_model_must_share_the_vocabulary(family, tmp_path):
+    import json
+    import shutil
+
+    _, _, path = family["dense"]
+    other = tmp_path / "other"
+    shutil.copytree(family["e"][2], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = 256
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="vocab_size"):
+        unigemma.load(path, device="cpu", dtype="float32", drafter=other)

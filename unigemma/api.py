@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_model
-from .config import AssistantConfig
+from .config import AssistantConfig, load_config
 
 
 def demo_model_path() -> Path:
@@ -174,14 +174,30 @@ def check_model_folder(path: Path, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {str(path)!r} has no config.json: the {what} is {form}")
 
 
+def _check_draft_model(dpath: Path, dcfg, path: Path, cfg) -> None:
+    """A draft model proposes token ids the target verifies: both must read and write the same vocabulary."""
+    if dcfg.text.vocab_size != cfg.text.vocab_size:
+        raise ValueError(f"drafter {dpath}: vocab_size {dcfg.text.vocab_size} != the target's {cfg.text.vocab_size}; "
+                         "a draft model must share the target's tokenizer")
+    a, b = dpath / "tokenizer.json", path / "tokenizer.json"
+    if a.is_file() and b.is_file():
+        va = json.loads(a.read_text(encoding="utf-8")).get("model", {}).get("vocab")
+        vb = json.loads(b.read_text(encoding="utf-8")).get("model", {}).get("vocab")
+        if va != vb:
+            raise ValueError(f"drafter {dpath}: its tokenizer.json vocabulary differs from the target's ({b}); a "
+                             "draft model must share the target's tokenizer")
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
          drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
     """Load a Gemma 4 checkpoint folder (None: the bundled demo model): `gemma4_unified` / `gemma4_unified_text`,
     or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B; a `gemma4` checkpoint's vision / audio
     encoders are skipped with a warning: text only until the encoders land).
 
-    drafter: an MTP drafter folder (`gemma4_unified_assistant`, or `gemma4_assistant` for the family) →
-    `llm.drafter`, which generation uses for speculative decoding; None: the bundled demo drafter when `path` is
+    drafter: an MTP drafter folder (`gemma4_unified_assistant`, or `gemma4_assistant` for the family), or a smaller
+    checkpoint that shares the target's tokenizer as a draft model (E2B drafting for 31B; stored quantized, or
+    quantized as the target when `quantize` is given) → `llm.drafter`, which generation uses for speculative
+    decoding; None: the bundled demo drafter when `path` is
     None and unigemma/demo/drafter exists, else none; False, "none" or "off" (the CLI's spellings): no drafter.
     The drafter's generation_config.json (num_assistant_tokens) becomes `llm.drafter.generation_config`, the
     engine's draft length.
@@ -232,11 +248,17 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     draft = None
     if drafter is not None and drafter is not False:
         dpath = Path(drafter)
-        draft, dcfg = build_model(dpath, dtype=next(model.parameters()).dtype, device=dev)
-        if not isinstance(dcfg, AssistantConfig):
-            raise ValueError(f"drafter {drafter} is a {dcfg.model_type} checkpoint, not an MTP drafter "
-                             "(gemma4_unified_assistant, gemma4_assistant)")
-        if dcfg.backbone_hidden_size != cfg.text.hidden_size:
+        ddtype = next(model.parameters()).dtype
+        is_model = not isinstance(load_config(dpath), AssistantConfig)
+        if is_model:  # a smaller model of the family as draft model: checked before its weights are read
+            _check_draft_model(dpath, load_config(dpath), path, cfg)
+        if quant.stored_quantization(dpath) is not None:  # a draft model stored quantized
+            draft, dcfg = quant.load_quantized(dpath, dtype=ddtype, device=dev)
+        elif qcfg is not None and is_model:
+            draft, dcfg = quant.build_quantized(dpath, qcfg, dtype=ddtype, device=dev)  # quantized as the target
+        else:
+            draft, dcfg = build_model(dpath, dtype=ddtype, device=dev)
+        if isinstance(dcfg, AssistantConfig) and dcfg.backbone_hidden_size != cfg.text.hidden_size:
             raise ValueError(f"drafter backbone_hidden_size {dcfg.backbone_hidden_size} != target hidden_size "
                              f"{cfg.text.hidden_size}")
         draft.generation_config = _read_generation_config(dpath)

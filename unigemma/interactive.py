@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 
-DRAFTER_HELP = ("MTP drafter checkpoint folder (default: the bundled demo drafter with the bundled model, none "
-                "otherwise); 'none' turns speculative drafting with a drafter off")
+DRAFTER_HELP = ("MTP drafter checkpoint folder, or a smaller checkpoint sharing the tokenizer as draft model (default: "
+                "the bundled demo drafter with the bundled model, none otherwise); 'none' turns speculative "
+                "drafting with a drafter off")
 
 
 def drafter_arg(value: str | None):

@@ -10,8 +10,10 @@
 
 The Engine wires the stages (DESIGN.md §2): ModelRunner (one KV cache, `max_slots` sequences) → Scheduler
 (continuous batching) → Sampler → drafts from a Proposer chosen by `speculative`:
-    "auto"    the MTP drafter when one is given, else prompt lookup; draft length adapted per step
-    "mtp"     the drafter (required)          "lookup"  n-gram prompt lookup          None / "off"  none
+    "auto"    the drafter when one is given (an MTP drafter, or a smaller model of the family as draft model),
+              else prompt lookup; draft length adapted per step
+    "mtp"     the MTP drafter (required)      "draft"   the draft model (required)
+    "lookup"  n-gram prompt lookup            None / "off"  none
     or any object with `name` and `propose(seqs, k)` (tests use scripted proposers).
 
 What this module does not do: chat templates, media preprocessing (inputs/), response parsing (outputs/).
@@ -24,11 +26,12 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from ..config import UnifiedConfig
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import DONE, Request, Scheduler, TokenEvent, Usage
-from .speculative import DraftController, MTPProposer, PromptLookup
+from .speculative import DraftController, DraftModelProposer, MTPProposer, PromptLookup
 
 __all__ = ["Engine", "Request", "TokenEvent", "Usage", "RequestOutput", "GenerationResult", "GenerationChunk",
            "generate"]
@@ -97,18 +100,25 @@ class Engine:
     def _proposer(self, speculative, drafter):
         if speculative in (None, False, "off", "none"):
             return None, 0
+        is_model = isinstance(getattr(drafter, "config", None), UnifiedConfig)  # a smaller target-type model
         if speculative == "auto":
-            speculative = "mtp" if drafter is not None else "lookup"
-        if speculative == "mtp":
+            speculative = ("draft" if is_model else "mtp") if drafter is not None else "lookup"
+        if speculative in ("mtp", "draft"):
             if drafter is None:
-                raise ValueError("speculative='mtp' needs a drafter (a gemma4_unified_assistant model)")
+                raise ValueError(f"speculative={speculative!r} needs a drafter (an MTP drafter, "
+                                 "gemma4_unified_assistant / gemma4_assistant, or a smaller model of the family)")
             ntok = (getattr(drafter, "generation_config", None) or {}).get("num_assistant_tokens", 4)
+            if is_model:  # a draft model: its own cache, slots mirroring the target's
+                return DraftModelProposer(drafter, self.model, self.runner.max_slots, self.runner.max_len), int(ntok)
+            if speculative == "draft":
+                raise ValueError("speculative='draft' needs a draft model (a smaller checkpoint sharing the "
+                                 "tokenizer); the drafter given is an MTP drafter: use 'mtp'")
             return MTPProposer(drafter, self.model, self.runner.cache), int(ntok)
         if speculative == "lookup":
             return PromptLookup(), 6
         if hasattr(speculative, "propose") and hasattr(speculative, "name"):
             return speculative, 4
-        raise ValueError(f"speculative={speculative!r}: expected 'auto', 'mtp', 'lookup', None/'off', or a "
+        raise ValueError(f"speculative={speculative!r}: expected 'auto', 'mtp', 'draft', 'lookup', None/'off', or a "
                          "proposer object with .name and .propose(seqs, k)")
 
     # --- requests ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Speculative decoding: who proposes drafts, how many to draft, and how drafts are judged.
 
-    proposer (PromptLookup | MTPProposer) ──► up to k draft tokens per running sequence
+    proposer (PromptLookup | MTPProposer |   ──► up to k draft tokens per running sequence
+              DraftModelProposer)
     DraftController ─────────────────────────► k for this step (0 = plain decoding), from each sequence's
                                                acceptance estimate and the measured cost of steps
     target verify step (one forward, T = k + 1 tokens per row: the pending token + the drafts)
@@ -170,6 +171,97 @@ class MTPProposer:
             tok = logits[:, -1].argmax(-1, keepdim=True)
             drafts.append(tok)
         return torch.cat(drafts, dim=1).tolist()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A smaller model of the same family as draft model
+# ------------------------------------------------------------------------------------------------------------
+
+class DraftModelProposer:
+    """k argmax drafts per sequence from a smaller checkpoint that shares the target's tokenizer (e.g. E2B drafting
+    for 31B), run with its own KV cache whose slots mirror the target's.
+
+    Per sequence, `spec_state["draft_ids"]` holds the tokens whose K/V the draft cache has for that slot (positions
+    0…n−1). Each round: keep the longest prefix of them that the sequence still agrees with (accepted drafts stay,
+    rejected ones are rolled back by `truncate`), prefill the rest of the sequence but its pending token, then k
+    batched one-token steps: the pending token, then each draft in turn. A new sequence in a reused slot starts
+    from an empty state, so nothing leaks between requests.
+    """
+
+    name = "draft"
+
+    def __init__(self, draft_model, target, max_slots: int, max_model_len: int, max_draft: int = 16):
+        from .runner import ModelRunner
+
+        dv, tv = draft_model.config.text.vocab_size, target.config.text.vocab_size
+        if dv != tv:
+            raise ValueError(f"draft model vocab_size {dv} != target vocab_size {tv}: a draft model must share the "
+                             "target's tokenizer")
+        self.runner = ModelRunner(draft_model, max_slots, max_model_len + max_draft + 1, spare=max_draft + 8)
+        self.max_draft = max_draft
+        self.owner: list[object | None] = [None] * max_slots  # whose K/V each draft slot holds
+
+    def _follow_moves(self, seqs: Sequence[SpecSequence]) -> None:
+        """The scheduler keeps running rows compacted, moving a sequence into a freed slot; move its draft K/V
+        the same way when its old draft slot still holds them (all sources are read before any destination is
+        written: a chain of moves may reuse a slot). Otherwise the sequence starts afresh in its new slot."""
+        moves = [s for s in seqs if s.spec_state.get("draft_slot", s.slot) != s.slot]
+        c = self.runner.cache
+        saved = []
+        for s in moves:
+            a, key = s.spec_state["draft_slot"], s.spec_state["draft_key"]
+            if self.owner[a] is key:
+                saved.append(([(lk.k[a].clone(), lk.v[a].clone()) if lk is not None else None for lk in c.layers],
+                              c.ring_pos[a].clone(), s.slot, key))
+            else:
+                s.spec_state["draft_ids"] = []
+        for kv, ring, b, key in saved:
+            for lk, pair in zip(c.layers, kv):
+                if lk is not None:
+                    lk.k[b].copy_(pair[0])
+                    lk.v[b].copy_(pair[1])
+            c.ring_pos[b].copy_(ring)
+            self.owner[b] = key
+
+    @torch.inference_mode()
+    def propose(self, seqs: Sequence[SpecSequence], k: int) -> list[list[int]]:
+        k = min(k, self.max_draft)
+        if k <= 0 or not seqs:
+            return [[] for _ in seqs]
+        r = self.runner
+        self._follow_moves(seqs)
+        for s in seqs:  # catch each slot's cache up to the sequence (all but its pending token)
+            key = s.spec_state.setdefault("draft_key", object())
+            s.spec_state["draft_slot"] = s.slot
+            have = s.spec_state.get("draft_ids", []) if self.owner[s.slot] is key else []
+            self.owner[s.slot] = key
+            n = 0
+            for a, b in zip(have, s.tokens[:-1]):
+                if a != b:
+                    break
+                n += 1
+            r.cache.truncate(s.slot, n)
+            if n < len(s.tokens) - 1:
+                r.prefill_chunk(s.slot, s.tokens, n, len(s.tokens) - 1, need_logits=False)
+            s.spec_state["draft_ids"] = list(s.tokens[:-1])
+        rows = max(s.slot for s in seqs) + 1
+        tok = torch.zeros(rows, 1, dtype=torch.long, device=r.device)
+        pos = torch.full((rows, 1), -1, dtype=torch.long, device=r.device)  # rows not drafting: padding
+        slots = torch.tensor([s.slot for s in seqs], device=r.device)
+        tok[slots, 0] = torch.tensor([s.tokens[-1] for s in seqs], device=r.device)
+        pos[slots, 0] = torch.tensor([len(s.tokens) - 1 for s in seqs], device=r.device)
+        top = max(len(s.tokens) for s in seqs)
+        drafts = []
+        for i in range(k):
+            logits, _ = r.decode(tok, pos, kv_len=top + i)
+            nxt = logits[:, -1].argmax(-1)
+            drafts.append(nxt[slots])
+            tok = nxt[:, None]
+            pos = torch.where(pos >= 0, pos + 1, pos)
+        out = torch.stack(drafts, dim=1).tolist()
+        for s, d in zip(seqs, out):  # the cache now also holds the pending token and the first k − 1 drafts
+            s.spec_state["draft_ids"] = s.tokens + d[:-1]
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------------
