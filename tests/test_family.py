@@ -651,3 +651,23 @@ def test_draft_model_must_share_the_vocabulary(family, tmp_path):
     (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="vocab_size"):
         unigemma.load(path, device="cpu", dtype="float32", drafter=other)
+
+
+def test_a_shipped_assistant_is_used_automatically(family, tmp_path):
+    """A checkpoint folder that ships its MTP drafter in `assistant/` gets it without asking (as the bundled model
+    does); `drafter="none"` turns it off; the adaptive controller (the default) keeps the output plain greedy."""
+    import shutil
+
+    from refmodels import make_family_drafter
+    from unigemma.model.assistant import Gemma4Assistant
+
+    target = tmp_path / "dense"
+    shutil.copytree(family["dense"][2], target)
+    make_family_drafter("dense", target / "assistant", seed=44)
+    llm = unigemma.load(target, device="cpu", dtype="float32")
+    assert isinstance(llm.drafter, Gemma4Assistant)
+    assert unigemma.load(target, device="cpu", dtype="float32", drafter="none").drafter is None
+    prompts = [ids_of(9, 71), ids_of(23, 72)]
+    plain = _spec_run(family["dense"][1], None, prompts, None)
+    spec = _spec_run(llm, llm.drafter, prompts, "auto", adaptive=True)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]

@@ -188,6 +188,24 @@ def _check_draft_model(dpath: Path, dcfg, path: Path, cfg) -> None:
                              "draft model must share the target's tokenizer")
 
 
+SHIPPED_DRAFTER_DIRS = ("assistant", "drafter")  # a checkpoint folder that ships its MTP drafter beside it
+
+
+def shipped_drafter(path: Path) -> Path | None:
+    """The MTP drafter a checkpoint folder ships in a subfolder (`assistant/` or `drafter/`), else None."""
+    from .config import ASSISTANT_TYPES, read_config_json
+
+    for name in SHIPPED_DRAFTER_DIRS:
+        cfg = path / name / "config.json"
+        if cfg.is_file():
+            try:
+                if read_config_json(cfg).get("model_type") in ASSISTANT_TYPES:
+                    return path / name
+            except ValueError:
+                return None
+    return None
+
+
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
          drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
     """Load a Gemma 4 checkpoint folder (None: the bundled demo model): `gemma4_unified` / `gemma4_unified_text`,
@@ -198,7 +216,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     checkpoint that shares the target's tokenizer as a draft model (E2B drafting for 31B; stored quantized, or
     quantized as the target when `quantize` is given) → `llm.drafter`, which generation uses for speculative
     decoding; None: the bundled demo drafter when `path` is
-    None and unigemma/demo/drafter exists, else none; False, "none" or "off" (the CLI's spellings): no drafter.
+    None and unigemma/demo/drafter exists, the MTP drafter the folder ships in `assistant/` or `drafter/`, else
+    none; False, "none" or "off" (the CLI's spellings): no drafter.
     The drafter's generation_config.json (num_assistant_tokens) becomes `llm.drafter.generation_config`, the
     engine's draft length.
 
@@ -226,6 +245,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
                 "of a gemma4_unified checkpoint (config.json, safetensors, tokenizer.json)")
     path = Path(path)
     check_model_folder(path)
+    if drafter is None:
+        drafter = shipped_drafter(path)
     if drafter is not None and drafter is not False:
         check_model_folder(Path(drafter), "drafter")
     qcfg = quant.QuantConfig.parse(quantize)
