@@ -755,9 +755,9 @@ class Service:
                         lps.append(self._lp_entry(out.token_id, out.logprob, out.top))
                 events += parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
                 reason = out.finish_reason
-            events += parser.finish()
+            events += parser.finish(cut_off=reason == "length")
             parsed = collect(events, parser.stopped_by)
-            finish = "tool_calls" if parsed.tool_calls else ("length" if reason == "length" else "stop")
+            finish = finish_reason(reason, bool(parsed.tool_calls))
             msg: dict[str, Any] = {"role": "assistant", "content": parsed.content if not parsed.tool_calls
                                    else (parsed.content or None)}
             if parsed.reasoning:
@@ -816,8 +816,8 @@ class Service:
                         counts[i] += 1
                     events = parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
                     if out.finished:
-                        events += parser.finish()
                         reason = out.finish_reason
+                        events += parser.finish(cut_off=reason == "length")
                     lps = None
                     if req.logprobs and out.logprob is not None and not (out.finished and
                                                                          isinstance(out.stop_reason, int)):
@@ -831,7 +831,8 @@ class Service:
                         elif isinstance(ev, ParseWarning):
                             warnings.append(ev)
                         elif isinstance(ev, ToolCallEnd):
-                            called = called or ev.arguments is not None   # a call dropped after its start
+                            # a call dropped after its start is not a call; one cut off by the budget is
+                            called = called or ev.arguments is not None or ev.cut_off
                         elif isinstance(ev, ToolCallStart):
                             deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
                                                            "function": {"name": ev.name, "arguments": ""}}]})
@@ -842,8 +843,7 @@ class Service:
                         deltas.append({})
                     for k, d in enumerate(deltas):
                         await queue.put(chunk(i, d, logprobs=lps if k == 0 else None))
-                finish = "tool_calls" if called else ("length" if reason == "length" else "stop")
-                last = chunk(i, {}, finish)
+                last = chunk(i, {}, finish_reason(reason, called))
                 if warnings:   # on the last chunk: by then every call is read or dropped
                     last["choices"][0]["warnings"] = self._warnings(warnings, cid, i)
                 await queue.put(last)
@@ -1001,6 +1001,15 @@ class Service:
                 t.cancel()
             for _, h in handles:
                 h.cancel()
+
+
+def finish_reason(engine_reason: str | None, has_calls: bool) -> str:
+    """The one rule, streamed or not: "length" whenever the token budget ended the output (even inside or just
+    after a tool call: the call the client got is then cut off, its arguments possibly incomplete JSON, exactly as
+    far as it was streamed), else "tool_calls" when a call was read, else "stop"."""
+    if engine_reason == "length":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
 
 
 # What the OpenAI API reports for a token the sampler could not pick (masked by a grammar or logit_bias): JSON
