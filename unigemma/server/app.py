@@ -294,6 +294,7 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
 
         t0 = time.perf_counter()
         handed_off = False  # once the SSE generator exists, it releases the admission when it ends
+        extra_headers = ignored_header(req)
         try:
             prep = await run_in_threadpool(prepare)
             if req.stream:
@@ -316,10 +317,11 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                     yield b"data: [DONE]\n\n"
 
                 return StreamingResponse(sse(), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                  **extra_headers})
             result = await _until_disconnect(request, whole(prep))
             metrics.latency.observe(time.perf_counter() - t0)
-            return JSONResponse(result)
+            return JSONResponse(result, headers=extra_headers)
         finally:
             if not handed_off:
                 release()
@@ -329,6 +331,19 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     from .transcription import install_transcriptions  # /v1/audio/transcriptions (multipart, Whisper's shape)
     install_transcriptions(app)
     return app
+
+
+IGNORED_HEADER = "x-unigemma-ignored-fields"
+
+
+def ignored_header(req) -> dict[str, str]:
+    """The request policy's report: fields the request set that a local model ignores, as a response header
+    (and a log line), so a client can see they had no effect."""
+    names = req.ignored_fields() if hasattr(req, "ignored_fields") else []
+    if not names:
+        return {}
+    log.info("request fields ignored (no effect on a local model): %s", ", ".join(names))
+    return {IGNORED_HEADER: ", ".join(names)}
 
 
 async def _until_disconnect(request: Request, coro) -> Any:

@@ -561,7 +561,8 @@ class Service:
         elif req.max_soft_tokens is not None:
             budget = check_budget(req.max_soft_tokens)
         else:
-            budget = budget_for_detail(part.image_url.detail, getattr(self.llm, "default_image_tokens", 280))
+            detail = "high" if part.image_url.detail == "original" else part.image_url.detail  # the largest budget
+            budget = budget_for_detail(detail, getattr(self.llm, "default_image_tokens", 280))
         feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where)
         from unigemma.inputs.image import check_positions
         check_positions(feats, self.llm.config.vision.mm_posemb_size, where)
@@ -777,8 +778,12 @@ class Service:
                 h.cancel()
         completion = sum(n for _, n in results)
         usage = self._usage(len(prep.prompt_ids), completion, handles[0].cached_tokens)
+        choices = [c for c, _ in results]
+        if req.legacy_functions:
+            for c in choices:
+                _legacy_function_call(c, "message")
         return {"id": cid, "object": "chat.completion", "created": _now(),
-                "model": self.settings.model_name, "choices": [c for c, _ in results], "usage": usage,
+                "model": self.settings.model_name, "choices": choices, "usage": usage,
                 "system_fingerprint": None}
 
     def _usage(self, prompt: int, completion: int, cached: int) -> dict:
@@ -789,7 +794,8 @@ class Service:
     def chat_stream(self, req: ChatCompletionRequest, prep: Prepared) -> AsyncIterator[dict]:
         """chat.completion.chunk dicts; choices of n > 1 interleave as their tokens arrive. The engine requests
         are made here, before the response starts, so that refusals still get their own status code."""
-        return self._chat_stream(req, prep, self.chat_handles(req, prep))
+        chunks = self._chat_stream(req, prep, self.chat_handles(req, prep))
+        return _legacy_stream(chunks) if req.legacy_functions else chunks
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
                            handles: list[RequestHandle]) -> AsyncIterator[dict]:
@@ -1001,6 +1007,28 @@ class Service:
                 t.cancel()
             for _, h in handles:
                 h.cancel()
+
+
+def _legacy_function_call(choice: dict, key: str) -> None:
+    """A choice (key "message") or chunk choice (key "delta") in the legacy `functions` shape: its one tool call
+    as `function_call`, finish_reason "function_call"."""
+    body = choice[key]
+    calls = body.pop("tool_calls", None)
+    if calls:
+        fn = calls[0]["function"]
+        body["function_call"] = {k: v for k, v in fn.items() if k in ("name", "arguments")}
+    if choice.get("finish_reason") == "tool_calls":
+        choice["finish_reason"] = "function_call"
+
+
+async def _legacy_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    try:
+        async for chunk in chunks:
+            for c in chunk.get("choices", []):
+                _legacy_function_call(c, "delta")
+            yield chunk
+    finally:
+        await chunks.aclose()
 
 
 def finish_reason(engine_reason: str | None, has_calls: bool) -> str:

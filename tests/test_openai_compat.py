@@ -1,0 +1,222 @@
+"""Issue 24: what today's OpenAI clients send and expect, against a live server on a tiny random model.
+
+The request policy (every documented chat-completions field parses; explicit nulls are defaults; fields a local
+model ignores are named in `x-unigemma-ignored-fields`; refusals only where ignoring would mislead), one
+finish-reason rule for tool calls cut off by the token budget (streamed == whole), the Responses API, the
+embeddings endpoint, model aliases, CORS and the `api-key` header. Clients: the official `openai` SDK, and raw
+httpx where a header or an exact body is the point.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_server import TIME, USER, WEATHER, LiveServer, png_data_uri, tiny_llm, tiny_model_dir, wav_base64  # noqa: E402,F401
+
+MODEL = "tiny"
+FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llm):  # noqa: F811
+    from unigemma.server import ServerSettings
+
+    settings = ServerSettings(model_name=MODEL, max_model_len=2048, max_concurrency=4)
+    with LiveServer(tiny_llm, settings) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def chat_body(**kw) -> dict:
+    return {"model": MODEL, "messages": USER, "max_tokens": 3, "temperature": 0, **kw}
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# --- finish reasons: a tool call cut off by the budget ------------------------------------------------------------
+
+def _streamed_call(client, **kw):
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": None, "name": None, "args": ""})
+                entry["id"] = tc.id or entry["id"]
+                if tc.function and tc.function.name:
+                    entry["name"] = tc.function.name
+                entry["args"] += (tc.function.arguments or "") if tc.function else ""
+    return finish, calls
+
+
+@pytest.mark.parametrize("max_tokens", [10, 20])
+def test_tool_call_cut_by_the_budget_is_length_and_the_same_streamed_or_not(client, max_tokens):
+    # forced call, seed 5: the call's arguments are still open after 10 and after 20 tokens (at 20 the old code
+    # repaired the cut call and said "tool_calls"; at 10 it dropped it whole but streamed its start)
+    kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=max_tokens,
+              temperature=0.8, seed=5)
+    whole = client.chat.completions.create(**kw).choices[0]
+    finish, calls = _streamed_call(client, **kw)
+    assert whole.finish_reason == "length" and finish == "length"
+    assert len(whole.message.tool_calls) == 1 and list(calls) == [0]
+    got = whole.message.tool_calls[0].function
+    assert got.name == calls[0]["name"] == "get_weather"
+    assert got.arguments == calls[0]["args"]          # exactly what the stream sent, no repair
+    assert got.arguments.startswith('{"city": ')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(got.arguments)                     # cut off: incomplete JSON, as OpenAI sends it
+
+
+def test_complete_tool_call_still_finishes_with_tool_calls(client):
+    kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=40,
+              temperature=0.8, seed=5)
+    assert client.chat.completions.create(**kw).choices[0].finish_reason == "tool_calls"
+    finish, calls = _streamed_call(client, **kw)
+    assert finish == "tool_calls" and json.loads(calls[0]["args"])["city"]
+
+
+# --- request policy -----------------------------------------------------------------------------------------------
+
+def test_explicit_nulls_mean_default(client, http):
+    r = http.post("/v1/chat/completions", json=chat_body(logprobs=None, n=None, stream=None, parallel_tool_calls=None,
+                                                         top_logprobs=None, stop=None, stream_options=None,
+                                                         tool_choice=None, tools=None, user=None))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["choices"][0]["logprobs"] is None
+    assert "x-unigemma-ignored-fields" not in r.headers  # a null is not a value: nothing was ignored
+    # the SDK passes None through when asked to
+    c = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, n=None, logprobs=None,
+                                       parallel_tool_calls=None)
+    assert len(c.choices) == 1
+
+
+def test_documented_fields_parse_and_the_ignored_ones_are_named(client, http):
+    fields = dict(modalities=["text"], prediction={"type": "content", "content": "hello"}, verbosity="low",
+                  prompt_cache_key="k1", safety_identifier="u-1", web_search_options={}, store=False,
+                  metadata={"a": "b"}, service_tier="auto", user="me", prompt_cache_retention="24h")
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=USER, max_tokens=3, **fields)
+    assert raw.parse().choices[0].message.role == "assistant"
+    ignored = {x.strip() for x in raw.headers["x-unigemma-ignored-fields"].split(",")}
+    assert ignored == set(fields) - {"modalities"}
+    # streamed, with stream_options.include_obfuscation: the header comes with the stream
+    with http.stream("POST", "/v1/chat/completions",
+                     json=chat_body(stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+                                    verbosity="high")) as r:
+        assert r.status_code == 200
+        assert r.headers["x-unigemma-ignored-fields"] == "verbosity, stream_options.include_obfuscation"
+        assert any('"usage"' in line for line in r.iter_lines())
+
+
+def test_reasoning_effort_xhigh_turns_thinking_on(http):
+    r = http.post("/v1/chat/completions", json=chat_body(reasoning_effort="xhigh"))
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("field,value,param_word", [
+    ("modalities", ["text", "audio"], "audio output is not supported"),
+    ("tools", [{"type": "custom", "custom": {"name": "grep"}}], "custom (free-form input) tools are not supported"),
+])
+def test_misleading_fields_are_refused_clearly(http, field, value, param_word):
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(**{field: value})), 422 if field == "tools"
+                   else 400)
+    assert param_word in err["message"]
+    assert "Unrecognized" not in err["message"]
+
+
+def test_audio_output_request_is_refused_even_with_audio_options(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, modalities=["text", "audio"],
+                                       audio={"voice": "alloy", "format": "wav"})
+    assert "audio output is not supported" in e.value.body["message"]
+
+
+def test_legacy_functions_are_honoured_and_answered_in_kind(client, http):
+    fn = WEATHER["function"]
+    r = http.post("/v1/chat/completions", json=chat_body(functions=[fn], function_call={"name": "get_weather"},
+                                                         max_tokens=40, temperature=0.8, seed=5))
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"]["name"] == "get_weather"
+    assert "tool_calls" not in choice["message"]
+    args = json.loads(choice["message"]["function_call"]["arguments"])
+    # the result comes back as a role "function" message, and an assistant message with function_call
+    follow = [*USER, {"role": "assistant", "content": None, "function_call": {"name": "get_weather",
+                                                                             "arguments": json.dumps(args)}},
+              {"role": "function", "name": "get_weather", "content": '{"temp_c": 21}'}]
+    r2 = http.post("/v1/chat/completions", json=chat_body(messages=follow, functions=[fn], function_call="none"))
+    assert r2.status_code == 200, r2.text
+    # streamed: function_call deltas, finish_reason function_call
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(
+            functions=[fn], function_call={"name": "get_weather"}, max_tokens=40, temperature=0.8, seed=5,
+            stream=True)) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    deltas = [c for e in events for c in e["choices"]]
+    assert not any("tool_calls" in c["delta"] for c in deltas)
+    assert "".join(c["delta"].get("function_call", {}).get("arguments", "") for c in deltas) == json.dumps(args)
+    assert deltas[-1]["finish_reason"] == "function_call"
+
+
+def test_allowed_tools_choice_narrows_the_tools(http):
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}
+    r = http.post("/v1/chat/completions", json=chat_body(tools=[WEATHER, TIME], tool_choice=choice, max_tokens=60,
+                                                         temperature=0.8, seed=2))
+    assert r.status_code == 200, r.text
+    calls = r.json()["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["name"] for c in calls] == ["get_time"]
+    bad = dict(choice, allowed_tools={"mode": "auto", "tools": [{"type": "function", "function": {"name": "nope"}}]})
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(tools=[WEATHER], tool_choice=bad)), 400)
+    assert "'nope'" in err["message"] and "get_weather" in err["message"]
+
+
+def test_echoed_refusal_parts_file_parts_and_detail_original(http):
+    png = png_data_uri(16, 16)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": png, "detail": "original"}},
+                                     {"type": "file", "file": {"file_data": png, "filename": "a.png"}},
+                                     {"type": "file", "file": {"file_data": "data:audio/wav;base64," + wav_base64(0.5),
+                                                               "filename": "a.wav"}}]},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+        {"role": "user", "content": "ok"}]
+    r = http.post("/v1/chat/completions", json=chat_body(messages=messages))
+    assert r.status_code == 200, r.text
+    only_text = http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "look"}]))
+    # two images (image_url + file) and an audio clip are in the prompt
+    assert r.json()["usage"]["prompt_tokens"] > only_text.json()["usage"]["prompt_tokens"] + 100
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_id": "file-abc"}}]}])), 422)
+    assert "Files API" in err["message"] and err["param"].startswith("messages[0]")
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0="}}]}])), 422)
+    assert "application/pdf" in err["message"]
+
+
+def test_unknown_fields_are_still_refused(http):
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(temprature=0.5)), 400)
+    assert err["param"] == "temprature" and err["code"] == "unrecognized_argument"
