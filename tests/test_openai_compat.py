@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+jsonschema = pytest.importorskip("jsonschema")
 httpx = pytest.importorskip("httpx")
 
 from test_server import TIME, USER, WEATHER, LiveServer, png_data_uri, tiny_llm, tiny_model_dir, wav_base64  # noqa: E402,F401
@@ -76,7 +77,7 @@ def test_tool_call_cut_by_the_budget_is_length_and_the_same_streamed_or_not(clie
     # forced call, seed 5: the call's arguments are still open after 10 and after 20 tokens (at 20 the old code
     # repaired the cut call and said "tool_calls"; at 10 it dropped it whole but streamed its start)
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=max_tokens,
-              temperature=0.8, seed=5)
+              temperature=0.8, extra_body={"seed": 5})
     whole = client.chat.completions.create(**kw).choices[0]
     finish, calls = _streamed_call(client, **kw)
     assert whole.finish_reason == "length" and finish == "length"
@@ -91,7 +92,7 @@ def test_tool_call_cut_by_the_budget_is_length_and_the_same_streamed_or_not(clie
 
 def test_complete_tool_call_still_finishes_with_tool_calls(client):
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=40,
-              temperature=0.8, seed=5)
+              temperature=0.8, extra_body={"seed": 5})
     assert client.chat.completions.create(**kw).choices[0].finish_reason == "tool_calls"
     finish, calls = _streamed_call(client, **kw)
     assert finish == "tool_calls" and json.loads(calls[0]["args"])["city"]
@@ -156,7 +157,7 @@ def test_audio_output_request_is_refused_even_with_audio_options(client):
 def test_legacy_functions_are_honoured_and_answered_in_kind(client, http):
     fn = WEATHER["function"]
     r = http.post("/v1/chat/completions", json=chat_body(functions=[fn], function_call={"name": "get_weather"},
-                                                         max_tokens=40, temperature=0.8, seed=5))
+                                                         max_tokens=40, temperature=0.8, extra_body={"seed": 5}))
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "function_call"
@@ -220,3 +221,133 @@ def test_echoed_refusal_parts_file_parts_and_detail_original(http):
 def test_unknown_fields_are_still_refused(http):
     err = error_of(http.post("/v1/chat/completions", json=chat_body(temprature=0.5)), 400)
     assert err["param"] == "temprature" and err["code"] == "unrecognized_argument"
+
+
+# --- the Responses API --------------------------------------------------------------------------------------------
+
+RESP_WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather",
+                "parameters": WEATHER["function"]["parameters"]}
+
+
+def _collect_stream(stream) -> tuple[list, object]:
+    events = list(stream)
+    return events, events[-1].response
+
+
+def test_responses_create_string_input_and_usage(client):
+    r = client.responses.create(model=MODEL, input="What is the weather in Oslo?", instructions="Be brief.",
+                                max_output_tokens=8, temperature=0)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
+    msgs = [o for o in r.output if o.type == "message"]
+    assert len(msgs) == 1 and msgs[0].role == "assistant" and msgs[0].content[0].type == "output_text"
+    assert r.output_text == msgs[0].content[0].text
+    assert r.usage.output_tokens >= 1
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    if r.status == "incomplete":
+        assert r.incomplete_details.reason == "max_output_tokens" and r.usage.output_tokens == 8
+    else:
+        assert r.status == "completed"
+
+
+def test_responses_stream_matches_whole_and_follows_the_event_sequence(client):
+    kw = dict(model=MODEL, input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}],
+              max_output_tokens=12, temperature=1.0, extra_body={"seed": 3})   # seed 3: text, no stop
+    whole = client.responses.create(**kw)
+    events, final = _collect_stream(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == ("response.incomplete" if whole.status == "incomplete" else "response.completed")
+    assert kinds[2:6] == ["response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                          kinds[5]]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert whole.status == "incomplete" and whole.usage.output_tokens == 12
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == final.output_text
+    assert [e.text for e in events if e.type == "response.output_text.done"] == [text]
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_responses_forced_tool_call_then_output_continues_with_previous_response_id(client):
+    r = client.responses.create(model=MODEL, input="What is the weather in Oslo?", tools=[RESP_WEATHER],
+                                tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40,
+                                temperature=0.8, extra_body={"seed": 5})
+    assert r.status == "completed"
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), RESP_WEATHER["parameters"])
+    # streamed: the same call through function_call_arguments events
+    events, final = _collect_stream(client.responses.create(
+        model=MODEL, input="What is the weather in Oslo?", tools=[RESP_WEATHER], stream=True,
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40, temperature=0.8, extra_body={"seed": 5}))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert args == done[0].arguments == calls[0].arguments == final.output[-1].arguments
+    # the result goes back as function_call_output; the stored conversation supplies the call
+    r2 = client.responses.create(model=MODEL, previous_response_id=r.id, tools=[RESP_WEATHER], max_output_tokens=6,
+                                 temperature=0, input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                                        "output": '{"temp_c": 21}'}])
+    assert r2.previous_response_id == r.id and r2.status in ("completed", "incomplete")
+    # the stored history made the prompt longer than the bare tool output would be
+    bare = client.responses.create(model=MODEL, input="x", max_output_tokens=1)
+    assert r2.usage.input_tokens > bare.usage.input_tokens + r.usage.input_tokens - 5
+
+
+def test_responses_function_call_items_in_input_without_state(client):
+    items = [{"role": "user", "content": "What is the weather in Oslo?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    r = client.responses.create(model=MODEL, input=items, tools=[RESP_WEATHER], max_output_tokens=4, store=False)
+    assert r.status in ("completed", "incomplete")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)               # store: false keeps nothing
+
+
+def test_responses_retrieve_delete_and_unknown_previous(client):
+    r = client.responses.create(model=MODEL, input="hi", max_output_tokens=3, temperature=0)
+    got = client.responses.retrieve(r.id)
+    assert got.id == r.id and got.output_text == r.output_text and got.status == r.status
+    deleted = client.responses.delete(r.id)
+    assert deleted is None or getattr(deleted, "deleted", True)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id=r.id)
+    assert e.value.body["param"] == "previous_response_id"
+
+
+def test_responses_truncated_call_is_incomplete_streamed_and_not(client):
+    kw = dict(model=MODEL, input="What is the weather in Oslo?", tools=[RESP_WEATHER], max_output_tokens=20,
+              tool_choice={"type": "function", "name": "get_weather"}, temperature=0.8, extra_body={"seed": 5})
+    r = client.responses.create(**kw)
+    _, final = _collect_stream(client.responses.create(stream=True, **kw))
+    for resp in (r, final):
+        assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+        assert resp.output[-1].type == "function_call" and resp.output[-1].status == "incomplete"
+    assert r.output[-1].arguments == final.output[-1].arguments
+
+
+def test_responses_json_schema_and_media_input(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    r = client.responses.create(model=MODEL, input="Answer in JSON", max_output_tokens=40, temperature=0, text={
+        "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+    media = client.responses.create(model=MODEL, max_output_tokens=2, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": png_data_uri(16, 16), "detail": "low"},
+        {"type": "input_audio", "input_audio": {"data": wav_base64(0.5), "format": "wav"}}]}])
+    plain = client.responses.create(model=MODEL, max_output_tokens=2, input="what is this?")
+    assert media.usage.input_tokens > plain.usage.input_tokens + 70
+
+
+def test_responses_refusals_are_openai_errors(http):
+    for body, param_word in [({"tools": [{"type": "web_search"}]}, "OpenAI's servers run"),
+                             ({"background": True}, "background"),
+                             ({"input": [{"type": "item_reference", "id": "x"}]}, "item_reference"),
+                             ({"max_output_tokens": 0}, "max_output_tokens"),
+                             ({"bogus": 1}, "bogus")]:
+        r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
+        assert r.status_code in (400, 422), r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and param_word in err["message"], err

@@ -11,7 +11,8 @@ streams are cancelled by the server when the socket closes; non-streaming reques
 disconnect while they wait.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
-GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py).
+GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py);
+POST /v1/responses, GET / DELETE /v1/responses/{id} (responses.py).
 
 What this module does not do: request → engine translation (server/service.py), schemas (server/protocol.py),
 starting uvicorn (server/run.py).
@@ -165,7 +166,7 @@ class _Guard:
 
 
 _KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                 "/v1/audio/transcriptions"}
+                 "/v1/audio/transcriptions", "/v1/responses", "/v1/embeddings"}
 
 
 # --- the app ---------------------------------------------------------------------------------------------------
@@ -281,7 +282,17 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                           lambda prep: service.completion_stream(req, prep),
                           lambda prep: service.completion(req, prep))
 
-    async def _run(request: Request, req, prepare, stream, whole):
+    def _chat_frame(chunk: dict) -> bytes:
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    def _chat_error(e: APIError) -> bytes:  # the status line is already sent: report in-band, as OpenAI does
+        return b"data: " + json.dumps(error_body(e.message, e.type, e.param, e.code)).encode() + b"\n\n"
+
+    async def _run(request: Request, req, prepare, stream, whole, frame=_chat_frame, error_frame=_chat_error,
+                   done: bytes = b"data: [DONE]\n\n", ignored: list[str] | None = None):
+        """Admission, preparation in a thread, then the whole response as JSON or the chunks as SSE (each chunk
+        through `frame`; an error after the status line through `error_frame`; `done` last). Responses API
+        streams pass their own framing (named events, no [DONE])."""
         n = count_sequences(req)
         service.admit(n)
         released = False
@@ -294,7 +305,7 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
 
         t0 = time.perf_counter()
         handed_off = False  # once the SSE generator exists, it releases the admission when it ends
-        extra_headers = ignored_header(req)
+        extra_headers = ignored_header(req, ignored)
         try:
             prep = await run_in_threadpool(prepare)
             if req.stream:
@@ -304,17 +315,17 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                 async def sse() -> AsyncIterator[bytes]:
                     try:
                         async for chunk in chunks:
-                            # ASCII-escaped: no raw U+2028 / U+0085 in an event, which line splitters that follow
-                            # str.splitlines (many SSE clients) would cut in the middle of the JSON
-                            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-                    except APIError as e:  # the status line is already sent: report in-band, as OpenAI does
-                        yield b"data: " + json.dumps(error_body(e.message, e.type, e.param, e.code)).encode() \
-                            + b"\n\n"
+                            # json.dumps ASCII-escapes: no raw U+2028 / U+0085 in an event, which line splitters
+                            # that follow str.splitlines (many SSE clients) would cut in the middle of the JSON
+                            yield frame(chunk)
+                    except APIError as e:
+                        yield error_frame(e)
                     finally:
                         await chunks.aclose()
                         metrics.latency.observe(time.perf_counter() - t0)
                         release()
-                    yield b"data: [DONE]\n\n"
+                    if done:
+                        yield done
 
                 return StreamingResponse(sse(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
@@ -326,20 +337,25 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
             if not handed_off:
                 release()
 
+    app.state.run = _run            # for the routes other modules install (responses.py)
+    app.state.read_json = read_json
     from .realtime_ws import install_realtime  # /v1/realtime (streaming-input sessions) and the web page at /
     install_realtime(app)
     from .transcription import install_transcriptions  # /v1/audio/transcriptions (multipart, Whisper's shape)
     install_transcriptions(app)
+    from .responses import install_responses  # /v1/responses (create, retrieve, delete)
+    install_responses(app)
     return app
 
 
 IGNORED_HEADER = "x-unigemma-ignored-fields"
 
 
-def ignored_header(req) -> dict[str, str]:
+def ignored_header(req, names: list[str] | None = None) -> dict[str, str]:
     """The request policy's report: fields the request set that a local model ignores, as a response header
     (and a log line), so a client can see they had no effect."""
-    names = req.ignored_fields() if hasattr(req, "ignored_fields") else []
+    if names is None:
+        names = req.ignored_fields() if hasattr(req, "ignored_fields") else []
     if not names:
         return {}
     log.info("request fields ignored (no effect on a local model): %s", ", ".join(names))
