@@ -351,3 +351,59 @@ def test_responses_refusals_are_openai_errors(http):
         assert r.status_code in (400, 422), r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and param_word in err["message"], err
+
+
+# --- embeddings ---------------------------------------------------------------------------------------------------
+
+def test_embeddings_float_and_base64_agree_and_are_unit_length(client, tiny_llm):  # noqa: F811
+    import numpy as np
+
+    texts = ["the weather in Oslo", "a red circle", "x"]
+    f = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    b = client.embeddings.create(model=MODEL, input=texts)          # the SDK asks for base64 and decodes it
+    hidden = tiny_llm.config.text.hidden_size
+    assert [d.index for d in f.data] == [0, 1, 2] and all(len(d.embedding) == hidden for d in f.data)
+    vf, vb = np.array([d.embedding for d in f.data]), np.array([d.embedding for d in b.data])
+    np.testing.assert_allclose(vf, vb, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(vf, axis=1), 1.0, atol=1e-5)
+    assert f.usage.prompt_tokens == f.usage.total_tokens == sum(
+        len(tiny_llm.tokenizer.encode(t, add_bos=True)) for t in texts)
+    # batched == alone (padding is masked), and different texts differ
+    alone = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="float").data[0].embedding
+    np.testing.assert_allclose(vf[0], alone, atol=1e-5)
+    assert not np.allclose(vf[0], vf[1], atol=1e-3)
+
+
+def test_embeddings_are_the_pooled_final_hidden_states(client, tiny_llm):  # noqa: F811
+    import torch
+
+    ids = tiny_llm.tokenizer.encode("a red circle", add_bos=True)
+    got = client.embeddings.create(model=MODEL, input=[ids], encoding_format="float").data[0].embedding
+    with torch.inference_mode():
+        h = tiny_llm.model.run(torch.tensor([ids]), compute_logits=False).hidden[0].float().mean(0)
+    want = (h / h.norm()).tolist()
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5
+    # token-id input and the same text agree
+    text = client.embeddings.create(model=MODEL, input="a red circle", encoding_format="float").data[0].embedding
+    assert max(abs(a - b) for a, b in zip(got, text)) < 1e-6
+
+
+def test_embeddings_dimensions_and_limits(client, http, tiny_llm):  # noqa: F811
+    import numpy as np
+
+    hidden = tiny_llm.config.text.hidden_size
+    full = np.array(client.embeddings.create(model=MODEL, input="abc", encoding_format="float").data[0].embedding)
+    short = np.array(client.embeddings.create(model=MODEL, input="abc", dimensions=8,
+                                              encoding_format="float").data[0].embedding)
+    np.testing.assert_allclose(short, full[:8] / np.linalg.norm(full[:8]), atol=1e-6)
+    for dims in (0, -1, hidden + 1):
+        err = error_of(http.post("/v1/embeddings", json={"model": MODEL, "input": "abc", "dimensions": dims}), 400)
+        assert err["param"] == "dimensions" and str(hidden) in err["message"]
+    for body, param in [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[10 ** 9]]}, "input"),
+                        ({"input": ["a"] * 300}, "input"), ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+                        ({"model": "other", "input": "a"}, "model")]:
+        r = http.post("/v1/embeddings", json={"model": MODEL, **body})
+        assert r.status_code in (400, 404, 422), r.text
+        assert r.json()["error"]["param"] == param, r.text
+    r = http.post("/v1/embeddings", json={"model": MODEL, "input": "a", "user": "me", "dimensions": None})
+    assert r.status_code == 200 and r.headers["x-unigemma-ignored-fields"] == "user"

@@ -12,7 +12,7 @@ disconnect while they wait.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
 GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py);
-POST /v1/responses, GET / DELETE /v1/responses/{id} (responses.py).
+POST /v1/responses, GET / DELETE /v1/responses/{id} (responses.py); POST /v1/embeddings (embeddings.py).
 
 What this module does not do: request → engine translation (server/service.py), schemas (server/protocol.py),
 starting uvicorn (server/run.py).
@@ -345,6 +345,8 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     install_transcriptions(app)
     from .responses import install_responses  # /v1/responses (create, retrieve, delete)
     install_responses(app)
+    from .embeddings import install_embeddings  # /v1/embeddings (pooled final hidden states)
+    install_embeddings(app)
     return app
 
 

@@ -84,11 +84,13 @@ class ServerSettings:
     max_realtime_turns: int | None = None   # open realtime turns holding a slot (None: half the slots, >= 1)
     allowed_origins: tuple[str, ...] = ()   # browser origins besides the server's own that may open /v1/realtime
     max_stored_responses: int = 256         # /v1/responses kept in memory for retrieve / previous_response_id
+    max_embedding_inputs: int = 256         # inputs in one /v1/embeddings request
+    max_embedding_tokens: int = 65_536      # tokens over all inputs of one /v1/embeddings request
 
     def __post_init__(self) -> None:
         positive = ("max_concurrency", "max_body_bytes", "max_media_bytes", "max_prompt_chars", "max_stop_chars",
                     "max_json_depth", "max_image_pixels", "max_image_side", "max_image_decoded_bytes",
-                    "max_video_frames", "max_stored_responses")
+                    "max_video_frames", "max_stored_responses", "max_embedding_inputs", "max_embedding_tokens")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
