@@ -407,3 +407,66 @@ def test_embeddings_dimensions_and_limits(client, http, tiny_llm):  # noqa: F811
         assert r.json()["error"]["param"] == param, r.text
     r = http.post("/v1/embeddings", json={"model": MODEL, "input": "a", "user": "me", "dimensions": None})
     assert r.status_code == 200 and r.headers["x-unigemma-ignored-fields"] == "user"
+
+
+# --- model names, CORS, api-key -----------------------------------------------------------------------------------
+
+def test_aliases_any_name_cors_and_api_key_header(tiny_llm):  # noqa: F811
+    from unigemma.server import ServerSettings
+
+    settings = ServerSettings(model_name="gemma-local", model_aliases=("gpt-4o-mini", "gemma"), api_key="s3cret",
+                              allowed_origins=("http://app.example",), max_model_len=256)
+    with LiveServer(tiny_llm, settings) as s:
+        sdk = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert [m.id for m in sdk.models.list().data] == ["gemma-local", "gpt-4o-mini", "gemma"]
+        for name in ("gemma-local", "gpt-4o-mini"):
+            r = sdk.chat.completions.create(model=name, messages=USER, max_tokens=2)
+            assert r.model == "gemma-local"
+        with pytest.raises(openai.NotFoundError) as e:
+            sdk.chat.completions.create(model="llama", messages=USER, max_tokens=2)
+        assert "'gpt-4o-mini'" in e.value.body["message"] and "--accept-any-model-name" in e.value.body["message"]
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            # Azure-style key header; a wrong one is still a 401
+            ok = h.post("/v1/embeddings", json={"model": "gemma", "input": "a"}, headers={"api-key": "s3cret"})
+            assert ok.status_code == 200, ok.text
+            assert error_of(h.post("/v1/embeddings", json={"model": "gemma", "input": "a"},
+                                   headers={"api-key": "wrong"}), 401)["code"] == "invalid_api_key"
+            # CORS: the allowed origin's preflight (no key) is answered; its request needs the key as before
+            pre = h.options("/v1/chat/completions", headers={
+                "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type"})
+            assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.example"
+            r = h.post("/v1/chat/completions", json=chat_body(model="gemma", verbosity="low"),
+                       headers={"Origin": "http://app.example", "Authorization": "Bearer s3cret"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+            assert "x-unigemma-ignored-fields" in r.headers["access-control-expose-headers"]
+            other = h.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
+                                                               "Access-Control-Request-Method": "POST"})
+            assert "access-control-allow-origin" not in other.headers
+    with LiveServer(tiny_llm, ServerSettings(model_name="tiny", accept_any_model_name=True, max_model_len=256)) as s:
+        sdk = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert sdk.chat.completions.create(model="gpt-4.1", messages=USER, max_tokens=2).model == "tiny"
+        assert sdk.responses.create(model="anything", input="hi", max_output_tokens=2).model == "tiny"
+        # no origins configured: no CORS headers, and a browser preflight is not granted
+        with httpx.Client(base_url=s.url, timeout=60) as h:
+            pre = h.options("/v1/chat/completions", headers={"Origin": "http://app.example",
+                                                             "Access-Control-Request-Method": "POST"})
+            assert pre.status_code == 405 and "access-control-allow-origin" not in pre.headers
+
+
+def test_serve_flags_for_names_origins_and_stores():
+    import argparse
+
+    from unigemma.server.run import add_serve_arguments, settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_serve_arguments(p)
+    s = settings_from_args(p.parse_args(["--served-model-name", "a", "b", "c", "--accept-any-model-name",
+                                         "--allowed-origins", "http://x.example", "http://y.example:3000",
+                                         "--max-stored-responses", "5", "--max-embedding-inputs", "7",
+                                         "--max-embedding-tokens", "99"]), "folder")
+    assert (s.model_name, s.model_aliases, s.accept_any_model_name) == ("a", ("b", "c"), True)
+    assert s.allowed_origins == ("http://x.example", "http://y.example:3000")
+    assert (s.max_stored_responses, s.max_embedding_inputs, s.max_embedding_tokens) == (5, 7, 99)
+    d = settings_from_args(p.parse_args([]), "folder")
+    assert (d.model_name, d.model_aliases, d.accept_any_model_name, d.allowed_origins) == ("folder", (), False, ())

@@ -136,9 +136,12 @@ class _Guard:
             if self.key is not None and path not in self.OPEN_PATHS and not path.startswith(self.OPEN_PREFIXES):
                 auth = headers.get("authorization", "")
                 given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+                # Azure-style clients send the key as `api-key: KEY`
+                given = given or headers.get("api-key", "").strip().encode()
                 # compare_digest takes the same time wherever the first difference is
                 if not given or not hmac.compare_digest(given, self.key):
-                    resp = _error_response(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'",
+                    resp = _error_response(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY' "
+                                                "or 'api-key: KEY'",
                                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                     return await resp(scope, receive, counting_send)
             length = headers.get("content-length")
@@ -202,6 +205,12 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.settings = settings
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        # outside the guard (added last = outermost): a browser's preflight carries no key and must be answered
+        # here; the real request that follows carries it. The server's own page is same-origin and needs none.
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[IGNORED_HEADER], max_age=600)
 
     # --- errors ---
     @app.exception_handler(APIError)
@@ -253,17 +262,17 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def card() -> ModelCard:
-        return ModelCard(id=settings.model_name, created=service.created, max_model_len=service.max_model_len)
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=service.created, max_model_len=service.max_model_len)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[card()])
+        return ModelList(data=[card(name) for name in service.model_names])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def model(model_id: str):
         service.check_model(model_id)
-        return card()
+        return card(model_id if model_id in service.model_names else settings.model_name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -61,7 +61,9 @@ class ServerSettings:
     is decoded.
     """
 
-    model_name: str = "unigemma"
+    model_name: str = "unigemma"            # the served id (responses carry it)
+    model_aliases: tuple[str, ...] = ()     # further names clients may send for it
+    accept_any_model_name: bool = False     # one model is served: any name in `model` means it
     api_key: str | None = None
     max_concurrency: int = 8         # sequences decoded together (engine slots)
     max_queue: int = 64              # sequences waiting for a slot; past it: 429
@@ -109,6 +111,12 @@ class ServerSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
                 raise ValueError(f"ServerSettings.{name}={v!r}: expected a number of seconds > 0")
+        if isinstance(self.model_aliases, str):
+            self.model_aliases = (self.model_aliases,)
+        self.model_aliases = tuple(a for a in self.model_aliases if a != self.model_name)
+        for a in (self.model_name, *self.model_aliases):
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError(f"ServerSettings model name {a!r}: expected a non-empty string")
         if isinstance(self.allowed_origins, str):
             self.allowed_origins = (self.allowed_origins,)
         self.allowed_origins = tuple(self.allowed_origins)
@@ -502,10 +510,17 @@ class Service:
                                 f"context is {self.max_model_len} tokens; shorten the prompt", param=param,
                            code="context_length_exceeded")
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.settings.model_name, *self.settings.model_aliases)
+
     def check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        """The request's `model` must be a served name, unless --accept-any-model-name (one model, any name)."""
+        if name in self.model_names or self.settings.accept_any_model_name:
+            return
+        names = ", ".join(repr(n) for n in self.model_names)
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {names} (start it with "
+                            "--accept-any-model-name to take any name)", param="model", code="model_not_found")
 
     # --- prompts -------------------------------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
