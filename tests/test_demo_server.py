@@ -161,3 +161,19 @@ def test_responses_streamed_reasoning_summary_before_the_sum(client):
     final = events[-1].response
     assert final.status == "completed" and [o.type for o in final.output] == ["reasoning", "message"]
     assert final.output[0].summary[0].text == summary
+
+
+def test_langchain_chat_openai_over_the_responses_api(server):
+    """LangChain's ChatOpenAI with use_responses_api=True (what it sends to /v1/responses), plain and streamed."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0,
+                                      max_tokens=60, use_responses_api=True, max_retries=0)
+    tools = [make_data.TOOLS["get_weather"], make_data.TOOLS["get_time"]]
+    msg = llm.bind_tools(tools).invoke("What is the weather in Oslo?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    chunks = list(llm.bind_tools(tools).stream("What is the weather in Oslo?"))
+    whole = chunks[0]
+    for c in chunks[1:]:
+        whole = whole + c
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert whole.response_metadata.get("status") == "completed"

@@ -18,7 +18,8 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 httpx = pytest.importorskip("httpx")
 
-from test_server import TIME, USER, WEATHER, LiveServer, png_data_uri, tiny_llm, tiny_model_dir, wav_base64  # noqa: E402,F401
+from test_server import (TIME, USER, WEATHER, LiveServer, png_data_uri, tiny_llm,  # noqa: E402,F401
+                         tiny_model_dir, wav_base64)
 
 MODEL = "tiny"
 FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
@@ -77,7 +78,7 @@ def test_tool_call_cut_by_the_budget_is_length_and_the_same_streamed_or_not(clie
     # forced call, seed 5: the call's arguments are still open after 10 and after 20 tokens (at 20 the old code
     # repaired the cut call and said "tool_calls"; at 10 it dropped it whole but streamed its start)
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=max_tokens,
-              temperature=0.8, extra_body={"seed": 5})
+              temperature=0.8, seed=5)
     whole = client.chat.completions.create(**kw).choices[0]
     finish, calls = _streamed_call(client, **kw)
     assert whole.finish_reason == "length" and finish == "length"
@@ -92,7 +93,7 @@ def test_tool_call_cut_by_the_budget_is_length_and_the_same_streamed_or_not(clie
 
 def test_complete_tool_call_still_finishes_with_tool_calls(client):
     kw = dict(model=MODEL, messages=USER, tools=[WEATHER], tool_choice=FORCE_WEATHER, max_tokens=40,
-              temperature=0.8, extra_body={"seed": 5})
+              temperature=0.8, seed=5)
     assert client.chat.completions.create(**kw).choices[0].finish_reason == "tool_calls"
     finish, calls = _streamed_call(client, **kw)
     assert finish == "tool_calls" and json.loads(calls[0]["args"])["city"]
@@ -157,7 +158,7 @@ def test_audio_output_request_is_refused_even_with_audio_options(client):
 def test_legacy_functions_are_honoured_and_answered_in_kind(client, http):
     fn = WEATHER["function"]
     r = http.post("/v1/chat/completions", json=chat_body(functions=[fn], function_call={"name": "get_weather"},
-                                                         max_tokens=40, temperature=0.8, extra_body={"seed": 5}))
+                                                         max_tokens=40, temperature=0.8, seed=5))
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "function_call"
@@ -279,7 +280,8 @@ def test_responses_forced_tool_call_then_output_continues_with_previous_response
     # streamed: the same call through function_call_arguments events
     events, final = _collect_stream(client.responses.create(
         model=MODEL, input="What is the weather in Oslo?", tools=[RESP_WEATHER], stream=True,
-        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40, temperature=0.8, extra_body={"seed": 5}))
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40, temperature=0.8,
+        extra_body={"seed": 5}))
     args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert args == done[0].arguments == calls[0].arguments == final.output[-1].arguments
@@ -400,7 +402,8 @@ def test_embeddings_dimensions_and_limits(client, http, tiny_llm):  # noqa: F811
         err = error_of(http.post("/v1/embeddings", json={"model": MODEL, "input": "abc", "dimensions": dims}), 400)
         assert err["param"] == "dimensions" and str(hidden) in err["message"]
     for body, param in [({"input": ""}, "input"), ({"input": []}, "input"), ({"input": [[10 ** 9]]}, "input"),
-                        ({"input": ["a"] * 300}, "input"), ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
+                        ({"input": ["a"] * 300}, "input"),
+                        ({"input": "a", "encoding_format": "hex"}, "encoding_format"),
                         ({"model": "other", "input": "a"}, "model")]:
         r = http.post("/v1/embeddings", json={"model": MODEL, **body})
         assert r.status_code in (400, 404, 422), r.text

@@ -525,7 +525,8 @@ def _loc(loc: tuple) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("str", "list[...]", "function-after[...]", "function-before[...]") or "[" in str(part) \
-                or str(part).startswith(("TextPart", "ImagePart", "AudioPart", "VideoPart", "NamedToolChoice", "AllowedToolsChoice",
+                or str(part).startswith(("TextPart", "ImagePart", "AudioPart", "VideoPart", "NamedToolChoice",
+                                         "AllowedToolsChoice",
                                          "literal")):
             continue  # union-branch labels pydantic adds to locations; not field names
         else:
