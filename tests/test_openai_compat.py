@@ -473,3 +473,20 @@ def test_serve_flags_for_names_origins_and_stores():
     assert (s.max_stored_responses, s.max_embedding_inputs, s.max_embedding_tokens) == (5, 7, 99)
     d = settings_from_args(p.parse_args([]), "folder")
     assert (d.model_name, d.model_aliases, d.accept_any_model_name, d.allowed_origins) == ("folder", (), False, ())
+
+
+def test_responses_store_keeps_the_newest_and_names_responses_fields(tiny_llm):  # noqa: F811
+    from unigemma.server import ServerSettings
+
+    with LiveServer(tiny_llm, ServerSettings(model_name=MODEL, max_model_len=256, max_stored_responses=2)) as s:
+        sdk = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        ids = [sdk.responses.create(model=MODEL, input=f"hi {i}", max_output_tokens=1).id for i in range(3)]
+        with pytest.raises(openai.NotFoundError):
+            sdk.responses.retrieve(ids[0])            # the oldest went when the third came
+        assert [sdk.responses.retrieve(i).id for i in ids[1:]] == ids[1:]
+        raw = sdk.responses.with_raw_response.create(model=MODEL, input="hi", max_output_tokens=1, user="u",
+                                                     text={"format": {"type": "text"}, "verbosity": "low"})
+        assert raw.headers["x-unigemma-ignored-fields"] == "user, text.verbosity"
+        with pytest.raises(openai.BadRequestError) as e:
+            sdk.responses.create(model=MODEL, input="hi", reasoning={"effort": "extreme"})
+        assert e.value.body["param"] == "reasoning.effort"

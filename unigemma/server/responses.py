@@ -104,6 +104,8 @@ class ResponseCreate(BaseModel):
 
     def ignored_fields(self) -> list[str]:
         out = [f for f in RESPONSES_IGNORED if f in self.model_fields_set]
+        if "verbosity" in (self.text or {}):
+            out.append("text.verbosity")
         if self.stream_options is not None and "include_obfuscation" in self.stream_options.model_fields_set:
             out.append("stream_options.include_obfuscation")
         return out
@@ -272,8 +274,11 @@ def to_chat(req: ResponseCreate, history: list[dict]) -> tuple[ChatCompletionReq
     except ValidationError as exc:
         e = validation_to_api_error(exc)
         # name the Responses field behind the chat one
-        e.message = e.message.replace("max_completion_tokens", "max_output_tokens").replace(
-            "response_format", "text.format").replace("messages", "input")
+        for chat_name, name in (("max_completion_tokens", "max_output_tokens"), ("response_format", "text.format"),
+                                ("reasoning_effort", "reasoning.effort"), ("messages", "input")):
+            e.message = e.message.replace(chat_name, name)
+            if e.param and e.param.startswith(chat_name):
+                e.param = name + e.param[len(chat_name):]
         if e.status == 422:
             e.status = 400
         raise e from None
