@@ -222,6 +222,8 @@ def test_echoed_refusal_parts_file_parts_and_detail_original(http):
 def test_unknown_fields_are_still_refused(http):
     err = error_of(http.post("/v1/chat/completions", json=chat_body(temprature=0.5)), 400)
     assert err["param"] == "temprature" and err["code"] == "unrecognized_argument"
+    err = error_of(http.post("/v1/chat/completions", json=chat_body(legacy_functions=True)), 400)
+    assert "legacy_functions" in err["message"]
 
 
 # --- the Responses API --------------------------------------------------------------------------------------------

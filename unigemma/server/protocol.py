@@ -384,6 +384,8 @@ class ChatCompletionRequest(_SamplingFields):
     @classmethod
     def _legacy_functions(cls, v: Any) -> Any:
         """`functions` / `function_call` (deprecated, still documented) as `tools` / `tool_choice`, one call."""
+        if isinstance(v, dict) and "legacy_functions" in v:   # set here only, never by a client
+            raise ValueError("Unrecognized request argument supplied: legacy_functions")
         if not isinstance(v, dict) or ("functions" not in v and "function_call" not in v):
             return v
         v = dict(v)
