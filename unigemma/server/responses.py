@@ -508,7 +508,9 @@ async def response_events(service, store: ResponseStore, req: ResponseCreate, ch
 
 def _as_messages(output: list[dict]) -> list[dict]:
     """A response's output items as the chat messages that continue the conversation."""
-    items = [i for i in output if i["type"] != "reasoning"]   # past thoughts are not re-sent (chat format)
+    # past thoughts are not re-sent (chat format); a call cut off by the budget has no arguments to send back
+    items = [i for i in output if i["type"] == "message" or (i["type"] == "function_call"
+                                                             and i["status"] == "completed")]
     return input_messages(items) if items else []
 
 
