@@ -495,3 +495,23 @@ def test_responses_store_keeps_the_newest_and_names_responses_fields(tiny_llm): 
         with pytest.raises(openai.BadRequestError) as e:
             sdk.responses.create(model=MODEL, input="hi", reasoning={"effort": "extreme"})
         assert e.value.body["param"] == "reasoning.effort"
+
+
+def test_responses_stream_reports_an_engine_failure_as_an_error_event(server, http, monkeypatch):
+    # as in test_hardening: without the position-table guard this image fails inside the engine, after the
+    # stream has started, so the failure comes in-band with the next sequence number
+    import unigemma.inputs.image as image_mod
+
+    monkeypatch.setattr(image_mod, "check_positions", lambda *a, **k: None)
+    body = {"model": MODEL, "stream": True, "max_output_tokens": 4, "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": png_data_uri(4000, 1)}]}]}
+    with http.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    names = [line[7:] for line in lines if line.startswith("event: ")]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert names == [e["type"] for e in events] and names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] == "error" and events[-1]["code"] == "engine_error"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    ok = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2})
+    assert ok.status_code == 200                      # it failed alone
