@@ -357,6 +357,7 @@ async def response_events(service, store: ResponseStore, req: ResponseCreate, ch
     output: list[dict] = resp["output"]
     open_item: dict | None = None         # the reasoning or message item being written
     calls: dict[int, dict] = {}           # parser call index → function_call item
+    unreadable: set[str] = set()          # ids of calls that started but could not be read (ParseWarning)
     summary = bool(req.summary)
     reasoning_tokens = n_tokens = 0
 
@@ -473,25 +474,21 @@ async def response_events(service, store: ResponseStore, req: ResponseCreate, ch
                     item = calls[e.index]
                     idx = output.index(item)
                     if e.arguments is None and not e.cut_off:
-                        # unreadable (a ParseWarning says why): not a call; streamed clients saw it start
-                        item["status"] = "incomplete"
-                    else:
-                        item["status"] = "incomplete" if e.cut_off else "completed"
+                        unreadable.add(item["id"])   # not a call (a ParseWarning says why); a stream saw it start
+                    item["status"] = "completed" if e.arguments is not None else "incomplete"
                     yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=idx,
                              name=item["name"], arguments=item["arguments"])
                     yield ev("response.output_item.done", output_index=idx, item=json.loads(json.dumps(item)))
-        if not any(i["type"] in ("message", "function_call") for i in output):
+        if not any(i["type"] in ("message", "function_call") and i["id"] not in unreadable for i in output):
             for x in open_kind("message"):   # an empty answer is still an (empty) message, as on the chat API
                 yield x
         for x in close_open():
             yield x
     finally:
         handle.cancel()
-    has_calls = any(i["type"] == "function_call" and i["status"] != "in_progress" for i in output)
-    finish = finish_reason(reason, has_calls)
     # an unreadable call is dropped from the final output, as the chat endpoint drops it
-    resp["output"] = [i for i in output if not (i["type"] == "function_call" and i["status"] == "incomplete"
-                                                and finish != "length")]
+    resp["output"] = [i for i in output if i.get("id") not in unreadable]
+    finish = finish_reason(reason, any(i["type"] == "function_call" for i in resp["output"]))
     usage = service._usage(len(prep.prompt_ids), n_tokens, handle.cached_tokens)
     resp["usage"] = {"input_tokens": usage["prompt_tokens"],
                      "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
