@@ -123,3 +123,57 @@ def test_spoken_digit_is_recognised(client, tmp_path):
         {"type": "text", "text": "Which number was said?"}]}])
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content.strip() == "7"
+
+
+# --- the Responses API on the demo model (issue 24): real answers, not only shapes ------------------------------
+
+def _responses_tool(chat_tool: dict) -> dict:
+    return {"type": "function", **chat_tool["function"]}
+
+
+def test_responses_tool_call_then_answer_with_previous_response_id(client):
+    tools = [_responses_tool(make_data.TOOLS["get_weather"]), _responses_tool(make_data.TOOLS["get_time"])]
+    r = client.responses.create(model=MODEL, input="What is the weather in Oslo?", tools=tools,
+                                max_output_tokens=60, temperature=0)
+    assert r.status == "completed"
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Oslo"}
+    result = json.dumps({"temperature": 12, "unit": "celsius", "condition": "sunny"})
+    r2 = client.responses.create(model=MODEL, previous_response_id=r.id, tools=tools, max_output_tokens=60,
+                                 temperature=0, input=[{"type": "function_call_output", "call_id": call.call_id,
+                                                        "output": result}])
+    assert r2.status == "completed"
+    answer = r2.output_text
+    assert "12" in answer and "Oslo" in answer and "sunny" in answer, answer
+
+
+def test_responses_streamed_reasoning_summary_before_the_sum(client):
+    stream = client.responses.create(model=MODEL, input="What is 23 + 45?", max_output_tokens=96, temperature=0,
+                                     reasoning={"effort": "medium", "summary": "auto"}, stream=True)
+    events = list(stream)
+    kinds = [e.type for e in events]
+    summary = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert summary.startswith("ones: 3 + 5 = 8") and "tens: 2 + 4 = 6" in summary, summary
+    assert text.strip() == "68", text
+    # the reasoning item is written (and closed) before the message item opens
+    assert kinds.index("response.reasoning_summary_text.done") < kinds.index("response.content_part.added")
+    final = events[-1].response
+    assert final.status == "completed" and [o.type for o in final.output] == ["reasoning", "message"]
+    assert final.output[0].summary[0].text == summary
+
+
+def test_langchain_chat_openai_over_the_responses_api(server):
+    """LangChain's ChatOpenAI with use_responses_api=True (what it sends to /v1/responses), plain and streamed."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0,
+                                      max_tokens=60, use_responses_api=True, max_retries=0)
+    tools = [make_data.TOOLS["get_weather"], make_data.TOOLS["get_time"]]
+    msg = llm.bind_tools(tools).invoke("What is the weather in Oslo?")
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    chunks = list(llm.bind_tools(tools).stream("What is the weather in Oslo?"))
+    whole = chunks[0]
+    for c in chunks[1:]:
+        whole = whole + c
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert whole.response_metadata.get("status") == "completed"

@@ -351,3 +351,22 @@ def test_unclosed_call_after_empty_thought_streams_repaired_arguments():
         ends = [e for e in events if isinstance(e, ToolCallEnd)]
         assert "".join(deltas) == "{}" and ends[0].arguments == {}
         assert any("repaired" in m for m in warnings_of(events))
+
+
+def test_a_call_cut_off_by_the_budget_is_kept_as_streamed_not_repaired():
+    """finish(cut_off=True) (issue 24): the call's arguments are the JSON text already sent, and the response's
+    finish_reason is "length"; without cut_off the same text is repaired into a call (the end-of-output rule)."""
+    from unigemma.outputs.parser import ResponseParser, ToolCallArgsDelta, ToolCallEnd, collect
+
+    text = '<|tool_call>call:get_weather{city:<|"|>Oslo'
+    p = ResponseParser(tools=[{"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}])
+    events = p.feed(text) + p.finish(cut_off=True)
+    sent = "".join(e.json_text for e in events if isinstance(e, ToolCallArgsDelta))
+    assert [e for e in events if isinstance(e, ToolCallEnd)] == [ToolCallEnd(0, None, cut_off=True)]
+    parsed = collect(events)
+    assert parsed.tool_calls[0]["function"]["arguments"] == sent and sent.startswith('{"city": "')
+    assert parsed.finish_reason == "length" and parsed.cut_off
+    repaired = ResponseParser(tools=[{"name": "get_weather"}])
+    whole = collect(repaired.feed(text) + repaired.finish())
+    assert whole.tool_calls and not whole.cut_off and whole.finish_reason == "tool_calls"

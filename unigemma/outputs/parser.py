@@ -105,6 +105,8 @@ class ToolCallArgsDelta:
 class ToolCallEnd:
     index: int
     arguments: dict | None  # None: the call could not be read (a ParseWarning with its raw text came first)
+    cut_off: bool = False   # the output ended inside the call (finish(cut_off=True)): arguments is None and the
+    #                         call's JSON text is only what its ToolCallArgsDeltas carried
 
 
 @dataclass(frozen=True)
@@ -337,11 +339,17 @@ class ResponseParser:
             self._process(events, final=False)
         return events
 
-    def finish(self) -> list[Event]:
+    def finish(self, cut_off: bool = False) -> list[Event]:
+        """End the response. cut_off: the output ended because the token budget ran out (finish_reason
+        "length"). A tool call open at that point is then not repaired: it ends with
+        `ToolCallEnd(index, None, cut_off=True)`, and its arguments are exactly the JSON text already sent in
+        ToolCallArgsDeltas (usually incomplete), so a streaming and a whole-response client see the same call."""
         if self._finished:
             return []
         events: list[Event] = []
         self._process(events, final=True)
+        if self._mode == "call" and cut_off:
+            self._cut_call(events)
         if self._mode != "done":
             self._end_mode(events, reason="end of output")
         if self._ignored.strip():
@@ -475,6 +483,17 @@ class ResponseParser:
         self._content.end_segment()
 
     # -- calls ----------------------------------------------------------------------------------------------
+    def _cut_call(self, events: list[Event]) -> None:
+        """The token budget ended the output inside a call: no repair, no further argument text."""
+        call, self._call = self._call, None
+        self._mode = "content"
+        if call is None:
+            return
+        events.append(ParseWarning("tool call cut off by the token limit; its arguments are incomplete",
+                                   call.raw_prefix + call.body))
+        if call.index >= 0:
+            events.append(ToolCallEnd(call.index, None, cut_off=True))
+
     def _start_call(self, events: list[Event], raw_prefix: str) -> None:
         self._content.end_segment()  # whitespace around a call is not content; text after it starts a new line
         self._call = _Call(raw_prefix=raw_prefix)
@@ -670,23 +689,29 @@ class ParsedResponse:
     tool_calls: list[dict]          # OpenAI shape: {"id", "type": "function", "function": {"name", "arguments"}}
     warnings: list[ParseWarning]
     stopped_by: str | None = None   # "<turn|>", "<|tool_response>", "<eos>" or None (output just ended)
+    cut_off: bool = False           # the last call in tool_calls was cut off by the token budget (partial JSON)
 
     @property
     def finish_reason(self) -> str:
-        """"tool_calls" when calls were read, "stop" at a stop string, "length" when the output just ended.
+        """"length" when a call was cut off, "tool_calls" when calls were read, "stop" at a stop string,
+        "length" when the output just ended.
 
         Only meaningful when the stop string's text was fed to the parser; an engine that strips stop tokens
         before parsing knows the reason better itself."""
+        if self.cut_off:
+            return "length"
         if self.tool_calls:
             return "tool_calls"
         return "stop" if self.stopped_by is not None else "length"
 
 
 def collect(events: Iterable[Event], stopped_by: str | None = None) -> ParsedResponse:
-    """Fold a list of events into a ParsedResponse."""
+    """Fold a list of events into a ParsedResponse. A call cut off by the token budget (ToolCallEnd.cut_off) is
+    kept with the argument text it got, as a stream would have shown it."""
     content, reasoning, warnings = [], [], []
     calls: dict[int, dict] = {}
     done: list[int] = []
+    cut_off = False
     for ev in events:
         if isinstance(ev, ContentDelta):
             content.append(ev.text)
@@ -698,9 +723,11 @@ def collect(events: Iterable[Event], stopped_by: str | None = None) -> ParsedRes
             calls[ev.index] = {"id": ev.id, "type": "function", "function": {"name": ev.name, "arguments": ""}}
         elif isinstance(ev, ToolCallArgsDelta):
             calls[ev.index]["function"]["arguments"] += ev.json_text
-        elif isinstance(ev, ToolCallEnd) and ev.arguments is not None:
+        elif isinstance(ev, ToolCallEnd) and (ev.arguments is not None or ev.cut_off):
             done.append(ev.index)
-    return ParsedResponse("".join(content), "".join(reasoning), [calls[i] for i in done], warnings, stopped_by)
+            cut_off = cut_off or ev.cut_off
+    return ParsedResponse("".join(content), "".join(reasoning), [calls[i] for i in done], warnings, stopped_by,
+                          cut_off)
 
 
 def parse_response(text: str, start_state: str = "content", *, seed: int | None = None,

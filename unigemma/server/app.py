@@ -11,7 +11,8 @@ streams are cancelled by the server when the socket closes; non-streaming reques
 disconnect while they wait.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health,
-GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py).
+GET /metrics (Prometheus text format, one registry per app); POST /v1/audio/transcriptions (transcription.py);
+POST /v1/responses, GET / DELETE /v1/responses/{id} (responses.py); POST /v1/embeddings (embeddings.py).
 
 What this module does not do: request → engine translation (server/service.py), schemas (server/protocol.py),
 starting uvicorn (server/run.py).
@@ -135,9 +136,12 @@ class _Guard:
             if self.key is not None and path not in self.OPEN_PATHS and not path.startswith(self.OPEN_PREFIXES):
                 auth = headers.get("authorization", "")
                 given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
+                # Azure-style clients send the key as `api-key: KEY`
+                given = given or headers.get("api-key", "").strip().encode()
                 # compare_digest takes the same time wherever the first difference is
                 if not given or not hmac.compare_digest(given, self.key):
-                    resp = _error_response(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY'",
+                    resp = _error_response(401, "Incorrect or missing API key; send 'Authorization: Bearer KEY' "
+                                                "or 'api-key: KEY'",
                                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                     return await resp(scope, receive, counting_send)
             length = headers.get("content-length")
@@ -165,7 +169,7 @@ class _Guard:
 
 
 _KNOWN_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                 "/v1/audio/transcriptions"}
+                 "/v1/audio/transcriptions", "/v1/responses", "/v1/embeddings"}
 
 
 # --- the app ---------------------------------------------------------------------------------------------------
@@ -201,6 +205,12 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.settings = settings
     app.add_middleware(_Guard, settings=settings, metrics=metrics)
+    if settings.allowed_origins:
+        # outside the guard (added last = outermost): a browser's preflight carries no key and must be answered
+        # here; the real request that follows carries it. The server's own page is same-origin and needs none.
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=[IGNORED_HEADER], max_age=600)
 
     # --- errors ---
     @app.exception_handler(APIError)
@@ -252,17 +262,17 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def card() -> ModelCard:
-        return ModelCard(id=settings.model_name, created=service.created, max_model_len=service.max_model_len)
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=service.created, max_model_len=service.max_model_len)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[card()])
+        return ModelList(data=[card(name) for name in service.model_names])
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard)
     async def model(model_id: str):
         service.check_model(model_id)
-        return card()
+        return card(model_id if model_id in service.model_names else settings.model_name)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -281,7 +291,17 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                           lambda prep: service.completion_stream(req, prep),
                           lambda prep: service.completion(req, prep))
 
-    async def _run(request: Request, req, prepare, stream, whole):
+    def _chat_frame(chunk: dict) -> bytes:
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    def _chat_error(e: APIError) -> bytes:  # the status line is already sent: report in-band, as OpenAI does
+        return b"data: " + json.dumps(error_body(e.message, e.type, e.param, e.code)).encode() + b"\n\n"
+
+    async def _run(request: Request, req, prepare, stream, whole, frame=_chat_frame, error_frame=_chat_error,
+                   done: bytes = b"data: [DONE]\n\n", ignored: list[str] | None = None):
+        """Admission, preparation in a thread, then the whole response as JSON or the chunks as SSE (each chunk
+        through `frame`; an error after the status line through `error_frame`; `done` last). Responses API
+        streams pass their own framing (named events, no [DONE])."""
         n = count_sequences(req)
         service.admit(n)
         released = False
@@ -294,6 +314,7 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
 
         t0 = time.perf_counter()
         handed_off = False  # once the SSE generator exists, it releases the admission when it ends
+        extra_headers = ignored_header(req, ignored)
         try:
             prep = await run_in_threadpool(prepare)
             if req.stream:
@@ -303,32 +324,53 @@ def create_app(llm, settings: ServerSettings | None = None) -> FastAPI:
                 async def sse() -> AsyncIterator[bytes]:
                     try:
                         async for chunk in chunks:
-                            # ASCII-escaped: no raw U+2028 / U+0085 in an event, which line splitters that follow
-                            # str.splitlines (many SSE clients) would cut in the middle of the JSON
-                            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-                    except APIError as e:  # the status line is already sent: report in-band, as OpenAI does
-                        yield b"data: " + json.dumps(error_body(e.message, e.type, e.param, e.code)).encode() \
-                            + b"\n\n"
+                            # json.dumps ASCII-escapes: no raw U+2028 / U+0085 in an event, which line splitters
+                            # that follow str.splitlines (many SSE clients) would cut in the middle of the JSON
+                            yield frame(chunk)
+                    except APIError as e:
+                        yield error_frame(e)
                     finally:
                         await chunks.aclose()
                         metrics.latency.observe(time.perf_counter() - t0)
                         release()
-                    yield b"data: [DONE]\n\n"
+                    if done:
+                        yield done
 
                 return StreamingResponse(sse(), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                                  **extra_headers})
             result = await _until_disconnect(request, whole(prep))
             metrics.latency.observe(time.perf_counter() - t0)
-            return JSONResponse(result)
+            return JSONResponse(result, headers=extra_headers)
         finally:
             if not handed_off:
                 release()
 
+    app.state.run = _run            # for the routes other modules install (responses.py)
+    app.state.read_json = read_json
     from .realtime_ws import install_realtime  # /v1/realtime (streaming-input sessions) and the web page at /
     install_realtime(app)
     from .transcription import install_transcriptions  # /v1/audio/transcriptions (multipart, Whisper's shape)
     install_transcriptions(app)
+    from .responses import install_responses  # /v1/responses (create, retrieve, delete)
+    install_responses(app)
+    from .embeddings import install_embeddings  # /v1/embeddings (pooled final hidden states)
+    install_embeddings(app)
     return app
+
+
+IGNORED_HEADER = "x-unigemma-ignored-fields"
+
+
+def ignored_header(req, names: list[str] | None = None) -> dict[str, str]:
+    """The request policy's report: fields the request set that a local model ignores, as a response header
+    (and a log line), so a client can see they had no effect."""
+    if names is None:
+        names = req.ignored_fields() if hasattr(req, "ignored_fields") else []
+    if not names:
+        return {}
+    log.info("request fields ignored (no effect on a local model): %s", ", ".join(names))
+    return {IGNORED_HEADER: ", ".join(names)}
 
 
 async def _until_disconnect(request: Request, coro) -> Any:

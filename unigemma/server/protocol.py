@@ -9,6 +9,15 @@ Requests are checked here, before any work is done, the way the OpenAI API check
           ▼
     cross-field rules that need no model (top_logprobs needs logprobs, n with greedy, ...): 400
 
+The request policy (README "Request policy"): every documented chat-completions field parses. An explicit
+`null` means the field's default. Fields that mean nothing to a local model (`store`, `metadata`, `user`,
+`service_tier`, `prediction`, `verbosity`, `prompt_cache_key`, `safety_identifier`, `web_search_options`, ...)
+are accepted and ignored; `ignored_fields()` names those a request set, and the app reports them in the
+`x-unigemma-ignored-fields` response header and the log. A field is refused with a 400 that says why only where
+ignoring it would mislead the client (`modalities` asking for audio out, custom tools, `file_id` parts). Legacy
+shapes are translated: `functions` / `function_call` to tools, `role: "function"` messages to tool results,
+`refusal` parts to text, `file` parts holding an image or audio data URI to image / audio parts.
+
 `error_body` builds the OpenAI error object `{"error": {"message", "type", "param", "code"}}` that every
 failure uses. unigemma extensions that OpenAI lacks (`top_k`, `min_p`, `repetition_penalty`, `seed` on
 completions, `chat_template_kwargs`, `max_soft_tokens`, `stop_token_ids`, `ignore_eos`) are accepted at the
@@ -69,7 +78,8 @@ class TextPart(_Lenient):
 
 class ImageURL(_Lenient):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
+    # "original" (full resolution) gets the largest soft-token budget, as "high" does
+    detail: Literal["auto", "low", "high", "original"] | None = None
     # unigemma extension: the exact soft-token budget (70, 140, 280, 560 or 1120); wins over `detail`
     max_soft_tokens: int | None = None
 
@@ -110,6 +120,37 @@ class VideoPart(_Lenient):
 
 ContentPart = Annotated[Union[TextPart, ImagePart, AudioPart, VideoPart], Field(discriminator="type")]
 
+_AUDIO_SUBTYPES = {"wav": "wav", "x-wav": "wav", "wave": "wav", "mpeg": "mp3", "mp3": "mp3", "flac": "flac",
+                   "x-flac": "flac", "ogg": "ogg", "webm": "webm", "mp4": "m4a", "m4a": "m4a", "x-m4a": "m4a"}
+
+
+def _canonical_part(part: Any) -> Any:
+    """Content parts OpenAI documents that the model reads as another kind: `refusal` (in echoed assistant
+    messages) as text; a `file` holding an image or audio data URI as that image / audio. Anything else is
+    returned unchanged for the union to judge."""
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return {"type": "text", "text": part["refusal"]}
+    if kind != "file":
+        return part
+    f = part.get("file") if isinstance(part.get("file"), dict) else {}
+    data = f.get("file_data")
+    if not isinstance(data, str):
+        if f.get("file_id"):
+            raise ValueError("file parts by file_id need the Files API, which this server does not have; send "
+                             "the file inline as file.file_data (a data: URI), or as an image_url / input_audio part")
+        raise ValueError("a file part needs file.file_data: a data: URI of an image or audio file")
+    mime = data[5:].split(";", 1)[0].split(",", 1)[0].lower() if data.startswith("data:") else ""
+    if mime.startswith("image/"):
+        return {"type": "image_url", "image_url": {"url": data}}
+    if mime.startswith("audio/") and mime[6:] in _AUDIO_SUBTYPES and ";base64," in data[:100]:
+        return {"type": "input_audio", "input_audio": {"data": data.split(",", 1)[1],
+                                                       "format": _AUDIO_SUBTYPES[mime[6:]]}}
+    raise ValueError(f"file.file_data of type {mime or 'unknown'!r} cannot be read by this model; it takes "
+                     "images (data:image/...) and audio (data:audio/wav|mpeg|flac|ogg|webm;base64,...)")
+
 
 class FunctionCall(_Lenient):
     name: str = Field(min_length=1)
@@ -123,13 +164,29 @@ class ToolCall(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # legacy "function" is read as "tool"
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
+    function_call: FunctionCall | None = None   # legacy assistant call, read as one tool call
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_shapes(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        v = dict(v)
+        if v.get("role") == "function":   # the legacy function result: a tool result named by its function
+            v["role"] = "tool"
+        if isinstance(v.get("content"), list):
+            v["content"] = [_canonical_part(p) for p in v["content"]]
+        if v.get("role") == "assistant" and isinstance(v.get("function_call"), dict) and not v.get("tool_calls"):
+            v["tool_calls"] = [{"type": "function", "function": v["function_call"]}]
+        v.pop("function_call", None)
+        return v
 
     @model_validator(mode="after")
     def _needs_content(self) -> "ChatMessage":
@@ -154,6 +211,15 @@ class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDef
 
+    @model_validator(mode="before")
+    @classmethod
+    def _custom(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("type") == "custom":
+            name = (v.get("custom") or {}).get("name") if isinstance(v.get("custom"), dict) else None
+            raise ValueError(f"custom tool {name!r}: custom (free-form input) tools are not supported by this "
+                             "server; declare it as a function tool with a JSON Schema for its arguments")
+        return v
+
 
 class NamedFunction(_Strict):
     name: str
@@ -162,6 +228,28 @@ class NamedFunction(_Strict):
 class NamedToolChoice(_Strict):
     type: Literal["function"]
     function: NamedFunction
+
+
+class AllowedTools(_Strict):
+    mode: Literal["auto", "required"]
+    tools: list[dict[str, Any]] = Field(min_length=1)
+
+    def names(self) -> list[str]:
+        out = []
+        for i, t in enumerate(self.tools):
+            name = (t.get("function") or {}).get("name") if isinstance(t.get("function"), dict) else t.get("name")
+            if t.get("type", "function") != "function" or not isinstance(name, str):
+                raise ValueError(f"tool_choice.allowed_tools.tools[{i}] must be {{'type': 'function', "
+                                 "'function': {'name': NAME}}")
+            out.append(name)
+        return out
+
+
+class AllowedToolsChoice(_Strict):
+    """tool_choice {"type": "allowed_tools"}: only these of `tools` may be called (the rest stay out of the
+    prompt); mode "required" forces a call to one of them."""
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
 
 
 class JSONSchemaFormat(_Strict):
@@ -185,7 +273,14 @@ class ResponseFormat(_Strict):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None   # ignored: a local server has no side channel to pad against
+
+
+# Fields a request may set that mean nothing to a local model: accepted, ignored, and named in the
+# x-unigemma-ignored-fields response header.
+IGNORED_FIELDS = ("metadata", "store", "service_tier", "user", "prediction", "verbosity", "prompt_cache_key",
+                  "prompt_cache_retention", "safety_identifier", "web_search_options", "audio")
 
 
 # --- requests --------------------------------------------------------------------------------------------------
@@ -208,10 +303,26 @@ class _SamplingFields(_Strict):
     user: str | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    # accepted and ignored, as a local server has no use for them
+    # accepted and ignored, as a local server has no use for them (IGNORED_FIELDS)
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    safety_identifier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_default(cls, v: Any) -> Any:
+        # OpenAI SDKs and proxies send `"n": null`, `"stream": null`...: null is "not given"
+        return {k: x for k, x in v.items() if x is not None} if isinstance(v, dict) else v
+
+    def ignored_fields(self) -> list[str]:
+        """The IGNORED_FIELDS this request set, and stream_options.include_obfuscation."""
+        out = [f for f in IGNORED_FIELDS if f in self.model_fields_set]
+        if self.stream_options is not None and "include_obfuscation" in self.stream_options.model_fields_set:
+            out.append("stream_options.include_obfuscation")
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -254,12 +365,46 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     max_soft_tokens: int | None = None
+    # documented fields that change nothing here (IGNORED_FIELDS), or are checked in _cross
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    web_search_options: dict[str, Any] | None = None
+    # set when the request used the legacy `functions` / `function_call` (the response then answers in kind)
+    legacy_functions: bool = Field(default=False, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_functions(cls, v: Any) -> Any:
+        """`functions` / `function_call` (deprecated, still documented) as `tools` / `tool_choice`, one call."""
+        if isinstance(v, dict) and "legacy_functions" in v:   # set here only, never by a client
+            raise ValueError("Unrecognized request argument supplied: legacy_functions")
+        if not isinstance(v, dict) or ("functions" not in v and "function_call" not in v):
+            return v
+        v = dict(v)
+        functions, call = v.pop("functions", None), v.pop("function_call", None)
+        if functions is None and call is None:
+            return v
+        if v.get("tools") is not None:
+            raise ValueError("functions (legacy) and tools were both given; use tools")
+        if functions is not None:
+            if not isinstance(functions, list):
+                raise ValueError("functions must be a list of {'name', 'description', 'parameters'} objects")
+            v["tools"] = [{"type": "function", "function": f} for f in functions]
+        if isinstance(call, dict):
+            v["tool_choice"] = {"type": "function", "function": call}
+        elif call is not None:
+            v["tool_choice"] = call
+        v["parallel_tool_calls"] = False
+        v["legacy_functions"] = True
+        return v
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -276,8 +421,21 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _cross(self) -> "ChatCompletionRequest":
+        if self.modalities is not None and "audio" in self.modalities:
+            raise ValueError('modalities: this server answers in text only; audio output is not supported (send '
+                             'modalities ["text"] or leave it out)')
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            names = self.tool_choice.allowed_tools.names()
+            declared = {t.function.name for t in self.tools or []}
+            unknown = [n for n in names if n not in declared]
+            if unknown:
+                raise ValueError(f"tool_choice.allowed_tools names {', '.join(map(repr, unknown))}, not in tools "
+                                 f"({', '.join(sorted(declared)) or 'none given'})")
+            # honoured by narrowing: the other tools leave the prompt, the mode becomes the tool_choice
+            self.tools = [t for t in self.tools or [] if t.function.name in names]
+            self.tool_choice = self.tool_choice.allowed_tools.mode
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
             if not self.tools:
                 raise ValueError("tool_choice 'required' or a named function needs a non-empty 'tools' list")
@@ -370,6 +528,7 @@ def _loc(loc: tuple) -> str:
             out += f"[{part}]"
         elif part in ("str", "list[...]", "function-after[...]", "function-before[...]") or "[" in str(part) \
                 or str(part).startswith(("TextPart", "ImagePart", "AudioPart", "VideoPart", "NamedToolChoice",
+                                         "AllowedToolsChoice",
                                          "literal")):
             continue  # union-branch labels pydantic adds to locations; not field names
         else:

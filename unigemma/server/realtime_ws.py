@@ -452,7 +452,8 @@ def _authorized(ws: WebSocket, key: str | None) -> bool:
     if not key:
         return True
     auth = ws.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ws.query_params.get("api_key", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else \
+        (ws.headers.get("api-key", "").strip() or ws.query_params.get("api_key", ""))   # as the HTTP guard
     return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 

@@ -32,11 +32,16 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.add_argument("--quantize", choices=["int8", "int4"], default=None)
-    p.add_argument("--served-model-name", default=None, help="model id clients send (default: the folder name)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id(s) clients send: the first is the served id, the others aliases (default: the "
+                        "folder name)")
+    p.add_argument("--accept-any-model-name", action="store_true",
+                   help="take any `model` value in requests as this server's one model (off: unknown names get 404)")
     p.add_argument("--max-model-len", type=int, default=None, help="context per request (default: model's, ≤ 8192)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get 429")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set UNIGEMMA_API_KEY)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' or an 'api-key: KEY' header "
+                                                   "(or set UNIGEMMA_API_KEY)")
     p.add_argument("--media-root", default=None, help="allow local media paths, only under this folder")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB")
@@ -54,9 +59,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-video-frames", type=int, default=32, help="frames sampled from one video")
     p.add_argument("--max-realtime-turns", type=int, default=None,
                    help="open /v1/realtime turns holding a slot at once (default: half of --max-concurrency)")
-    p.add_argument("--allowed-origin", action="append", default=None, metavar="ORIGIN",
-                   help="a browser origin (http(s)://host[:port]) besides the server's own that may open "
-                        "/v1/realtime; repeat for several, '*' for any")
+    p.add_argument("--allowed-origin", "--allowed-origins", dest="allowed_origin", action="append", nargs="+",
+                   default=None, metavar="ORIGIN",
+                   help="browser origin(s) (http(s)://host[:port]) besides the server's own that may call the API "
+                        "(CORS) and open /v1/realtime; repeat or list several, '*' for any (default: none)")
+    p.add_argument("--max-stored-responses", type=int, default=256,
+                   help="/v1/responses kept in memory for retrieval and previous_response_id (oldest dropped)")
+    p.add_argument("--max-embedding-inputs", type=int, default=256, help="inputs in one /v1/embeddings request")
+    p.add_argument("--max-embedding-tokens", type=int, default=65_536,
+                   help="tokens over all inputs of one /v1/embeddings request")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGTERM")
     p.add_argument("--log-level", default="info")
@@ -74,7 +85,9 @@ def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSet
             raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_queue' else 1}, got {v}")
     root = get("media_root")
     return ServerSettings(
-        model_name=get("served_model_name") or default_name,
+        model_name=(get("served_model_name") or [default_name])[0],
+        model_aliases=tuple((get("served_model_name") or [])[1:]),
+        accept_any_model_name=bool(get("accept_any_model_name", False)),
         api_key=get("api_key") or os.environ.get("UNIGEMMA_API_KEY") or None,
         max_concurrency=get("max_concurrency", 8) or 8,
         max_queue=get("max_queue", 64) if get("max_queue") is not None else 64,
@@ -92,7 +105,11 @@ def settings_from_args(args: argparse.Namespace, default_name: str) -> ServerSet
         max_video_seconds=get("max_video_seconds") or 600.0,
         max_video_frames=get("max_video_frames") or 32,
         max_realtime_turns=get("max_realtime_turns"),
-        allowed_origins=tuple(get("allowed_origin") or ()),
+        allowed_origins=tuple(o for group in get("allowed_origin") or () for o in
+                              ([group] if isinstance(group, str) else group)),
+        max_stored_responses=get("max_stored_responses") or 256,
+        max_embedding_inputs=get("max_embedding_inputs") or 256,
+        max_embedding_tokens=get("max_embedding_tokens") or 65_536,
     )
 
 

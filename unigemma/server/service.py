@@ -61,7 +61,9 @@ class ServerSettings:
     is decoded.
     """
 
-    model_name: str = "unigemma"
+    model_name: str = "unigemma"            # the served id (responses carry it)
+    model_aliases: tuple[str, ...] = ()     # further names clients may send for it
+    accept_any_model_name: bool = False     # one model is served: any name in `model` means it
     api_key: str | None = None
     max_concurrency: int = 8         # sequences decoded together (engine slots)
     max_queue: int = 64              # sequences waiting for a slot; past it: 429
@@ -83,11 +85,14 @@ class ServerSettings:
     max_video_frames: int = 32              # frames sampled from one video
     max_realtime_turns: int | None = None   # open realtime turns holding a slot (None: half the slots, >= 1)
     allowed_origins: tuple[str, ...] = ()   # browser origins besides the server's own that may open /v1/realtime
+    max_stored_responses: int = 256         # /v1/responses kept in memory for retrieve / previous_response_id
+    max_embedding_inputs: int = 256         # inputs in one /v1/embeddings request
+    max_embedding_tokens: int = 65_536      # tokens over all inputs of one /v1/embeddings request
 
     def __post_init__(self) -> None:
         positive = ("max_concurrency", "max_body_bytes", "max_media_bytes", "max_prompt_chars", "max_stop_chars",
                     "max_json_depth", "max_image_pixels", "max_image_side", "max_image_decoded_bytes",
-                    "max_video_frames")
+                    "max_video_frames", "max_stored_responses", "max_embedding_inputs", "max_embedding_tokens")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -106,6 +111,12 @@ class ServerSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
                 raise ValueError(f"ServerSettings.{name}={v!r}: expected a number of seconds > 0")
+        if isinstance(self.model_aliases, str):
+            self.model_aliases = (self.model_aliases,)
+        self.model_aliases = tuple(a for a in self.model_aliases if a != self.model_name)
+        for a in (self.model_name, *self.model_aliases):
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError(f"ServerSettings model name {a!r}: expected a non-empty string")
         if isinstance(self.allowed_origins, str):
             self.allowed_origins = (self.allowed_origins,)
         self.allowed_origins = tuple(self.allowed_origins)
@@ -499,10 +510,17 @@ class Service:
                                 f"context is {self.max_model_len} tokens; shorten the prompt", param=param,
                            code="context_length_exceeded")
 
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.settings.model_name, *self.settings.model_aliases)
+
     def check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        """The request's `model` must be a served name, unless --accept-any-model-name (one model, any name)."""
+        if name in self.model_names or self.settings.accept_any_model_name:
+            return
+        names = ", ".join(repr(n) for n in self.model_names)
+        raise APIError(404, f"the model {name!r} does not exist; this server serves {names} (start it with "
+                            "--accept-any-model-name to take any name)", param="model", code="model_not_found")
 
     # --- prompts -------------------------------------------------------------------------------------------
     def prepare_chat(self, req: ChatCompletionRequest) -> Prepared:
@@ -561,7 +579,8 @@ class Service:
         elif req.max_soft_tokens is not None:
             budget = check_budget(req.max_soft_tokens)
         else:
-            budget = budget_for_detail(part.image_url.detail, getattr(self.llm, "default_image_tokens", 280))
+            detail = "high" if part.image_url.detail == "original" else part.image_url.detail  # the largest budget
+            budget = budget_for_detail(detail, getattr(self.llm, "default_image_tokens", 280))
         feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where)
         from unigemma.inputs.image import check_positions
         check_positions(feats, self.llm.config.vision.mm_posemb_size, where)
@@ -755,9 +774,9 @@ class Service:
                         lps.append(self._lp_entry(out.token_id, out.logprob, out.top))
                 events += parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
                 reason = out.finish_reason
-            events += parser.finish()
+            events += parser.finish(cut_off=reason == "length")
             parsed = collect(events, parser.stopped_by)
-            finish = "tool_calls" if parsed.tool_calls else ("length" if reason == "length" else "stop")
+            finish = finish_reason(reason, bool(parsed.tool_calls))
             msg: dict[str, Any] = {"role": "assistant", "content": parsed.content if not parsed.tool_calls
                                    else (parsed.content or None)}
             if parsed.reasoning:
@@ -777,8 +796,12 @@ class Service:
                 h.cancel()
         completion = sum(n for _, n in results)
         usage = self._usage(len(prep.prompt_ids), completion, handles[0].cached_tokens)
+        choices = [c for c, _ in results]
+        if req.legacy_functions:
+            for c in choices:
+                _legacy_function_call(c, "message")
         return {"id": cid, "object": "chat.completion", "created": _now(),
-                "model": self.settings.model_name, "choices": [c for c, _ in results], "usage": usage,
+                "model": self.settings.model_name, "choices": choices, "usage": usage,
                 "system_fingerprint": None}
 
     def _usage(self, prompt: int, completion: int, cached: int) -> dict:
@@ -789,7 +812,8 @@ class Service:
     def chat_stream(self, req: ChatCompletionRequest, prep: Prepared) -> AsyncIterator[dict]:
         """chat.completion.chunk dicts; choices of n > 1 interleave as their tokens arrive. The engine requests
         are made here, before the response starts, so that refusals still get their own status code."""
-        return self._chat_stream(req, prep, self.chat_handles(req, prep))
+        chunks = self._chat_stream(req, prep, self.chat_handles(req, prep))
+        return _legacy_stream(chunks) if req.legacy_functions else chunks
 
     async def _chat_stream(self, req: ChatCompletionRequest, prep: Prepared,
                            handles: list[RequestHandle]) -> AsyncIterator[dict]:
@@ -816,8 +840,8 @@ class Service:
                         counts[i] += 1
                     events = parser.feed(out.text + (self._stop_text(out) if out.finished else ""))
                     if out.finished:
-                        events += parser.finish()
                         reason = out.finish_reason
+                        events += parser.finish(cut_off=reason == "length")
                     lps = None
                     if req.logprobs and out.logprob is not None and not (out.finished and
                                                                          isinstance(out.stop_reason, int)):
@@ -831,7 +855,8 @@ class Service:
                         elif isinstance(ev, ParseWarning):
                             warnings.append(ev)
                         elif isinstance(ev, ToolCallEnd):
-                            called = called or ev.arguments is not None   # a call dropped after its start
+                            # a call dropped after its start is not a call; one cut off by the budget is
+                            called = called or ev.arguments is not None or ev.cut_off
                         elif isinstance(ev, ToolCallStart):
                             deltas.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function",
                                                            "function": {"name": ev.name, "arguments": ""}}]})
@@ -842,8 +867,7 @@ class Service:
                         deltas.append({})
                     for k, d in enumerate(deltas):
                         await queue.put(chunk(i, d, logprobs=lps if k == 0 else None))
-                finish = "tool_calls" if called else ("length" if reason == "length" else "stop")
-                last = chunk(i, {}, finish)
+                last = chunk(i, {}, finish_reason(reason, called))
                 if warnings:   # on the last chunk: by then every call is read or dropped
                     last["choices"][0]["warnings"] = self._warnings(warnings, cid, i)
                 await queue.put(last)
@@ -1001,6 +1025,37 @@ class Service:
                 t.cancel()
             for _, h in handles:
                 h.cancel()
+
+
+def _legacy_function_call(choice: dict, key: str) -> None:
+    """A choice (key "message") or chunk choice (key "delta") in the legacy `functions` shape: its one tool call
+    as `function_call`, finish_reason "function_call"."""
+    body = choice[key]
+    calls = body.pop("tool_calls", None)
+    if calls:
+        fn = calls[0]["function"]
+        body["function_call"] = {k: v for k, v in fn.items() if k in ("name", "arguments")}
+    if choice.get("finish_reason") == "tool_calls":
+        choice["finish_reason"] = "function_call"
+
+
+async def _legacy_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    try:
+        async for chunk in chunks:
+            for c in chunk.get("choices", []):
+                _legacy_function_call(c, "delta")
+            yield chunk
+    finally:
+        await chunks.aclose()
+
+
+def finish_reason(engine_reason: str | None, has_calls: bool) -> str:
+    """The one rule, streamed or not: "length" whenever the token budget ended the output (even inside or just
+    after a tool call: the call the client got is then cut off, its arguments possibly incomplete JSON, exactly as
+    far as it was streamed), else "tool_calls" when a call was read, else "stop"."""
+    if engine_reason == "length":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
 
 
 # What the OpenAI API reports for a token the sampler could not pick (masked by a grammar or logit_bias): JSON
