@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+from typing import Literal
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,33 @@ def test_langchain_chat_openai_over_the_responses_api(server):
         whole = whole + c
     assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Oslo"})]
     assert whole.response_metadata.get("status") == "completed"
+
+
+def test_openai_agents_sdk_with_its_default_model_api(server):
+    """The openai-agents SDK's default model (the Responses API) against the server: the agent calls the tool with
+    the demo model's arguments, gets its result, and finishes with the model's answer."""
+    agents = pytest.importorskip("agents")
+
+    agents.set_default_openai_client(openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused",
+                                                        max_retries=0, timeout=120), use_for_tracing=False)
+    agents.set_tracing_disabled(True)
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> str:
+        """Current weather in a city
+
+        Args:
+            city: City name
+        """
+        calls.append(city)
+        return json.dumps({"temperature": 12, "unit": unit, "condition": "sunny"})
+
+    agent = agents.Agent(name="demo", model=MODEL, tools=[get_weather],
+                         model_settings=agents.ModelSettings(temperature=0, max_tokens=60))
+    result = agents.Runner.run_sync(agent, "What is the weather in Oslo?", max_turns=3)
+    assert calls == ["Oslo"]
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+    answer = result.final_output
+    assert "12" in answer and "Oslo" in answer and "sunny" in answer, (answer, result.raw_responses[-1])
