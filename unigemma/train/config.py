@@ -56,6 +56,7 @@ class DataSection:
     group_size: int = 64                   # batches per length-sorted group
     prefill_empty_thought: bool = True     # thinking-off prefill `<|channel>thought\n<channel|>` (untrained)
     image_soft_tokens: int = 280           # soft-token budget per image (70, 140, 280, 560, 1120)
+    skip_bad_records: bool = False         # leave out records with bad JSON / media (warned) instead of stopping
     num_workers: int = 2
     prefetch_factor: int = 4
     pin_memory: bool = True                # used only when training on CUDA
@@ -85,7 +86,9 @@ class EvalSection:
 class CheckpointSection:
     every: int = 0                         # optimizer steps between checkpoints; 0: only at the end
     keep: int = 2                          # step checkpoints kept (older ones are deleted); the final one stays
-    resume: str = "auto"                   # auto (latest in output_dir) | never | a checkpoint folder
+    resume: str = "auto"                   # auto (latest in output_dir, only when config and data are unchanged)
+                                           # | force (latest, even if they changed) | never | a checkpoint folder
+    overwrite: bool = False                # replace a finished run (final/) or checkpoints from another run
     max_shard_bytes: int = 2 << 30
 
 

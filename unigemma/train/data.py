@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +40,9 @@ TR_OPEN = "<|tool_response>"
 TR_CLOSE = "<tool_response|>"
 
 
+_B64_TEXT = re.compile(r"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+
+
 class DataError(ValueError):
     """A training record is malformed; the message names the file and line."""
 
@@ -52,11 +57,13 @@ class Record:
     where: str = ""
 
 
-def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None = None) -> list[Record]:
+def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None = None,
+               errors: list[str] | None = None) -> list[Record]:
     """Parse a chat JSONL file; each line is {"messages": [...], "tools"?, "enable_thinking"?} or a message list.
 
     extra_keys: "error" (a training file with other keys is probably not what the caller meant) or "ignore"
     (evaluation splits that carry ids, answers and metadata beside the conversation). limit: the first N records.
+    errors: when given, a malformed line is appended to it (its message names the line) and skipped.
     """
     if extra_keys not in ("error", "ignore"):
         raise ValueError(f"extra_keys must be 'error' or 'ignore', got {extra_keys!r}")
@@ -70,30 +77,38 @@ def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None
                 break
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, list):
-                obj = {"messages": obj}
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-                raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
-            unknown = set(obj) - {"messages", "tools", "enable_thinking"}
-            if extra_keys == "ignore":
-                obj = {k: v for k, v in obj.items() if k not in unknown and v is not None}
-            elif unknown:
-                raise DataError(f"{where}: unknown key {sorted(unknown)[0]!r} (accepted: messages, tools, "
-                                "enable_thinking)")
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
-                raise DataError(f"{where}: no assistant message: nothing to train on")
-            tools = obj.get("tools")
-            if tools is not None and not isinstance(tools, list):
-                raise DataError(f"{where}: 'tools' must be a list of tool schemas")
-            out.append(Record(obj["messages"], tools, bool(obj.get("enable_thinking", False)), where))
+                out.append(_parse_line(line, f"{path}:{n}", extra_keys))
+            except DataError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
     if not out:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records" + (f" ({len(errors)} bad: {errors[0]})" if errors else ""))
     return out
+
+
+def _parse_line(line: str, where: str, extra_keys: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, list):
+        obj = {"messages": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+        raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
+    unknown = set(obj) - {"messages", "tools", "enable_thinking"}
+    if extra_keys == "ignore":
+        obj = {k: v for k, v in obj.items() if k not in unknown and v is not None}
+    elif unknown:
+        raise DataError(f"{where}: unknown key {sorted(unknown)[0]!r} (accepted: messages, tools, "
+                        "enable_thinking)")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
+        raise DataError(f"{where}: no assistant message: nothing to train on")
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of tool schemas")
+    return Record(obj["messages"], tools, bool(obj.get("enable_thinking", False)), where)
 
 
 # --- media ----------------------------------------------------------------------------------------------
@@ -112,16 +127,22 @@ def _resolve(src: Any, base: Path, where: str) -> str:
         raise DataError(f"{where}: remote media ({src[:60]}) is not fetched in training; download it and give a path")
     if src.startswith("data:"):
         return src
-    if src.startswith("file://"):
-        src = src[len("file://"):]
-    p = Path(src).expanduser()
-    if not p.is_absolute():
-        p = base / p
-    if p.is_file():
-        return str(p)
-    if len(src) > 256 and "/" not in src[:64]:  # long text that names no file: base64 payload
+    path = src[len("file://"):] if src.startswith("file://") else src
+    if len(path) <= 4096:  # longer strings name no file (and stat() would fail with "File name too long")
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = base / p
+        try:
+            if p.is_file():
+                return str(p)
+        except OSError:  # a name longer than the file system allows: not a file, maybe base64
+            pass
+    # OpenAI's input_audio.data is plain base64; images may be given so too. Base64 text contains "/" and "+",
+    # so it is recognised by its alphabet and length, never by the absence of path separators.
+    if len(src) >= 32 and _B64_TEXT.fullmatch(src):
         return src
-    raise DataError(f"{where}: media file {src!r} not found (relative paths are resolved against {base})")
+    raise DataError(f"{where}: media file {src[:80]!r}{'...' if len(src) > 80 else ''} not found (relative paths "
+                    f"are resolved against {base}; media may also be a data: URI or base64 text)")
 
 
 def collect_media(rec: Record, base: Path) -> list[MediaRef]:
@@ -228,6 +249,7 @@ class Tokenized:
     trained: list[np.ndarray]           # bool, same shapes
     media: list[MediaRef]               # one per gap between pieces
     est_len: int                        # length estimate (media at their budget) for length grouping
+    where: str = ""                     # "file:line" of the record, for errors raised while building it
 
 
 def tokenize_rendered(text: str, spans: list[tuple[int, int]], tokenizer, ids: MediaIds,
@@ -254,7 +276,7 @@ def tokenize_rendered(text: str, spans: list[tuple[int, int]], tokenizer, ids: M
         raise DataError(f"{where}: the rendered prompt has media placeholders {cuts} but the messages hold "
                         f"{[m.kind for m in media]}")
     est = sum(len(p) for p in pieces) + sum(282 if m.kind == "image" else 100 for m in media)
-    return Tokenized(pieces, flags, media, est)
+    return Tokenized(pieces, flags, media, est, where)
 
 
 def render_record(rec: Record, template, prefill_empty_thought: bool = True) -> tuple[str, list[tuple[int, int]]]:
@@ -324,20 +346,93 @@ def build_example(tok: Tokenized, ids: MediaIds, max_len: int, image_soft_tokens
 
 # --- datasets, sampling, batching --------------------------------------------------------------------------
 
+def _short_source(source: str, base: Path) -> str:
+    """A media source as the user wrote it, for messages: a path relative to the JSONL folder, or the payload's
+    kind and size (never the payload)."""
+    if source.startswith("data:"):
+        return f"<data URI, {len(source)} chars>"
+    p = Path(source) if len(source) <= 4096 else None
+    if p is not None and p.is_absolute():
+        try:
+            return repr(str(p.relative_to(base)))
+        except ValueError:
+            return repr(source)
+    return f"<base64, {len(source)} chars>"
+
+
+def check_media(refs: list[MediaRef], threads: int = 4) -> dict[tuple, str]:
+    """Decode every distinct media source once (threads: PIL and the audio decoders release the GIL) and return
+    {(kind, source, fmt): error message} for those that fail, so a corrupt file is reported before training
+    starts rather than when its batch comes up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..inputs.audio import load_audio
+    from ..inputs.image import load_image
+
+    def check(key: tuple) -> str | None:
+        kind, source, fmt = key
+        try:
+            if kind == "image":
+                load_image(source)
+            else:
+                load_audio(source, format=fmt)
+        except Exception as e:  # MediaError, or anything a decoder raises on bad bytes
+            return str(e) or type(e).__name__
+        return None
+
+    keys = list(dict.fromkeys((r.kind, r.source, r.fmt) for r in refs))
+    if not keys:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+        return {k: err for k, err in zip(keys, pool.map(check, keys)) if err is not None}
+
+
 class ChatDataset(torch.utils.data.Dataset):
-    """Rendered and tokenized at construction (main process); media decoded per item (in workers)."""
+    """Rendered and tokenized at construction (main process), media checked once up front; media decoded per item
+    (in workers).
+
+    A bad record (malformed line, template error, unreadable image or audio) stops construction with a DataError
+    naming its file:line, or, with `skip_bad_records`, is left out with a warning on stderr (`self.skipped` lists
+    the messages).
+    """
 
     def __init__(self, path: str | Path, tokenizer, template, ids: MediaIds, max_seq_len: int = 2048,
-                 prefill_empty_thought: bool = True, image_soft_tokens: int = 280):
+                 prefill_empty_thought: bool = True, image_soft_tokens: int = 280, skip_bad_records: bool = False,
+                 validate_media: bool = True):
         path = Path(path)
         self.ids = ids
         self.max_seq_len = max_seq_len
         self.image_soft_tokens = image_soft_tokens
-        self.items: list[Tokenized] = []
-        for rec in read_jsonl(path):
-            text, spans = render_record(rec, template, prefill_empty_thought)
-            media = collect_media(rec, path.parent)
-            self.items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
+        bad: list[str] = []
+        items: list[Tokenized] = []
+        for rec in read_jsonl(path, errors=bad):
+            try:
+                text, spans = render_record(rec, template, prefill_empty_thought)
+                media = collect_media(rec, path.parent)
+                items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
+            except DataError as e:
+                bad.append(str(e))
+        if validate_media:
+            failed = check_media([m for it in items for m in it.media])
+            kept = []
+            for it in items:
+                errs = [(m, failed[k]) for m in it.media if (k := (m.kind, m.source, m.fmt)) in failed]
+                if errs:
+                    m, err = errs[0]
+                    bad.append(f"{it.where}: {m.kind} {_short_source(m.source, path.parent)}: {err}")
+                else:
+                    kept.append(it)
+            items = kept
+        if bad and not skip_bad_records:
+            more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; fix the record, or set data.skip_bad_records: true "
+                            "(unigemma train --skip-bad-records) to train without it")
+        for msg in bad:
+            print(f"warning: skipping bad record {msg}", file=sys.stderr)
+        if not items:
+            raise DataError(f"{path}: no usable records ({len(bad)} skipped as bad)")
+        self.skipped = bad
+        self.items = items
         # Length for grouping: exact text tokens, images at their budget, audio at a typical clip (~4 s).
         self.lengths = [min(sum(len(p) for p in t.pieces) + sum(image_soft_tokens + 2 if m.kind == "image" else 100
                                                                 for m in t.media), max_seq_len)
@@ -347,7 +442,11 @@ class ChatDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        return build_example(self.items[i], self.ids, self.max_seq_len, self.image_soft_tokens)
+        item = self.items[i]
+        try:
+            return build_example(item, self.ids, self.max_seq_len, self.image_soft_tokens)
+        except Exception as e:  # a file changed since the check: still name the record, not only the loader
+            raise DataError(f"{item.where}: {e}") from e
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):

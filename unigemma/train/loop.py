@@ -22,11 +22,14 @@ and projected to the vocabulary in chunks under activation checkpointing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +144,7 @@ def load_weights(module: nn.Module, path: str | Path, allow_missing: tuple[str, 
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]})")
+    check_shapes(Path(path), state, own, [])
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -275,18 +279,150 @@ def set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
     random.setstate((v, tuple(internal), gauss))
 
 
-def find_resume(cfg: TrainConfig) -> Path | None:
-    r = cfg.checkpoint.resume
+# --- which run an output folder holds ------------------------------------------------------------------------
+
+# Keys that do not change what is trained (where it is written, how often it logs / evaluates / checkpoints, how
+# many loader workers): a run resumed with other values of these follows the same trajectory.
+_NOT_TRAJECTORY = ("output_dir", "checkpoint.", "log.", "eval.", "report.", "data.eval", "data.train",
+                   "data.num_workers", "data.prefetch_factor", "data.pin_memory", "model.device",
+                   "drafter.acceptance_")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: TrainConfig) -> dict:
+    """What makes two runs the same training: the trajectory-relevant config keys and the training data's bytes
+    (data.train's path is left out so a moved file still matches)."""
+    conf = {k: v for k, v in _flat(cfg.to_dict()).items() if not k.startswith(_NOT_TRAJECTORY)}
+    return {"config": conf, "data_sha256": file_sha256(cfg.data.train)}
+
+
+def fingerprint_changes(old: dict | None, new: dict) -> list[str]:
+    """Human-readable differences ("optim.steps: 300 -> 100", "data.train: contents changed")."""
+    if not old:
+        return []
+    a, b = old.get("config", {}), new["config"]
+    out = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+           if a.get(k) != b.get(k)]
+    if old.get("data_sha256") and old["data_sha256"] != new["data_sha256"]:
+        out.append("data.train: contents changed")
+    return out
+
+
+def _read_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def _stored_fingerprint(state: dict) -> dict | None:
+    """The fingerprint a checkpoint was written with; checkpoints from before fingerprints carry only the config."""
+    if "fingerprint" in state:
+        return state["fingerprint"]
+    if "config" in state:
+        return {"config": {k: v for k, v in _flat(state["config"]).items() if not k.startswith(_NOT_TRAJECTORY)}}
+    return None
+
+
+class RunConflict(ValueError):
+    """The output folder holds a finished run, or checkpoints of a different run, and nothing said to replace or
+    continue them."""
+
+
+def find_resume(cfg: TrainConfig, fingerprint: dict | None = None) -> tuple[Path | None, list[str]]:
+    """(checkpoint to resume from or None, config/data changes since it was written).
+
+    auto: the latest checkpoint-* in output_dir, only when its fingerprint matches (otherwise RunConflict);
+    force: the latest, whatever changed; never: none; a folder: that checkpoint. A finished run (final/) is
+    never continued or replaced without checkpoint.overwrite; with overwrite, nothing is resumed.
+    """
+    out, r = Path(cfg.output_dir), cfg.checkpoint.resume
+    fingerprint = fingerprint or run_fingerprint(cfg)
+    final = out / "final"
+    if cfg.checkpoint.overwrite:
+        return (None, []) if r in ("auto", "force", "never") else (Path(r), [])
+    if final.is_dir() and any(final.iterdir()):
+        done = f" at step {_read_state(final)['step']}" if (final / "trainer_state.json").is_file() else ""
+        raise RunConflict(f"{out} already holds a finished run (final/{done}); re-running would replace it. Pass "
+                          "--overwrite (checkpoint.overwrite: true) to train again from scratch, or use another "
+                          "output_dir")
     if r == "never":
-        return None
-    if r != "auto":
+        return None, []
+    if r not in ("auto", "force"):
         p = Path(r)
         if not (p / "trainer_state.json").is_file():
             raise ValueError(f"checkpoint.resume = {r!r}: not a training checkpoint (no trainer_state.json)")
-        return p
-    cands = sorted(p for p in Path(cfg.output_dir).glob("checkpoint-*")
+        return p, fingerprint_changes(_stored_fingerprint(_read_state(p)), fingerprint)
+    cands = sorted(p for p in out.glob("checkpoint-*")
                    if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file())
-    return cands[-1] if cands else None
+    if not cands:
+        return None, []
+    latest = cands[-1]
+    changes = fingerprint_changes(_stored_fingerprint(_read_state(latest)), fingerprint)
+    if changes and r == "auto":
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise RunConflict(f"{latest} was written by a different run ({shown}); resuming would mix two trainings. "
+                          "Use another output_dir, --overwrite (checkpoint.overwrite: true) to start this run over, "
+                          "or --resume (checkpoint.resume: force) to continue from it anyway")
+    return latest, changes
+
+
+def clear_run(out: Path) -> None:
+    """Remove what a previous run left in `out` (checkpoints, final/, logs): --overwrite."""
+    for p in [*out.glob("checkpoint-*"), out / "final", out / "tensorboard"]:
+        shutil.rmtree(p, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def check_shapes(where: Path, saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
+                 changes: list[str]) -> None:
+    """A clear error instead of copy_'s size mismatch when the model or LoRA geometry changed since `where`."""
+    for k, v in saved.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            why = "; ".join(changes) if changes else "the model or lora settings changed"
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but {tuple(own[k].shape)} "
+                             f"in this run ({why}); resume with the config it was written with, or start over with "
+                             "--overwrite or another output_dir")
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to save a checkpoint after the current step and return; a second SIGINT
+    stops at once (the checkpoint write is atomic, so no half-written folder is left either way)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
+              "now)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 # --- the loop ------------------------------------------------------------------------------------------------
@@ -302,6 +438,7 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     report: dict = field(default_factory=dict)
+    interrupted: str | None = None        # "SIGTERM" / "SIGINT" when a signal stopped the run (checkpoint saved)
 
 
 def make_task(cfg: TrainConfig, device: torch.device):
@@ -344,18 +481,50 @@ class _Log:
                 fh.write(json.dumps(record) + "\n")
 
 
-def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | None = None) -> TrainResult:
+def _agree_to_stop(stopper: StopSignal, ctx: DistContext, dev: torch.device) -> bool:
+    """Whether any worker got a stop signal; all workers must stop at the same step (their collectives pair up),
+    so under torch.distributed this is one 1-element all-reduce per step."""
+    if not ctx.active:
+        return stopper.signum is not None
+    flag = torch.tensor([1.0 if stopper.signum is not None else 0.0], device=dev)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | None = None,
+          handle_signals: bool = True) -> TrainResult:
     """Run (or resume) the training `cfg` describes; returns losses and where the final checkpoint is.
 
     stop_after: run at most this many optimizer steps in this call, then write a checkpoint and return (a job
-    with a time limit; the next call resumes from it).
+    with a time limit; the next call resumes from it). handle_signals: SIGTERM / SIGINT (from the main thread)
+    save a checkpoint after the current step and return with `result.interrupted` set.
     """
+    if not handle_signals:
+        return _train(cfg, ctx, stop_after, None)
+    with StopSignal() as stopper:
+        return _train(cfg, ctx, stop_after, stopper)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
+           stopper: StopSignal | None) -> TrainResult:
     ctx = ctx or init_distributed(cfg.distributed.backend, cfg.model.device)
     dev = ctx.device
     out = Path(cfg.output_dir)
+    fingerprint = run_fingerprint(cfg)
+    resume, changes = find_resume(cfg, fingerprint)
     if ctx.is_main:
+        if cfg.checkpoint.overwrite:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-    resume = find_resume(cfg)
+    if resume is not None:
+        state = _read_state(resume)
+        if state["step"] >= cfg.optim.steps:
+            raise ValueError(f"{resume} is at step {state['step']}, not before optim.steps = {cfg.optim.steps}: "
+                             "nothing to train. Raise optim.steps, or start over with --overwrite")
+        if ctx.is_main:
+            print(f"resuming from {resume} (step {state['step']} of {cfg.optim.steps})"
+                  + (f"; changed since it was written: {'; '.join(changes)}" if changes else ""),
+                  file=sys.stderr, flush=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = make_task(cfg, dev)
@@ -364,7 +533,7 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
     d, o, ds = cfg.data, cfg.optim, cfg.distributed
 
     train_ds = ChatDataset(d.train, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
-                           d.prefill_empty_thought, d.image_soft_tokens)
+                           d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records)
     sampler = LengthGroupedBatchSampler(train_ds.lengths, d.batch_size, cfg.seed, d.group_by_length, d.group_size,
                                         shuffle=True, rank=ctx.rank, world_size=ctx.world_size)
     pin = d.pin_memory and dev.type == "cuda"
@@ -373,7 +542,7 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
     eval_ds = None
     if d.eval is not None and ctx.is_main:
         eval_ds = ChatDataset(d.eval, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
-                              d.prefill_empty_thought, d.image_soft_tokens)
+                              d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records)
         es = LengthGroupedBatchSampler(eval_ds.lengths, d.batch_size, 0, True, 1 << 30, shuffle=False)
         eval_loader = make_loader(eval_ds, es, task.pad_id, 0)
 
@@ -412,6 +581,8 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
         if diloco is not None:
             diloco.load_state_dict({k[len("diloco."):]: v for k, v in rt.items() if k.startswith("diloco.")})
             link.bytes_sent = rm.get("bytes_sent", 0)
+        check_shapes(resume, {k[len("local."):]: v for k, v in rt.items() if k.startswith("local.")},
+                     dict(zip(names, params)), changes)
         with torch.no_grad():
             for n, p in zip(names, params):
                 if f"local.{n}" in rt:
@@ -464,7 +635,8 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
             torch.distributed.barrier()
         if ctx.is_main:
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "world_size": ctx.world_size, "task": cfg.task, "config": cfg.to_dict()},
+                {"step": step, "world_size": ctx.world_size, "task": cfg.task, "config": cfg.to_dict(),
+                 "fingerprint": fingerprint},
                 indent=2), encoding="utf-8")
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
@@ -551,6 +723,14 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
                 save_pending = False
             else:  # an exchange is in flight: take the checkpoint at the next quiet step (exact resume)
                 save_pending = True
+        if stopper is not None and step < o.steps and _agree_to_stop(stopper, ctx, dev):
+            if diloco is None or diloco.idle:  # else: the next quiet step (exact resume)
+                name = signal.Signals(stopper.signum).name if stopper.signum else "a signal on another worker"
+                result.steps, result.interrupted = step, name
+                result.output_dir = save(f"checkpoint-{step:06d}")
+                log({"step": step, "interrupted": name, "checkpoint": str(result.output_dir)},
+                    f"stopped by {name} at step {step}: saved {result.output_dir}; run the same command to resume")
+                return result
 
     if diloco is not None:
         diloco.flush()
