@@ -174,6 +174,11 @@ def _missing_extra(cmd: str, extra: str, err: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Ctrl-C anywhere (start-up, loading, generating) ends it quietly with status 130."""
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["train"]:  # its own parser (options, `train export ...`): hand over everything after it
+            from .train.cli import main as train_main
+
+            return train_main(argv[1:]) or 0
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
