@@ -32,6 +32,7 @@ class ModelSection:
     init_std: float = 0.02                 # std of the normal init used with `config`
     precision: str = "fp32"                # fp32 | bf16 (weights and optimizer in bf16) | bf16-mixed (autocast)
     gradient_checkpointing: bool = False
+    quantize: str | None = None            # int8 | int4: frozen base quantized on load (QLoRA; needs lora.enabled)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
 
 
@@ -43,6 +44,8 @@ class LoRASection:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"])
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full, e.g. [embed_tokens] or [norm]
+    save_merged: bool = True               # final/ also holds the merged model (float bases), beside the adapter
 
 
 @dataclass
@@ -240,6 +243,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                    "folder (tokenizer.json)")
         if cfg.lora.enabled and m.checkpoint is None:
             raise TrainConfigError("lora.enabled: LoRA adapts a pretrained model; set model.checkpoint")
+        if m.quantize is not None:
+            _choice(m.quantize, ("int8", "int4"), "model.quantize")
+            if not cfg.lora.enabled:
+                raise TrainConfigError(f"model.quantize = {m.quantize!r}: int8 / int4 weights cannot be trained "
+                                       "directly; enable lora (QLoRA: adapters on the frozen quantized base)")
     else:
         if cfg.drafter.target is None or cfg.drafter.init is None:
             raise TrainConfigError("drafter: task 'drafter' needs drafter.target (target checkpoint) and "

@@ -159,6 +159,26 @@ def copy_tokenizer_files(src: str | Path | None, dst: Path) -> None:
             shutil.copyfile(f, dst / name)
 
 
+def full_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths for lora.modules_to_save entries (a path, or its last parts: `norm`, `embed_tokens`); their
+    parameters become trainable."""
+    found = []
+    all_names = [n for n, _ in model.named_modules() if n]
+    for entry in names:
+        hits = [n for n in all_names if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise ValueError(f"lora.modules_to_save: {entry!r} names no module (e.g. embed_tokens, "
+                             "model.language_model.norm, input_layernorm)")
+        for n in hits:
+            params = list(model.get_submodule(n).parameters())
+            if not params or any(not p.is_floating_point() for p in params):
+                raise ValueError(f"lora.modules_to_save: {n} has no float weights to train (int8 / int4 base?)")
+            for p in params:
+                p.requires_grad_(True)
+            found.append(n)
+    return sorted(set(found))
+
+
 # --- the fine-tuning task ------------------------------------------------------------------------------------
 
 class FinetuneTask:
@@ -173,10 +193,29 @@ class FinetuneTask:
         from ..model.unified import Gemma4Unified
         from .lora import apply_lora
 
+        from .. import quant
+
         m = cfg.model
         self.cfg = cfg
         dtype = precision_dtype(m.precision)
-        if m.checkpoint is not None:
+        stored = quant.stored_quantization(m.checkpoint) if m.checkpoint is not None else None
+        self.quantized = stored is not None or m.quantize is not None
+        if self.quantized and not cfg.lora.enabled:
+            raise ValueError(f"model.checkpoint {m.checkpoint} is quantized (int{stored['bits']}): its weights cannot "
+                             "be trained directly; enable lora (QLoRA), or train the float checkpoint")
+        if stored is not None:
+            if m.quantize is not None and m.quantize != f"int{stored['bits']}":
+                raise ValueError(f"model.quantize = {m.quantize!r}, but {m.checkpoint} is already "
+                                 f"int{stored['bits']}")
+            # kernels off: the dequantize-then-matmul path, which autograd differentiates with respect to x
+            self.model, self.model_config = quant.load_quantized(m.checkpoint, dtype=dtype, device=device,
+                                                                 kernels=False)
+            self.config_dict = dict(self.model_config.raw)
+        elif m.quantize is not None:
+            self.model, self.model_config = quant.build_quantized(m.checkpoint, quant.QuantConfig.parse(m.quantize),
+                                                                  dtype=dtype, device=device, kernels=False)
+            self.config_dict = dict(self.model_config.raw)
+        elif m.checkpoint is not None:
             self.model, self.model_config = build_model(m.checkpoint, dtype=dtype, device=device)
             self.config_dict = dict(self.model_config.raw)
         else:
@@ -194,8 +233,10 @@ class FinetuneTask:
         self.media_ids = MediaIds.from_model(self.model_config, self.tokenizer)
         self.pad_id = self.model_config.text.pad_token_id
         self.lora = cfg.lora.enabled
+        self.modules_to_save: list[str] = []
         if self.lora:
             apply_lora(self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+            self.modules_to_save = full_modules(self.model, cfg.lora.modules_to_save)
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -209,10 +250,18 @@ class FinetuneTask:
         """LoRA adapters cannot be recovered from merged weights, so they go into the training state."""
         return self.lora
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, final: bool = False) -> None:
+        """LoRA: the adapter (PEFT's layout) in every checkpoint, and in final/ also the merged model (float base,
+        lora.save_merged). Full fine-tuning: the model."""
         from ..checkpoint import save_model
-        from .lora import merged_state_dict
+        from .lora import merged_state_dict, save_adapter
 
+        if self.lora:
+            lc = self.cfg.lora
+            save_adapter(self.model, path, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout,
+                         base=self.cfg.model.checkpoint, modules_to_save=self.modules_to_save)
+            if not (final and lc.save_merged and not self.quantized):
+                return
         state = merged_state_dict(self.model) if self.lora else self.model.state_dict()
         save_model(_StateView(self.model_config, state), path, self.config_dict,
                    max_shard_bytes=self.cfg.checkpoint.max_shard_bytes)
@@ -619,7 +668,7 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
             torch.distributed.barrier()
         with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
             if ctx.is_main:
-                task.save(tmp)
+                task.save(tmp, final=name == "final")
         tensors, meta = optimizer_state(opt, names)
         rt, rm = rng_state(dev)
         tensors.update(rt)
