@@ -93,3 +93,110 @@ def test_peft_loads_our_adapter_with_the_same_logits(work, lora_run):
     merged = unigemma.load(lora_run, device="cpu", dtype="float32")  # final/'s merged copy: the same model
     with torch.no_grad():
         torch.testing.assert_close(merged.model(ids), b, atol=1e-5, rtol=1e-5)
+
+
+def test_export_adapter_and_merge(work, lora_run, tmp_path):
+    import unigemma
+    import unigemma.cli
+    from unigemma.train.cli import main
+
+    assert main(["export", str(work / "lora"), "--out", str(tmp_path / "ad")]) == 0  # a run folder: its final/
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json",
+                                                                  "adapter_model.safetensors"]
+    assert unigemma.cli.main(["train", "export", str(work / "lora" / "checkpoint-000004"), "--merge",
+                              "--out", str(tmp_path / "merged")]) == 0
+    merged = unigemma.load(tmp_path / "merged", device="cpu")
+    via = unigemma.load(work / "base", device="cpu", adapter=work / "lora" / "checkpoint-000004")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids), via.model(ids), atol=1e-5, rtol=1e-5)
+    assert merged.tokenizer is not None
+    assert main(["export", str(work / "base"), "--out", str(tmp_path / "x")]) == 2  # not a LoRA run: one line
+
+
+def test_adapter_flag_on_generate_and_serve(work, lora_run, capsys, monkeypatch):
+    import unigemma
+    from unigemma.cli import build_parser, main
+
+    llm = unigemma.load(work / "base", device="cpu", adapter=lora_run)
+    want = llm.generate("What is 3 plus 4?", max_tokens=6, temperature=0).text
+    capsys.readouterr()
+    assert main(["generate", "--model", str(work / "base"), "--adapter", str(lora_run), "--raw", "--prompt",
+                 "What is 3 plus 4?", "--max-tokens", "6", "--temperature", "0", "--drafter", "none"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == want
+    with pytest.raises(FileNotFoundError, match="not an adapter folder"):
+        unigemma.load(work / "base", device="cpu", adapter=work / "base")
+    # serve: the flag reaches load()
+    seen = {}
+
+    def fake_load(*a, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(unigemma, "load", fake_load)
+    args = build_parser().parse_args(["serve", "--model", str(work / "base"), "--adapter", str(lora_run)])
+    with pytest.raises(ValueError, match="stop here"):
+        args.func(args)
+    assert seen["adapter"] == str(lora_run)
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_qlora_trains_and_its_adapter_applies_to_the_float_base(work, bits):
+    import unigemma
+    from unigemma.quant import QuantLinear
+    from unigemma.train.data import ChatDataset, MediaIds, chat_template_for, collate
+
+    cfg = cfg_for(work, f"qlora_{bits}", model={"quantize": bits}, optim={"steps": 16, "lr": 3e-2})
+    r = train(cfg)
+    assert np.mean(r.losses[-3:]) < 0.85 * np.mean(r.losses[:2])
+    final = r.output_dir / "final"
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    # the adapter on the float base lowers the training loss as it did on the quantized one
+    base = unigemma.load(work / "base", device="cpu", dtype="float32")
+    adapted = unigemma.load(work / "base", device="cpu", dtype="float32", adapter=final)
+    ds = ChatDataset(work / "train.jsonl", base.tokenizer, chat_template_for(base.tokenizer),
+                     MediaIds.from_model(base.config, base.tokenizer))
+    batch = collate([ds[i] for i in range(len(ds))])
+
+    def loss(m):
+        with torch.no_grad():
+            s, n = CausalLMLoss(m)(batch)
+        return float(s / n)
+
+    assert loss(adapted.model) < 0.9 * loss(base.model)
+    # on the quantized base it stays a side branch
+    q = unigemma.load(work / "base", device="cpu", dtype="float32", quantize=bits, adapter=final)
+    assert any(isinstance(m, QuantLinear) for m in q.model.modules())
+    assert loss(q.model) < 0.9 * loss(base.model)
+
+
+def test_quantized_base_without_lora_is_refused(work):
+    with pytest.raises(tc.TrainConfigError, match="model.quantize = 'int4'.*enable lora"):
+        cfg_for(work, "q", model={"quantize": "int4"}, lora={"enabled": False})
+
+
+def test_trainable_embeddings_modules_to_save(work):
+    import unigemma
+
+    r = train(cfg_for(work, "emb", lora={"modules_to_save": ["embed_tokens"]}, optim={"steps": 4}))
+    base = unigemma.load(work / "base", device="cpu", dtype="float32")
+    ours = unigemma.load(work / "base", device="cpu", dtype="float32", adapter=r.output_dir / "final")
+    e0 = base.model.model.language_model.embed_tokens.weight
+    e1 = ours.model.model.language_model.embed_tokens.weight
+    assert (e0 - e1).abs().max() > 0  # the embedding (tied LM head) was trained and travels in the adapter
+    merged = unigemma.load(r.output_dir / "final", device="cpu", dtype="float32")
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model(ids), ours.model(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_on_a_stored_int4_checkpoint(work, tmp_path):
+    """The issue's case: LoRA on a folder written by `unigemma quantize` (was: unexpected tensor '...scales')."""
+    import unigemma
+    from unigemma.quant import quantize_checkpoint
+
+    quantize_checkpoint(work / "base", tmp_path / "q4", "int4")
+    r = train(cfg_for(work, "qlora_stored", model={"checkpoint": str(tmp_path / "q4")}, optim={"steps": 3}))
+    assert len(r.losses) == 3 and all(np.isfinite(r.losses))
+    llm = unigemma.load(tmp_path / "q4", device="cpu", adapter=r.output_dir / "final")
+    assert llm.generate("What is 1 plus 2?", max_tokens=3, temperature=0).token_ids
