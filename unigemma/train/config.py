@@ -83,6 +83,10 @@ class OptimSection:
 class EvalSection:
     every: int = 0                         # optimizer steps between evaluations; 0: only at the end
     max_batches: int | None = None
+    prompts: str | None = None             # chat JSONL: at each eval, greedy answers to these conversations (their
+                                           # last assistant message is the expected answer) are logged
+    max_prompts: int = 8
+    max_new_tokens: int = 64
 
 
 @dataclass
@@ -97,7 +101,10 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
-    every: int = 10
+    every: int = 10                        # optimizer steps per log record (its loss: the mean over those steps)
+    progress: str = "auto"                 # auto (a progress bar with ETA when stderr is a terminal) | bar | lines
+    report_to: list[str] = field(default_factory=list)  # tensorboard (output_dir/tensorboard) | wandb (if installed)
+    wandb_project: str = "unigemma"
 
 
 @dataclass
@@ -150,7 +157,7 @@ class TrainConfig:
 
 # --- parsing ---------------------------------------------------------------------------------------------
 
-_PATH_KEYS = {"output_dir", "model.checkpoint", "model.config", "data.train", "data.eval", "data.tokenizer",
+_PATH_KEYS = {"output_dir", "model.checkpoint", "model.config", "data.train", "data.eval", "data.tokenizer", "eval.prompts",
               "drafter.target", "drafter.init"}
 
 
@@ -291,6 +298,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive(cfg.checkpoint.every, "checkpoint.every", zero_ok=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.log.every, "log.every")
+    _choice(cfg.log.progress, ("auto", "bar", "lines"), "log.progress")
+    for i, r in enumerate(cfg.log.report_to):
+        _choice(r, ("tensorboard", "wandb"), f"log.report_to[{i}]")
+    _positive(cfg.eval.max_prompts, "eval.max_prompts")
+    _positive(cfg.eval.max_new_tokens, "eval.max_new_tokens")
+    if cfg.eval.prompts is not None and cfg.task != "finetune":
+        raise TrainConfigError("eval.prompts: generation samples are for task 'finetune' (a drafter reports its "
+                               "acceptance rate instead)")
     _choice(dist.strategy, ("none", "ddp", "diloco"), "distributed.strategy")
     _choice(dist.backend, ("auto", "gloo", "nccl"), "distributed.backend")
     _choice(dist.compression, ("none", "bf16", "int8", "int4"), "distributed.compression")

@@ -43,6 +43,7 @@ from .config import TrainConfig
 from .data import (IGNORE, ChatDataset, LengthGroupedBatchSampler, MediaIds, chat_template_for, make_loader,
                    model_inputs, to_device)
 from .diloco import DiLoCo, DistContext, Link, ddp_comm_hook, init_distributed
+from .report import Reporter, eval_prompts, format_eta, generate_samples, peak_memory_mb
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -515,21 +516,6 @@ def evaluate(loss_module: nn.Module, loader, device: torch.device, max_batches: 
     return total / max(count, 1)
 
 
-class _Log:
-    def __init__(self, path: Path | None, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def __call__(self, record: dict, line: str | None = None) -> None:
-        if not self.enabled:
-            return
-        if line:
-            print(line, file=sys.stderr, flush=True)
-        if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-
 def _agree_to_stop(stopper: StopSignal, ctx: DistContext, dev: torch.device) -> bool:
     """Whether any worker got a stop signal; all workers must stop at the same step (their collectives pair up),
     so under torch.distributed this is one 1-element all-reduce per step."""
@@ -548,14 +534,13 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
     with a time limit; the next call resumes from it). handle_signals: SIGTERM / SIGINT (from the main thread)
     save a checkpoint after the current step and return with `result.interrupted` set.
     """
-    if not handle_signals:
-        return _train(cfg, ctx, stop_after, None)
-    with StopSignal() as stopper:
-        return _train(cfg, ctx, stop_after, stopper)
+    with contextlib.ExitStack() as stack:
+        stopper = stack.enter_context(StopSignal()) if handle_signals else None
+        return _train(cfg, ctx, stop_after, stopper, stack)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
-           stopper: StopSignal | None) -> TrainResult:
+def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None, stopper: StopSignal | None,
+           stack: contextlib.ExitStack) -> TrainResult:
     ctx = ctx or init_distributed(cfg.distributed.backend, cfg.model.device)
     dev = ctx.device
     out = Path(cfg.output_dir)
@@ -643,7 +628,11 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
 
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.model.precision == "bf16-mixed" \
         else contextlib.nullcontext
-    log = _Log(out / "metrics.jsonl", ctx.is_main)
+    log = stack.enter_context(Reporter(out, ctx.is_main, o.steps, step, cfg.log.progress, cfg.log.report_to,
+                                       cfg.to_dict(), cfg.log.wandb_project))
+    samples = None
+    if cfg.eval.prompts is not None and ctx.is_main:
+        samples = eval_prompts(cfg.eval.prompts, task.template, task.tokenizer, cfg.eval.max_prompts)
     result = TrainResult(out, step)
 
     def next_batch() -> dict:
@@ -702,11 +691,23 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
         with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
             return evaluate(task.loss_module, eval_loader, dev, cfg.eval.max_batches, autocast)
 
+    def sample(rec: dict) -> str:
+        """Generated answers to eval.prompts into `rec`; returns the lines that show them."""
+        if not samples:
+            return ""
+        with diloco.global_weights() if diloco is not None else contextlib.nullcontext():
+            gens = generate_samples(task.model, samples, task.tokenizer, task.model_config.text.eos_token_id,
+                                    cfg.eval.max_new_tokens)
+        rec["generations"] = gens
+        return "".join(f"\n  {g['prompt'][:60]!r} -> {g['generated'][:80]!r} (expected {g['expected'][:40]!r})"
+                       for g in gens[:3])
+
     task.on_start(eval_ds, resume is not None)
     last_outer = diloco.outer_steps if diloco is not None else 0
     last_bytes = link.bytes_sent
     save_pending = False
     t_log, tok_log = time.perf_counter(), 0
+    interval: list[float] = []  # losses of the steps since the last log record
     t0 = time.perf_counter()
     task.loss_module.train()
     start_step = step
@@ -738,6 +739,8 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
         step += 1
         loss = loss_sum / targets
         result.losses.append(loss)
+        interval.append(loss)
+        log.step(step, f"loss {loss:.4f}")
         if diloco is not None:
             diloco.after_inner_step()
             if diloco.outer_steps > last_outer:  # one line per outer step: what it cost on the wire
@@ -749,11 +752,17 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
         if step % cfg.log.every == 0 or step == o.steps:
             now = time.perf_counter()
             tps = tok_log * ctx.world_size / max(now - t_log, 1e-9)
-            rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tps, "bytes_sent": link.bytes_sent,
-                   "epoch": epoch}
+            mean = sum(interval) / len(interval)
+            peak, kind = peak_memory_mb(dev)
+            eta = log.eta_s(step)
+            rec = {"step": step, "loss": mean, "loss_last_step": loss, "lr": lr, "tokens_per_s": tps,
+                   "bytes_sent": link.bytes_sent, "epoch": epoch, "peak_mem_mb": peak, "peak_mem_kind": kind,
+                   "eta_s": eta}
             if gnorm is not None:
                 rec["grad_norm"] = gnorm
-            line = f"step {step}/{o.steps} | loss {loss:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s"
+            line = (f"step {step}/{o.steps} | loss {mean:.4f} (mean of {len(interval)}) | lr {lr:.2e} | "
+                    f"{tps:,.0f} tok/s | peak {peak:,.0f} MiB | eta {'?' if eta is None else format_eta(eta)}")
+            interval = []
             if ctx.active or diloco is not None:
                 line += f" | sent {link.bytes_sent / 1e6:.2f} MB"
                 if diloco is not None:
@@ -765,7 +774,10 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
             ev = run_eval()
             if ev is not None:
                 result.eval_losses.append((step, ev))
-                log({"step": step, "eval_loss": ev}, f"step {step}: eval loss {ev:.4f}")
+            if ev is not None or samples:
+                rec = {"step": step, "eval_loss": ev}
+                shown = sample(rec)
+                log(rec, f"step {step}: eval" + (f" loss {ev:.4f}" if ev is not None else "") + shown)
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < o.steps) or save_pending:
             if diloco is None or diloco.idle:
                 save(f"checkpoint-{step:06d}")
@@ -795,7 +807,8 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None,
             result.report = task.report(eval_ds)
         summary = {"step": step, "final": str(final), "eval_loss": ev, "bytes_sent": link.bytes_sent,
                    "tokens": tokens_seen, "seconds": result.seconds, **result.report}
+        shown = sample(summary)
         log(summary, f"done: {step} steps, final checkpoint {final}" +
-            (f", eval loss {ev:.4f}" if ev is not None else ""))
+            (f", eval loss {ev:.4f}" if ev is not None else "") + shown)
         (final / "train_report.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return result
