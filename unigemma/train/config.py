@@ -59,6 +59,9 @@ class DataSection:
     group_size: int = 64                   # batches per length-sorted group
     prefill_empty_thought: bool = True     # thinking-off prefill `<|channel>thought\n<channel|>` (untrained)
     image_soft_tokens: int = 280           # soft-token budget per image (70, 140, 280, 560, 1120)
+    packing: bool = False                  # pack each micro-batch's sequences into rows of max_seq_len tokens
+                                           # (attention stays inside each sequence): no compute spent on padding
+    train_on: str = "all_turns"            # all_turns (every assistant turn) | last_turn (only the final one)
     skip_bad_records: bool = False         # leave out records with bad JSON / media (warned) instead of stopping
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -275,6 +278,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cfg.lora.targets:
             raise TrainConfigError("lora.targets must name at least one linear layer (e.g. q_proj)")
     _positive(d.max_seq_len, "data.max_seq_len")
+    _choice(d.train_on, ("all_turns", "last_turn"), "data.train_on")
+    if d.packing and cfg.task != "finetune":
+        raise TrainConfigError("data.packing: packing is for task 'finetune' (drafter distillation runs unpacked)")
     _positive(d.batch_size, "data.batch_size")
     _positive(d.group_size, "data.group_size")
     _positive(d.num_workers, "data.num_workers", zero_ok=True)

@@ -279,8 +279,10 @@ def tokenize_rendered(text: str, spans: list[tuple[int, int]], tokenizer, ids: M
     return Tokenized(pieces, flags, media, est, where)
 
 
-def render_record(rec: Record, template, prefill_empty_thought: bool = True) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the chat template (OpenAI shapes normalised first: JSON-string tool arguments parsed)."""
+def render_record(rec: Record, template, prefill_empty_thought: bool = True,
+                  last_turn_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the chat template (OpenAI shapes normalised first: JSON-string tool arguments parsed).
+    last_turn_only: train only the final model turn (earlier assistant turns become context)."""
     from ..inputs.template import normalize_messages
 
     try:
@@ -288,7 +290,11 @@ def render_record(rec: Record, template, prefill_empty_thought: bool = True) -> 
                                enable_thinking=rec.enable_thinking)
     except ValueError as e:
         raise DataError(f"{rec.where}: {e}") from None
-    return assistant_spans(text, prefill_empty_thought and not rec.enable_thinking)
+    text, spans = assistant_spans(text, prefill_empty_thought and not rec.enable_thinking)
+    if last_turn_only:
+        start = text.rfind(HEADER)
+        spans = [sp for sp in spans if sp[0] >= start]
+    return text, spans
 
 
 def build_example(tok: Tokenized, ids: MediaIds, max_len: int, image_soft_tokens: int = 280) -> dict:
@@ -398,7 +404,7 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, tokenizer, template, ids: MediaIds, max_seq_len: int = 2048,
                  prefill_empty_thought: bool = True, image_soft_tokens: int = 280, skip_bad_records: bool = False,
-                 validate_media: bool = True):
+                 validate_media: bool = True, train_on: str = "all_turns"):
         path = Path(path)
         self.ids = ids
         self.max_seq_len = max_seq_len
@@ -407,7 +413,7 @@ class ChatDataset(torch.utils.data.Dataset):
         items: list[Tokenized] = []
         for rec in read_jsonl(path, errors=bad):
             try:
-                text, spans = render_record(rec, template, prefill_empty_thought)
+                text, spans = render_record(rec, template, prefill_empty_thought, train_on == "last_turn")
                 media = collect_media(rec, path.parent)
                 items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
             except DataError as e:
@@ -525,22 +531,73 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
     return batch
 
 
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Bins of example indices whose lengths sum to at most `row_len` (first fit, longest first; an example longer
+    than row_len gets a row of its own). Rows keep their examples in index order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def collate_packed(examples: list[dict], row_len: int, pad_id: int = 0) -> dict:
+    """Pack the examples into as few rows of at most `row_len` tokens as fit, each example its own segment:
+    `segment_ids` keeps attention inside it, `position_ids` start at 0 in each. Labels never cross a boundary
+    (an example's last token has none), so the loss equals that of the unpacked batch."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], row_len)
+    # media go in the order their placeholders appear in the packed rows (row-major), which the model expects
+    order = [i for r in rows for i in r]
+    batch = collate([examples[i] for i in order], pad_id)
+    B, T = len(rows), max(sum(len(examples[i]["input_ids"]) for i in r) for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        at = 0
+        for s, i in enumerate(r):
+            e = examples[i]
+            n = len(e["input_ids"])
+            input_ids[b, at:at + n] = torch.from_numpy(e["input_ids"])
+            labels[b, at:at + n] = torch.from_numpy(e["labels"])
+            mask[b, at:at + n] = True
+            seg[b, at:at + n] = s
+            pos[b, at:at + n] = torch.arange(n)
+            at += n
+    batch.update(input_ids=input_ids, labels=labels, attention_mask=mask, segment_ids=seg, position_ids=pos,
+                 num_tokens=int(mask.sum()), num_targets=int((labels != IGNORE).sum()))
+    return batch
+
+
 @dataclass
 class Collator:
     pad_id: int = 0
+    pack_len: int | None = None   # data.packing: rows of at most this many tokens
 
     def __call__(self, examples: list[dict]) -> dict:
+        if self.pack_len:
+            return collate_packed(examples, self.pack_len, self.pad_id)
         return collate(examples, self.pad_id)
 
 
 def make_loader(dataset: ChatDataset, sampler: LengthGroupedBatchSampler, pad_id: int, num_workers: int = 2,
-                prefetch_factor: int = 4, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                prefetch_factor: int = 4, pin_memory: bool = False,
+                pack_len: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps the accelerator fed: worker processes decode media and pad batches ahead
     (prefetch_factor batches per worker), pinned host memory allows non-blocking copies to the GPU."""
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(pad_id),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(pad_id, pack_len),
                                        num_workers=num_workers, pin_memory=pin_memory, **kw)
 
 
@@ -549,7 +606,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-MODEL_INPUTS = ("attention_mask", "pixel_values", "image_position_ids", "input_features", "input_features_mask")
+MODEL_INPUTS = ("attention_mask", "pixel_values", "image_position_ids", "input_features", "input_features_mask",
+                "position_ids", "segment_ids")
 
 
 def model_inputs(batch: dict) -> dict:

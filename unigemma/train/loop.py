@@ -567,16 +567,19 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None, st
     d, o, ds = cfg.data, cfg.optim, cfg.distributed
 
     train_ds = ChatDataset(d.train, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
-                           d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records)
+                           d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records,
+                           train_on=d.train_on)
     sampler = LengthGroupedBatchSampler(train_ds.lengths, d.batch_size, cfg.seed, d.group_by_length, d.group_size,
                                         shuffle=True, rank=ctx.rank, world_size=ctx.world_size)
     pin = d.pin_memory and dev.type == "cuda"
-    loader = make_loader(train_ds, sampler, task.pad_id, d.num_workers, d.prefetch_factor, pin)
+    loader = make_loader(train_ds, sampler, task.pad_id, d.num_workers, d.prefetch_factor, pin,
+                         pack_len=d.max_seq_len if d.packing else None)
     eval_loader = None
     eval_ds = None
     if d.eval is not None and ctx.is_main:
         eval_ds = ChatDataset(d.eval, task.tokenizer, task.template, task.media_ids, d.max_seq_len,
-                              d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records)
+                              d.prefill_empty_thought, d.image_soft_tokens, d.skip_bad_records,
+                              train_on=d.train_on)
         es = LengthGroupedBatchSampler(eval_ds.lengths, d.batch_size, 0, True, 1 << 30, shuffle=False)
         eval_loader = make_loader(eval_ds, es, task.pad_id, 0)
 
