@@ -188,6 +188,15 @@ def test_trainable_embeddings_modules_to_save(work):
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(merged.model(ids), ours.model(ids), atol=1e-5, rtol=1e-5)
+    # PEFT keeps the LM head tied to the trained embedding (ensure_weight_tying): the same logits
+    import peft  # test-only (the dev extra)
+    from transformers import Gemma4UnifiedForConditionalGeneration
+
+    assert json.loads((r.output_dir / "final" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    ref = Gemma4UnifiedForConditionalGeneration.from_pretrained(str(work / "base"), dtype=torch.float32).eval()
+    ref = peft.PeftModel.from_pretrained(ref, str(r.output_dir / "final")).eval()
+    with torch.no_grad():
+        assert (ref(input_ids=ids).logits - ours.model(ids)).abs().max() <= 1e-4
 
 
 def test_qlora_on_a_stored_int4_checkpoint(work, tmp_path):

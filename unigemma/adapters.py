@@ -103,6 +103,8 @@ def peft_tensors(model: nn.Module, modules_to_save: list[str] | tuple[str, ...] 
     for name in modules_to_save:
         for k, v in model.get_submodule(name).state_dict().items():
             out[f"{PREFIX}{name}.{k}"] = v.detach().contiguous().cpu()
+        if _tied_embedding(model, name):  # PEFT keeps a tied head by loading it too (ensure_weight_tying)
+            out[f"{PREFIX}lm_head.weight"] = model.lm_head.weight.detach().cpu().clone()
     return out
 
 
@@ -122,10 +124,18 @@ def save_adapter(model: nn.Module, path: str | Path, *, rank: int, alpha: float,
         # layers trained here and nothing else with the same leaf name
         "target_modules": targets, "modules_to_save": list(modules_to_save) or None,
         "rank_pattern": {}, "alpha_pattern": {},
+        # a trained embedding that the LM head shares: PEFT must keep the two tied, as this model does
+        "ensure_weight_tying": any(_tied_embedding(model, n) for n in modules_to_save),
     }
     save_file(peft_tensors(model, modules_to_save), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def _tied_embedding(model: nn.Module, name: str) -> bool:
+    head = getattr(model, "lm_head", None)
+    own = getattr(model.get_submodule(name), "weight", None)
+    return head is not None and own is not None and head.weight is own
 
 
 def is_adapter_dir(path: str | Path) -> bool:
