@@ -286,3 +286,32 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(work, tmp_path):
     assert "resuming from" in proc.stderr and "checkpoint-000002 (step 2 of 5)" in proc.stderr
     state = json.loads((tmp_path / "out" / "final" / "trainer_state.json").read_text())
     assert state["step"] == 5 and state["world_size"] == 2
+
+
+def test_cli_flags_resume_overwrite_skip(work, tmp_path, capsys):
+    from unigemma.train.cli import main
+
+    y = tmp_path / "run.json"
+    y.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "model": {"checkpoint": str(work / "base")},
+                             "data": {"train": str(work / "train.jsonl"), "batch_size": 4, "num_workers": 0},
+                             "optim": {"steps": 2, "lr": 1e-3}, "log": {"every": 1}}))
+    assert main([str(y)]) == 0
+    capsys.readouterr()
+    assert main([str(y), "--set", "optim.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a finished run" in err and "--overwrite" in err
+    assert main([str(y), "--set", "optim.steps=1", "--overwrite", "--skip-bad-records"]) == 0
+    assert json.loads((tmp_path / "out" / "final" / "trainer_state.json").read_text())["step"] == 1
+    # --resume continues a changed run from its latest checkpoint
+    assert main([str(y), "--set", "optim.steps=4", "--set", "output_dir=" + str(tmp_path / "o2"),
+                 "--set", "checkpoint.every=2", "--set", "optim.lr=1e-3"]) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "o2" / "final")
+    capsys.readouterr()
+    assert main([str(y), "--set", "optim.steps=6", "--set", "output_dir=" + str(tmp_path / "o2"),
+                 "--set", "checkpoint.every=2"]) == 2
+    assert "optim.steps: 4 -> 6" in capsys.readouterr().err
+    assert main([str(y), "--set", "optim.steps=6", "--set", "output_dir=" + str(tmp_path / "o2"),
+                 "--set", "checkpoint.every=2", "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().err

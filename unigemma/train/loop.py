@@ -201,7 +201,7 @@ class FinetuneTask:
         dtype = precision_dtype(m.precision)
         stored = quant.stored_quantization(m.checkpoint) if m.checkpoint is not None else None
         self.quantized = stored is not None or m.quantize is not None
-        if self.quantized and not cfg.lora.enabled:
+        if stored is not None and not cfg.lora.enabled:
             raise ValueError(f"model.checkpoint {m.checkpoint} is quantized (int{stored['bits']}): its weights cannot "
                              "be trained directly; enable lora (QLoRA), or train the float checkpoint")
         if stored is not None:
@@ -333,8 +333,8 @@ def set_rng_state(tensors: dict, meta: dict, device: torch.device) -> None:
 
 # Keys that do not change what is trained (where it is written, how often it logs / evaluates / checkpoints, how
 # many loader workers): a run resumed with other values of these follows the same trajectory.
-_NOT_TRAJECTORY = ("output_dir", "checkpoint.", "log.", "eval.", "report.", "data.eval", "data.train",
-                   "data.num_workers", "data.prefetch_factor", "data.pin_memory", "model.device",
+_NOT_TRAJECTORY = ("output_dir", "checkpoint.", "log.", "eval.", "data.eval", "data.train", "data.num_workers",
+                   "data.prefetch_factor", "data.pin_memory", "model.device", "lora.save_merged",
                    "drafter.acceptance_")
 
 
@@ -403,9 +403,9 @@ def find_resume(cfg: TrainConfig, fingerprint: dict | None = None) -> tuple[Path
     out, r = Path(cfg.output_dir), cfg.checkpoint.resume
     fingerprint = fingerprint or run_fingerprint(cfg)
     final = out / "final"
-    if cfg.checkpoint.overwrite:
-        return (None, []) if r in ("auto", "force", "never") else (Path(r), [])
-    if final.is_dir() and any(final.iterdir()):
+    if cfg.checkpoint.overwrite and r in ("auto", "force", "never"):
+        return None, []  # start over (the loop clears the folder)
+    if final.is_dir() and any(final.iterdir()) and not cfg.checkpoint.overwrite:
         done = f" at step {_read_state(final)['step']}" if (final / "trainer_state.json").is_file() else ""
         raise RunConflict(f"{out} already holds a finished run (final/{done}); re-running would replace it. Pass "
                           "--overwrite (checkpoint.overwrite: true) to train again from scratch, or use another "
@@ -416,6 +416,9 @@ def find_resume(cfg: TrainConfig, fingerprint: dict | None = None) -> tuple[Path
         p = Path(r)
         if not (p / "trainer_state.json").is_file():
             raise ValueError(f"checkpoint.resume = {r!r}: not a training checkpoint (no trainer_state.json)")
+        if cfg.checkpoint.overwrite and p.resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"checkpoint.resume = {r!r} is inside output_dir, which --overwrite clears; copy it "
+                             "elsewhere or drop one of the two")
         return p, fingerprint_changes(_stored_fingerprint(_read_state(p)), fingerprint)
     cands = sorted(p for p in out.glob("checkpoint-*")
                    if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").is_file())
