@@ -393,7 +393,12 @@ class RunConflict(ValueError):
     continue them."""
 
 
-def find_resume(cfg: TrainConfig, fingerprint: dict | None = None) -> tuple[Path | None, list[str]]:
+def find_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint a run of `cfg` would resume from (None: a fresh start); see `resume_plan`."""
+    return resume_plan(cfg)[0]
+
+
+def resume_plan(cfg: TrainConfig, fingerprint: dict | None = None) -> tuple[Path | None, list[str]]:
     """(checkpoint to resume from or None, config/data changes since it was written).
 
     auto: the latest checkpoint-* in output_dir, only when its fingerprint matches (otherwise RunConflict);
@@ -548,7 +553,7 @@ def _train(cfg: TrainConfig, ctx: DistContext | None, stop_after: int | None, st
     dev = ctx.device
     out = Path(cfg.output_dir)
     fingerprint = run_fingerprint(cfg)
-    resume, changes = find_resume(cfg, fingerprint)
+    resume, changes = resume_plan(cfg, fingerprint)
     if ctx.is_main:
         if cfg.checkpoint.overwrite:
             clear_run(out)
