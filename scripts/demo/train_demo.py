@@ -245,6 +245,8 @@ def stage_train(config: Path, overrides: list[str], deadline: str | None = None,
         import shutil
 
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    else:  # continue the run in output_dir, whose optim.steps an earlier deadline re-plan may have changed
+        cfg.checkpoint.resume = "force"
     original = loop.ChatDataset
     t0 = time.time()
     end = _deadline_ts(deadline) if deadline else None
