@@ -207,7 +207,8 @@ def shipped_drafter(path: Path) -> Path | None:
 
 
 def load(path: str | Path | None = None, device: str | torch.device = "auto", dtype=None, quantize=None,
-         drafter: str | Path | bool | None = None, progress=None, kv_dtype=None) -> LLM:
+         drafter: str | Path | bool | None = None, progress=None, kv_dtype=None,
+         adapter: str | Path | None = None) -> LLM:
     """Load a Gemma 4 checkpoint folder (None: the bundled demo model): `gemma4_unified` / `gemma4_unified_text`,
     or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B; a `gemma4` checkpoint's vision / audio
     encoders are skipped with a warning: text only until the encoders land).
@@ -226,8 +227,14 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     from disk. A checkpoint written by `unigemma quantize` (or a compressed-tensors pack-quantized one) loads
     quantized without it. kv_dtype: None (the model's dtype) | "bf16" | "fp16" | "fp32" | "fp8" → `llm.kv_dtype`, the
     storage dtype the engine gives the KV cache.
+
+    adapter: a LoRA adapter folder in PEFT's layout (adapter_config.json + adapter_model.safetensors, as
+    `unigemma train` and PEFT write them) trained on `path`. It is merged into float weights (no cost per token);
+    with `quantize`, it is merged first and the sum quantized; on a checkpoint stored as int8 / int4 it stays a
+    small float side branch. `llm.adapter` is the folder.
     """
     from . import quant
+    from .adapters import apply_adapter, read_adapter
     from .inputs.tokenizer import Tokenizer
 
     if isinstance(drafter, str) and drafter.strip().lower() in DRAFTER_OFF:
@@ -250,6 +257,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
     if drafter is not None and drafter is not False:
         check_model_folder(Path(drafter), "drafter")
     qcfg = quant.QuantConfig.parse(quantize)
+    if adapter is not None:
+        read_adapter(adapter)  # a wrong folder fails before the (long) model load
     dev = resolve_device(device)
     kv = quant.resolve_kv_dtype(kv_dtype, None, dev)  # validated before the (long) load
     stored = quant.stored_quantization(path)
@@ -258,10 +267,16 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
             raise ValueError(f"quantize={quantize!r}, but {path} is already quantized to int{stored['bits']}; pass "
                              f"quantize=None (or 'int{stored['bits']}') to load it, or quantize its float checkpoint")
         model, cfg = quant.load_quantized(path, dtype=dtype, device=dev, progress=progress)
-    elif qcfg is not None:
+        if adapter is not None:
+            apply_adapter(model, adapter, merge=True)  # int layers keep a side branch
+    elif qcfg is not None and adapter is None:
         model, cfg = quant.build_quantized(path, qcfg, dtype=dtype, device=dev, progress=progress)
     else:
         model, cfg = build_model(path, dtype=dtype, device=dev, progress=progress)
+        if adapter is not None:
+            apply_adapter(model, adapter, merge=True)
+            if qcfg is not None:  # quantize the merged weights, not the base
+                quant.quantize_model(model, qcfg)
     if isinstance(cfg, AssistantConfig):
         raise ValueError(f"{path} holds an MTP drafter ({cfg.model_type}); pass it as drafter=..., and the "
                          "target model's folder as the path")
@@ -285,5 +300,6 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
         draft.generation_config = _read_generation_config(dpath)
     llm = LLM(model, cfg, tok, path, dev, draft)
     llm.quantization = stored or (qcfg.to_json() if qcfg is not None else None)  # None: float weights
+    llm.adapter = Path(adapter) if adapter is not None else None
     llm.kv_dtype = kv or next(model.parameters()).dtype
     return llm

@@ -74,7 +74,7 @@ def _add_quant_flags(s: argparse.ArgumentParser) -> None:
 def _cmd_train(args) -> int:
     from .train.cli import main as train_main
 
-    return train_main([args.config] + [x for v in args.set for x in ("--set", v)]) or 0
+    return train_main(args.args) or 0
 
 
 def _cmd_serve(args) -> int:
@@ -120,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size-mb", type=int, default=4096, help="largest safetensors shard (MiB)")
     s.set_defaults(func=_cmd_quantize)
 
-    s = sub.add_parser("train", help="fine-tune, distil a drafter, DDP/DiLoCo (torchrun for several workers)")
-    s.add_argument("config", help="YAML / TOML / JSON train config (see examples/train.yaml)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s = sub.add_parser("train", help="fine-tune, distil a drafter, DDP/DiLoCo (torchrun for several workers)",
+                       description="unigemma train CONFIG [--set KEY=VALUE] [--resume [CKPT]] [--overwrite] "
+                                   "[--skip-bad-records]  |  unigemma train export CHECKPOINT [--merge] --out DIR",
+                       add_help=False)
+    s.add_argument("args", nargs=argparse.REMAINDER,
+                   help="CONFIG and options (`unigemma train --help`), or `export ...`")
     s.set_defaults(func=_cmd_train)
 
     from .interactive import add_model_flags, cmd_bench, cmd_chat, cmd_generate
@@ -171,6 +174,11 @@ def _missing_extra(cmd: str, extra: str, err: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Ctrl-C anywhere (start-up, loading, generating) ends it quietly with status 130."""
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv[:1] == ["train"]:  # its own parser (options, `train export ...`): hand over everything after it
+            from .train.cli import main as train_main
+
+            return train_main(argv[1:]) or 0
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):

@@ -27,9 +27,13 @@ def drafter_arg(value: str | None):
     return value
 
 
+ADAPTER_HELP = "a LoRA adapter folder (PEFT layout: adapter_config.json + adapter_model.safetensors) trained on --model; merged on load"
+
+
 def add_model_flags(s) -> None:
     s.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
     s.add_argument("--drafter", default=None, help=DRAFTER_HELP)
+    s.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
     s.add_argument("--quantize", default=None, choices=["int8", "int4"])
@@ -45,7 +49,8 @@ def load_from_args(args):
     bar = LoadProgress("quantizing weights" if args.quantize else "loading weights")
     try:
         return unigemma.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                             drafter=drafter_arg(args.drafter), progress=bar, **kw)
+                             drafter=drafter_arg(args.drafter), progress=bar,
+                             adapter=getattr(args, "adapter", None), **kw)
     finally:
         bar.close()
 

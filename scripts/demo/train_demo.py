@@ -245,6 +245,8 @@ def stage_train(config: Path, overrides: list[str], deadline: str | None = None,
         import shutil
 
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    else:  # continue the run in output_dir, whose optim.steps an earlier deadline re-plan may have changed
+        cfg.checkpoint.resume = "force"
     original = loop.ChatDataset
     t0 = time.time()
     end = _deadline_ts(deadline) if deadline else None
@@ -272,6 +274,7 @@ def stage_train(config: Path, overrides: list[str], deadline: str | None = None,
             left = end - time.time() - reserve_s
             planned = res.steps + max(1, int(left / per_step))
             cfg.optim.steps = int(min(max_steps, max(res.steps + 1, planned)))
+            cfg.checkpoint.resume = "force"  # the re-plan changes optim.steps: continue this run deliberately
             chunk = int(min(400, max(25, 300 / per_step)))
             start_step = res.steps
             print(f"[train_demo] step {res.steps}: {per_step:.2f} s/step, {left:.0f} s left → total "

@@ -78,8 +78,11 @@ class AttentionPlan:
 def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype,
                block_ids: torch.Tensor | None, key_valid: torch.Tensor | None = None,
                cache: KVCache | None = None, slots: torch.Tensor | None = None,
-               kv_len: int | None = None) -> AttentionPlan:
+               kv_len: int | None = None, segment_ids: torch.Tensor | None = None) -> AttentionPlan:
     """positions: (B, T) absolute positions, −1 marks padding tokens (cache mode only).
+
+    segment_ids (B, T), no cache only: several sequences packed in one row (training); a token sees only keys of
+    its own segment, and each segment's positions start again at 0 (causality and the window follow positions).
 
     Without a cache the keys are this call's tokens (key_valid = the 2-D attention mask). With a cache, key
     validity comes from positions; `slots` maps batch rows to cache slots (None: rows 0..B−1).
@@ -98,6 +101,8 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
         k = positions[:, None, :]
         valid = torch.ones(B, 1, T, dtype=torch.bool, device=dev) if key_valid is None else key_valid.bool()[:, None, :]
         causal = k <= q
+        if segment_ids is not None:
+            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         masks = {}
         for t in types:
             vis = causal & (k > q - W) if t == SLIDING else causal
@@ -107,6 +112,8 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
         return AttentionPlan(cos_sin, masks)
 
     # ---- cached forward ----
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed sequences) are for training forwards without a cache")
     real = positions >= 0
     if slots is None:
         row_of = torch.arange(B, device=dev)

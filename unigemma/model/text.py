@@ -132,10 +132,11 @@ class TextModel(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, *,
                 block_ids: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                kv_len: int | None = None, return_plan: bool = False, input_ids: torch.Tensor | None = None):
+                kv_len: int | None = None, return_plan: bool = False, input_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None):
         """input_ids (B, T), placeholders replaced by the pad id: needed (only) by PLE models."""
         plan = build_plan(self.config, positions, self.rotary_emb, inputs_embeds.dtype, block_ids,
-                          key_valid, cache, slots, kv_len)
+                          key_valid, cache, slots, kv_len, segment_ids)
         h = inputs_embeds
         ple = None
         if self.config.hidden_size_per_layer_input:

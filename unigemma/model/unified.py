@@ -151,12 +151,13 @@ class Gemma4Unified(nn.Module):
             inputs_embeds: torch.Tensor | None = None, cache: KVCache | None = None,
             slots: torch.Tensor | None = None, kv_len: int | None = None,
             logits_to_keep: int | torch.Tensor | None = None, compute_logits: bool = True,
-            **media) -> ModelOutput:
+            segment_ids: torch.Tensor | None = None, **media) -> ModelOutput:
         """The full forward with everything the engine needs.
 
         positions: `position_ids` (B, T) if given, else 0..T−1 (no cache). With a cache, position_ids are required
         (absolute positions; −1 marks padding tokens, which are neither attended nor cached).
         logits_to_keep: int k → the last k positions; a (B, k) index tensor → those positions per row.
+        segment_ids (B, T): packed training rows, attention kept inside each segment (with per-segment position_ids).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -170,7 +171,8 @@ class Gemma4Unified(nn.Module):
         lm_ids = self.text_ids(input_ids) if self.config.text.hidden_size_per_layer_input else None
         hidden, plan = self.language_model(
             inputs_embeds, position_ids, block_ids=self.block_ids(input_ids, mm_token_type_ids),
-            key_valid=attention_mask, cache=cache, slots=slots, kv_len=kv_len, return_plan=True, input_ids=lm_ids)
+            key_valid=attention_mask, cache=cache, slots=slots, kv_len=kv_len, return_plan=True, input_ids=lm_ids,
+            segment_ids=segment_ids)
         logits = None
         if compute_logits:
             h = hidden

@@ -24,9 +24,10 @@ if TYPE_CHECKING:  # imported where used: the CLI reads this module's flags with
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The `unigemma serve` flags (the CLI calls this on its subparser)."""
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
-    from ..interactive import DRAFTER_HELP
+    from ..interactive import ADAPTER_HELP, DRAFTER_HELP
 
     p.add_argument("--drafter", default=None, help=DRAFTER_HELP)
+    p.add_argument("--adapter", default=None, help=ADAPTER_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
@@ -128,7 +129,8 @@ def serve(args: argparse.Namespace) -> None:
     try:
         llm = unigemma.load(args.model, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", None),
                             quantize=getattr(args, "quantize", None),
-                            drafter=drafter_arg(getattr(args, "drafter", None)), progress=bar)
+                            drafter=drafter_arg(getattr(args, "drafter", None)), progress=bar,
+                            adapter=getattr(args, "adapter", None))
     finally:
         bar.close()
     settings = settings_from_args(args, Path(str(llm.path)).name or "unigemma")

@@ -2,6 +2,8 @@
 
     unigemma train examples/train.yaml
     unigemma train run.yaml --set optim.lr=1e-5 --set distributed.strategy=diloco
+    unigemma train run.yaml --resume | --overwrite | --skip-bad-records
+    unigemma train export runs/lora/final --merge --out merged/     (see export.py)
     torchrun --nproc-per-node 4 -m unigemma.train.cli run.yaml          (one worker per process)
 
 `--set KEY=VALUE` overrides a dotted key before validation (VALUE is read as YAML: 3, 1e-5, true, [a, b]).
@@ -23,6 +25,13 @@ def build_parser(prog: str = "unigemma train") -> argparse.ArgumentParser:
     p.add_argument("config", help="training config (.yaml, .yml, .toml or .json); see examples/train.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.lr=1e-5 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="force", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir even if the config or data changed "
+                        "(or from the CHECKPOINT folder given); without it a changed run refuses to resume")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output_dir that holds a finished run or another run's checkpoints")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="leave out records with bad JSON or unreadable media (each one warned) instead of stopping")
     return p
 
 
@@ -68,13 +77,27 @@ def _leave_group() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+
+        return export_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         from .loop import train
 
-        cfg = load_with_overrides(args.config, args.set)
-        train(cfg)
+        overrides = list(args.set)
+        if args.resume is not None:
+            overrides.append(f"checkpoint.resume={args.resume}")
+        if args.overwrite:
+            overrides.append("checkpoint.overwrite=true")
+        if args.skip_bad_records:
+            overrides.append("data.skip_bad_records=true")
+        cfg = load_with_overrides(args.config, overrides)
+        result = train(cfg)
         _leave_group()
+        if result.interrupted:  # the shell's convention for "stopped by signal N"
+            return 128 + {"SIGINT": 2, "SIGTERM": 15}.get(result.interrupted, 15)
     except (ValueError, FileNotFoundError) as e:
         print(f"unigemma train: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ class ModelSection:
     init_std: float = 0.02                 # std of the normal init used with `config`
     precision: str = "fp32"                # fp32 | bf16 (weights and optimizer in bf16) | bf16-mixed (autocast)
     gradient_checkpointing: bool = False
+    quantize: str | None = None            # int8 | int4: frozen base quantized on load (QLoRA; needs lora.enabled)
     device: str = "auto"                   # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
 
 
@@ -43,6 +44,8 @@ class LoRASection:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                         "gate_proj", "up_proj", "down_proj"])
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full, e.g. [embed_tokens] or [norm]
+    save_merged: bool = True               # final/ also holds the merged model (float bases), beside the adapter
 
 
 @dataclass
@@ -56,6 +59,10 @@ class DataSection:
     group_size: int = 64                   # batches per length-sorted group
     prefill_empty_thought: bool = True     # thinking-off prefill `<|channel>thought\n<channel|>` (untrained)
     image_soft_tokens: int = 280           # soft-token budget per image (70, 140, 280, 560, 1120)
+    packing: bool = False                  # pack each micro-batch's sequences into rows of max_seq_len tokens
+                                           # (attention stays inside each sequence): no compute spent on padding
+    train_on: str = "all_turns"            # all_turns (every assistant turn) | last_turn (only the final one)
+    skip_bad_records: bool = False         # leave out records with bad JSON / media (warned) instead of stopping
     num_workers: int = 2
     prefetch_factor: int = 4
     pin_memory: bool = True                # used only when training on CUDA
@@ -79,19 +86,28 @@ class OptimSection:
 class EvalSection:
     every: int = 0                         # optimizer steps between evaluations; 0: only at the end
     max_batches: int | None = None
+    prompts: str | None = None             # chat JSONL: at each eval, greedy answers to these conversations (their
+                                           # last assistant message is the expected answer) are logged
+    max_prompts: int = 8
+    max_new_tokens: int = 64
 
 
 @dataclass
 class CheckpointSection:
     every: int = 0                         # optimizer steps between checkpoints; 0: only at the end
     keep: int = 2                          # step checkpoints kept (older ones are deleted); the final one stays
-    resume: str = "auto"                   # auto (latest in output_dir) | never | a checkpoint folder
+    resume: str = "auto"                   # auto (latest in output_dir, only when config and data are unchanged)
+                                           # | force (latest, even if they changed) | never | a checkpoint folder
+    overwrite: bool = False                # replace a finished run (final/) or checkpoints from another run
     max_shard_bytes: int = 2 << 30
 
 
 @dataclass
 class LogSection:
-    every: int = 10
+    every: int = 10                        # optimizer steps per log record (its loss: the mean over those steps)
+    progress: str = "auto"                 # auto (a progress bar with ETA when stderr is a terminal) | bar | lines
+    report_to: list[str] = field(default_factory=list)  # tensorboard (output_dir/tensorboard) | wandb (if installed)
+    wandb_project: str = "unigemma"
 
 
 @dataclass
@@ -144,7 +160,7 @@ class TrainConfig:
 
 # --- parsing ---------------------------------------------------------------------------------------------
 
-_PATH_KEYS = {"output_dir", "model.checkpoint", "model.config", "data.train", "data.eval", "data.tokenizer",
+_PATH_KEYS = {"output_dir", "model.checkpoint", "model.config", "data.train", "data.eval", "data.tokenizer", "eval.prompts",
               "drafter.target", "drafter.init"}
 
 
@@ -237,6 +253,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                                    "folder (tokenizer.json)")
         if cfg.lora.enabled and m.checkpoint is None:
             raise TrainConfigError("lora.enabled: LoRA adapts a pretrained model; set model.checkpoint")
+        if m.quantize is not None:
+            _choice(m.quantize, ("int8", "int4"), "model.quantize")
+            if not cfg.lora.enabled:
+                raise TrainConfigError(f"model.quantize = {m.quantize!r}: int8 / int4 weights cannot be trained "
+                                       "directly; enable lora (QLoRA: adapters on the frozen quantized base)")
     else:
         if cfg.drafter.target is None or cfg.drafter.init is None:
             raise TrainConfigError("drafter: task 'drafter' needs drafter.target (target checkpoint) and "
@@ -257,6 +278,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not cfg.lora.targets:
             raise TrainConfigError("lora.targets must name at least one linear layer (e.g. q_proj)")
     _positive(d.max_seq_len, "data.max_seq_len")
+    _choice(d.train_on, ("all_turns", "last_turn"), "data.train_on")
+    if d.packing and cfg.task != "finetune":
+        raise TrainConfigError("data.packing: packing is for task 'finetune' (drafter distillation runs unpacked)")
     _positive(d.batch_size, "data.batch_size")
     _positive(d.group_size, "data.group_size")
     _positive(d.num_workers, "data.num_workers", zero_ok=True)
@@ -280,6 +304,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _positive(cfg.checkpoint.every, "checkpoint.every", zero_ok=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.log.every, "log.every")
+    _choice(cfg.log.progress, ("auto", "bar", "lines"), "log.progress")
+    for i, r in enumerate(cfg.log.report_to):
+        _choice(r, ("tensorboard", "wandb"), f"log.report_to[{i}]")
+    _positive(cfg.eval.max_prompts, "eval.max_prompts")
+    _positive(cfg.eval.max_new_tokens, "eval.max_new_tokens")
+    if cfg.eval.prompts is not None and cfg.task != "finetune":
+        raise TrainConfigError("eval.prompts: generation samples are for task 'finetune' (a drafter reports its "
+                               "acceptance rate instead)")
     _choice(dist.strategy, ("none", "ddp", "diloco"), "distributed.strategy")
     _choice(dist.backend, ("auto", "gloo", "nccl"), "distributed.backend")
     _choice(dist.compression, ("none", "bf16", "int8", "int4"), "distributed.compression")

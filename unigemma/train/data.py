@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +40,9 @@ TR_OPEN = "<|tool_response>"
 TR_CLOSE = "<tool_response|>"
 
 
+_B64_TEXT = re.compile(r"[A-Za-z0-9+/_\-\s]+={0,2}\s*")
+
+
 class DataError(ValueError):
     """A training record is malformed; the message names the file and line."""
 
@@ -52,11 +57,13 @@ class Record:
     where: str = ""
 
 
-def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None = None) -> list[Record]:
+def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None = None,
+               errors: list[str] | None = None) -> list[Record]:
     """Parse a chat JSONL file; each line is {"messages": [...], "tools"?, "enable_thinking"?} or a message list.
 
     extra_keys: "error" (a training file with other keys is probably not what the caller meant) or "ignore"
     (evaluation splits that carry ids, answers and metadata beside the conversation). limit: the first N records.
+    errors: when given, a malformed line is appended to it (its message names the line) and skipped.
     """
     if extra_keys not in ("error", "ignore"):
         raise ValueError(f"extra_keys must be 'error' or 'ignore', got {extra_keys!r}")
@@ -70,30 +77,38 @@ def read_jsonl(path: str | Path, *, extra_keys: str = "error", limit: int | None
                 break
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if isinstance(obj, list):
-                obj = {"messages": obj}
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
-                raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
-            unknown = set(obj) - {"messages", "tools", "enable_thinking"}
-            if extra_keys == "ignore":
-                obj = {k: v for k, v in obj.items() if k not in unknown and v is not None}
-            elif unknown:
-                raise DataError(f"{where}: unknown key {sorted(unknown)[0]!r} (accepted: messages, tools, "
-                                "enable_thinking)")
-            if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
-                raise DataError(f"{where}: no assistant message: nothing to train on")
-            tools = obj.get("tools")
-            if tools is not None and not isinstance(tools, list):
-                raise DataError(f"{where}: 'tools' must be a list of tool schemas")
-            out.append(Record(obj["messages"], tools, bool(obj.get("enable_thinking", False)), where))
+                out.append(_parse_line(line, f"{path}:{n}", extra_keys))
+            except DataError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
     if not out:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no records" + (f" ({len(errors)} bad: {errors[0]})" if errors else ""))
     return out
+
+
+def _parse_line(line: str, where: str, extra_keys: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, list):
+        obj = {"messages": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list) or not obj["messages"]:
+        raise DataError(f"{where}: expected {{\"messages\": [...]}} with a non-empty message list")
+    unknown = set(obj) - {"messages", "tools", "enable_thinking"}
+    if extra_keys == "ignore":
+        obj = {k: v for k, v in obj.items() if k not in unknown and v is not None}
+    elif unknown:
+        raise DataError(f"{where}: unknown key {sorted(unknown)[0]!r} (accepted: messages, tools, "
+                        "enable_thinking)")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
+        raise DataError(f"{where}: no assistant message: nothing to train on")
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(f"{where}: 'tools' must be a list of tool schemas")
+    return Record(obj["messages"], tools, bool(obj.get("enable_thinking", False)), where)
 
 
 # --- media ----------------------------------------------------------------------------------------------
@@ -112,16 +127,22 @@ def _resolve(src: Any, base: Path, where: str) -> str:
         raise DataError(f"{where}: remote media ({src[:60]}) is not fetched in training; download it and give a path")
     if src.startswith("data:"):
         return src
-    if src.startswith("file://"):
-        src = src[len("file://"):]
-    p = Path(src).expanduser()
-    if not p.is_absolute():
-        p = base / p
-    if p.is_file():
-        return str(p)
-    if len(src) > 256 and "/" not in src[:64]:  # long text that names no file: base64 payload
+    path = src[len("file://"):] if src.startswith("file://") else src
+    if len(path) <= 4096:  # longer strings name no file (and stat() would fail with "File name too long")
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = base / p
+        try:
+            if p.is_file():
+                return str(p)
+        except OSError:  # a name longer than the file system allows: not a file, maybe base64
+            pass
+    # OpenAI's input_audio.data is plain base64; images may be given so too. Base64 text contains "/" and "+",
+    # so it is recognised by its alphabet and length, never by the absence of path separators.
+    if len(src) >= 32 and _B64_TEXT.fullmatch(src):
         return src
-    raise DataError(f"{where}: media file {src!r} not found (relative paths are resolved against {base})")
+    raise DataError(f"{where}: media file {src[:80]!r}{'...' if len(src) > 80 else ''} not found (relative paths "
+                    f"are resolved against {base}; media may also be a data: URI or base64 text)")
 
 
 def collect_media(rec: Record, base: Path) -> list[MediaRef]:
@@ -228,6 +249,7 @@ class Tokenized:
     trained: list[np.ndarray]           # bool, same shapes
     media: list[MediaRef]               # one per gap between pieces
     est_len: int                        # length estimate (media at their budget) for length grouping
+    where: str = ""                     # "file:line" of the record, for errors raised while building it
 
 
 def tokenize_rendered(text: str, spans: list[tuple[int, int]], tokenizer, ids: MediaIds,
@@ -254,11 +276,13 @@ def tokenize_rendered(text: str, spans: list[tuple[int, int]], tokenizer, ids: M
         raise DataError(f"{where}: the rendered prompt has media placeholders {cuts} but the messages hold "
                         f"{[m.kind for m in media]}")
     est = sum(len(p) for p in pieces) + sum(282 if m.kind == "image" else 100 for m in media)
-    return Tokenized(pieces, flags, media, est)
+    return Tokenized(pieces, flags, media, est, where)
 
 
-def render_record(rec: Record, template, prefill_empty_thought: bool = True) -> tuple[str, list[tuple[int, int]]]:
-    """Render with the chat template (OpenAI shapes normalised first: JSON-string tool arguments parsed)."""
+def render_record(rec: Record, template, prefill_empty_thought: bool = True,
+                  last_turn_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the chat template (OpenAI shapes normalised first: JSON-string tool arguments parsed).
+    last_turn_only: train only the final model turn (earlier assistant turns become context)."""
     from ..inputs.template import normalize_messages
 
     try:
@@ -266,7 +290,11 @@ def render_record(rec: Record, template, prefill_empty_thought: bool = True) -> 
                                enable_thinking=rec.enable_thinking)
     except ValueError as e:
         raise DataError(f"{rec.where}: {e}") from None
-    return assistant_spans(text, prefill_empty_thought and not rec.enable_thinking)
+    text, spans = assistant_spans(text, prefill_empty_thought and not rec.enable_thinking)
+    if last_turn_only:
+        start = text.rfind(HEADER)
+        spans = [sp for sp in spans if sp[0] >= start]
+    return text, spans
 
 
 def build_example(tok: Tokenized, ids: MediaIds, max_len: int, image_soft_tokens: int = 280) -> dict:
@@ -324,20 +352,93 @@ def build_example(tok: Tokenized, ids: MediaIds, max_len: int, image_soft_tokens
 
 # --- datasets, sampling, batching --------------------------------------------------------------------------
 
+def _short_source(source: str, base: Path) -> str:
+    """A media source as the user wrote it, for messages: a path relative to the JSONL folder, or the payload's
+    kind and size (never the payload)."""
+    if source.startswith("data:"):
+        return f"<data URI, {len(source)} chars>"
+    p = Path(source) if len(source) <= 4096 else None
+    if p is not None and p.is_absolute():
+        try:
+            return repr(str(p.relative_to(base)))
+        except ValueError:
+            return repr(source)
+    return f"<base64, {len(source)} chars>"
+
+
+def check_media(refs: list[MediaRef], threads: int = 4) -> dict[tuple, str]:
+    """Decode every distinct media source once (threads: PIL and the audio decoders release the GIL) and return
+    {(kind, source, fmt): error message} for those that fail, so a corrupt file is reported before training
+    starts rather than when its batch comes up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..inputs.audio import load_audio
+    from ..inputs.image import load_image
+
+    def check(key: tuple) -> str | None:
+        kind, source, fmt = key
+        try:
+            if kind == "image":
+                load_image(source)
+            else:
+                load_audio(source, format=fmt)
+        except Exception as e:  # MediaError, or anything a decoder raises on bad bytes
+            return str(e) or type(e).__name__
+        return None
+
+    keys = list(dict.fromkeys((r.kind, r.source, r.fmt) for r in refs))
+    if not keys:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+        return {k: err for k, err in zip(keys, pool.map(check, keys)) if err is not None}
+
+
 class ChatDataset(torch.utils.data.Dataset):
-    """Rendered and tokenized at construction (main process); media decoded per item (in workers)."""
+    """Rendered and tokenized at construction (main process), media checked once up front; media decoded per item
+    (in workers).
+
+    A bad record (malformed line, template error, unreadable image or audio) stops construction with a DataError
+    naming its file:line, or, with `skip_bad_records`, is left out with a warning on stderr (`self.skipped` lists
+    the messages).
+    """
 
     def __init__(self, path: str | Path, tokenizer, template, ids: MediaIds, max_seq_len: int = 2048,
-                 prefill_empty_thought: bool = True, image_soft_tokens: int = 280):
+                 prefill_empty_thought: bool = True, image_soft_tokens: int = 280, skip_bad_records: bool = False,
+                 validate_media: bool = True, train_on: str = "all_turns"):
         path = Path(path)
         self.ids = ids
         self.max_seq_len = max_seq_len
         self.image_soft_tokens = image_soft_tokens
-        self.items: list[Tokenized] = []
-        for rec in read_jsonl(path):
-            text, spans = render_record(rec, template, prefill_empty_thought)
-            media = collect_media(rec, path.parent)
-            self.items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
+        bad: list[str] = []
+        items: list[Tokenized] = []
+        for rec in read_jsonl(path, errors=bad):
+            try:
+                text, spans = render_record(rec, template, prefill_empty_thought, train_on == "last_turn")
+                media = collect_media(rec, path.parent)
+                items.append(tokenize_rendered(text, spans, tokenizer, ids, media, rec.where))
+            except DataError as e:
+                bad.append(str(e))
+        if validate_media:
+            failed = check_media([m for it in items for m in it.media])
+            kept = []
+            for it in items:
+                errs = [(m, failed[k]) for m in it.media if (k := (m.kind, m.source, m.fmt)) in failed]
+                if errs:
+                    m, err = errs[0]
+                    bad.append(f"{it.where}: {m.kind} {_short_source(m.source, path.parent)}: {err}")
+                else:
+                    kept.append(it)
+            items = kept
+        if bad and not skip_bad_records:
+            more = f" (and {len(bad) - 1} more bad records)" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; fix the record, or set data.skip_bad_records: true "
+                            "(unigemma train --skip-bad-records) to train without it")
+        for msg in bad:
+            print(f"warning: skipping bad record {msg}", file=sys.stderr)
+        if not items:
+            raise DataError(f"{path}: no usable records ({len(bad)} skipped as bad)")
+        self.skipped = bad
+        self.items = items
         # Length for grouping: exact text tokens, images at their budget, audio at a typical clip (~4 s).
         self.lengths = [min(sum(len(p) for p in t.pieces) + sum(image_soft_tokens + 2 if m.kind == "image" else 100
                                                                 for m in t.media), max_seq_len)
@@ -347,7 +448,11 @@ class ChatDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        return build_example(self.items[i], self.ids, self.max_seq_len, self.image_soft_tokens)
+        item = self.items[i]
+        try:
+            return build_example(item, self.ids, self.max_seq_len, self.image_soft_tokens)
+        except Exception as e:  # a file changed since the check: still name the record, not only the loader
+            raise DataError(f"{item.where}: {e}") from e
 
 
 class LengthGroupedBatchSampler(torch.utils.data.Sampler):
@@ -426,22 +531,73 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
     return batch
 
 
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """Bins of example indices whose lengths sum to at most `row_len` (first fit, longest first; an example longer
+    than row_len gets a row of its own). Rows keep their examples in index order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_len - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def collate_packed(examples: list[dict], row_len: int, pad_id: int = 0) -> dict:
+    """Pack the examples into as few rows of at most `row_len` tokens as fit, each example its own segment:
+    `segment_ids` keeps attention inside it, `position_ids` start at 0 in each. Labels never cross a boundary
+    (an example's last token has none), so the loss equals that of the unpacked batch."""
+    rows = pack_rows([len(e["input_ids"]) for e in examples], row_len)
+    # media go in the order their placeholders appear in the packed rows (row-major), which the model expects
+    order = [i for r in rows for i in r]
+    batch = collate([examples[i] for i in order], pad_id)
+    B, T = len(rows), max(sum(len(examples[i]["input_ids"]) for i in r) for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        at = 0
+        for s, i in enumerate(r):
+            e = examples[i]
+            n = len(e["input_ids"])
+            input_ids[b, at:at + n] = torch.from_numpy(e["input_ids"])
+            labels[b, at:at + n] = torch.from_numpy(e["labels"])
+            mask[b, at:at + n] = True
+            seg[b, at:at + n] = s
+            pos[b, at:at + n] = torch.arange(n)
+            at += n
+    batch.update(input_ids=input_ids, labels=labels, attention_mask=mask, segment_ids=seg, position_ids=pos,
+                 num_tokens=int(mask.sum()), num_targets=int((labels != IGNORE).sum()))
+    return batch
+
+
 @dataclass
 class Collator:
     pad_id: int = 0
+    pack_len: int | None = None   # data.packing: rows of at most this many tokens
 
     def __call__(self, examples: list[dict]) -> dict:
+        if self.pack_len:
+            return collate_packed(examples, self.pack_len, self.pad_id)
         return collate(examples, self.pad_id)
 
 
 def make_loader(dataset: ChatDataset, sampler: LengthGroupedBatchSampler, pad_id: int, num_workers: int = 2,
-                prefetch_factor: int = 4, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                prefetch_factor: int = 4, pin_memory: bool = False,
+                pack_len: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader that keeps the accelerator fed: worker processes decode media and pad batches ahead
     (prefetch_factor batches per worker), pinned host memory allows non-blocking copies to the GPU."""
     kw: dict[str, Any] = {}
     if num_workers > 0:
         kw = dict(prefetch_factor=prefetch_factor, persistent_workers=True)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(pad_id),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(pad_id, pack_len),
                                        num_workers=num_workers, pin_memory=pin_memory, **kw)
 
 
@@ -450,7 +606,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-MODEL_INPUTS = ("attention_mask", "pixel_values", "image_position_ids", "input_features", "input_features_mask")
+MODEL_INPUTS = ("attention_mask", "pixel_values", "image_position_ids", "input_features", "input_features_mask",
+                "position_ids", "segment_ids")
 
 
 def model_inputs(batch: dict) -> dict:

@@ -81,7 +81,17 @@ def init_distributed(backend: str = "auto", device: str = "auto") -> DistContext
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError(f"distributed.backend 'nccl' needs CUDA devices, but the device is {dev}; use gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is None:
+            dist.init_process_group(backend=backend)
+        else:
+            # torchrun keeps one key-value store across the restarts of a worker group, and a new process group
+            # publishes its addresses under the same keys every time: a restarted worker could read a dead
+            # worker's address from the attempt before ("Gloo connectFullMesh failed ... Connection refused").
+            # Keys under a per-attempt prefix cannot be stale.
+            store, rank, size = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"unigemma/attempt{attempt}/", store),
+                                    rank=rank, world_size=size)
     return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, backend)
 
 

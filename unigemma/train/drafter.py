@@ -380,7 +380,7 @@ class DrafterTask:
     def count(self, batch: dict) -> float:
         return self.loss_module.count(batch)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, final: bool = False) -> None:
         from ..checkpoint import save_model
 
         save_model(self.drafter, path, self.config_dict, max_shard_bytes=self.cfg.checkpoint.max_shard_bytes)

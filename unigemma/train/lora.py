@@ -1,66 +1,23 @@
-"""LoRA: low-rank adapters on the model's nn.Linear layers, and merging them back into plain weights.
+"""LoRA for training: wrapping a model's linear layers (float, or int8 / int4 for QLoRA), optional modules trained
+in full (`modules_to_save`), and the merged state dict a full checkpoint holds.
 
     LoRALinear(base):  y = base(x) + (dropout(x) · Aᵀ · Bᵀ) · alpha / rank    A (r, in) random, B (out, r) zeros
     merge:             W' = W + (alpha / rank) · B · A     (computed in float32, stored in W's dtype)
 
-Why our own ~150 lines rather than peft: every projection in unigemma is a bias-free `nn.Linear` with the
-checkpoint's name (`q_proj`, `gate_proj`, ...), so wrapping is trivial, and what we need beyond the forward is
-(1) merging into exactly the state-dict names `unigemma.load` reads and (2) adapter tensors we can save with
-safetensors for exact resume. peft would add a dependency (with its own transformers-oriented conventions,
-`base_model.model.` prefixes) to do the same. Nothing here is Gemma-specific.
+The layer itself and the adapter files (PEFT's layout, so PEFT and `unigemma.load(base, adapter=DIR)` read what
+training writes) are in `unigemma.adapters`; our own small implementation rather than a peft dependency, since
+every projection is a bias-free linear layer under the checkpoint's own name. Nothing here is Gemma-specific.
 
-Only the adapters are trainable after `apply_lora`; every other parameter is frozen. The tied LM head
-(`lm_head.weight` ≡ the embedding) is never wrapped.
+Only the adapters (and modules_to_save) are trainable after `apply_lora`; every other parameter is frozen. The
+tied LM head (`lm_head.weight` ≡ the embedding) is never wrapped.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable rank-r update."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be > 0, got {rank}")
-        self.base = base
-        self.rank = rank
-        self.scale = alpha / rank
-        w = base.weight
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
-        # Adapters live in float32 even under bf16 weights: they are small and their updates are tiny.
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=torch.float32))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # B = 0: the wrapped layer starts as the base
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        a = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
-        return y + ((a @ self.lora_B.t()) * self.scale).to(y.dtype)
-
-    def delta(self) -> torch.Tensor:
-        """(out, in) float32: the update this adapter adds to the base weight."""
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        w = self.base.weight
-        return (w.float() + self.delta()).to(w.dtype)
+from ..adapters import LoRALinear, merge_adapters, save_adapter  # noqa: F401  (re-exported)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
@@ -77,7 +34,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     wrapped = []
     for name, mod in list(root.named_modules()):
         leaf = name.rpartition(".")[2]
-        if leaf in targets and isinstance(mod, nn.Linear):
+        if leaf in targets and (isinstance(mod, nn.Linear) or _is_quant_linear(mod)):
             parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else root
             setattr(parent, leaf, LoRALinear(mod, rank, alpha, dropout))
             wrapped.append(f"{under}.{name}" if under else name)
@@ -85,6 +42,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         raise ValueError(f"lora.targets {list(targets)} matched no nn.Linear under {under!r} (layer names are "
                          "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     return wrapped
+
+
+def _is_quant_linear(mod: nn.Module) -> bool:
+    from ..quant import QuantLinear
+
+    return isinstance(mod, QuantLinear)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -114,12 +77,4 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by a plain nn.Linear holding the merged weight (in place); returns model."""
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoRALinear):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            base = mod.base
-            with torch.no_grad():
-                base.weight.copy_(mod.merged_weight())
-            setattr(parent, leaf, base)
-    return model
+    return merge_adapters(model)
