@@ -10,7 +10,11 @@ and parsed by `unigemma.outputs.parser.parse_response`. Lines (DESIGN.md §6): `
 `metric: "accuracy"` (or `tool_call_validity`, `right_tool`, `schema_valid`, ...), `value` in [0, 1], `task`,
 `n`, plus `subset` ("seen" / "held_out" voices and fonts) where the split marks it.
 
-    image tasks (shape, colour, describe, count, text)   answer == expected (case-insensitive, trimmed)
+    image tasks (shape, colour, describe, count, text)   answer == expected (case-insensitive, trimmed);
+                                                         describe also by question kind (subset compound /
+                                                         plain, meta.question of make_data.py)
+    compound  the shape and colour records' images asked "What shape and colour is this?" and the like
+              (make_data.COMPOUND_QUESTIONS) → "a red circle", exact match as above
     audio tasks (digit, number, transcribe)               same; held-out voices reported apart
     arithmetic                                            with thinking on, for every problem; `add` = the + ones
     tool      first model turn: tool_call_validity = calls parse, name declared, arguments valid for the schema
@@ -51,12 +55,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGE_TASKS = ("shape", "colour", "describe", "count", "text")
 AUDIO_TASKS = ("digit", "number", "transcribe")
-ALL_TASKS = IMAGE_TASKS + AUDIO_TASKS + ("arithmetic", "tool", "json")
+ALL_TASKS = IMAGE_TASKS + AUDIO_TASKS + ("arithmetic", "tool", "json", "compound")
 
 
 def read_records(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def compound_records(records: list[dict]) -> list[dict]:
+    """Task `compound`: the image of every `shape` and `colour` record asked a question that wants both
+    (make_data.COMPOUND_QUESTIONS, one per record, chosen by a Random seeded with the record id), expected answer
+    the describe task's "a {colour} {shape}". More images than the split's compound-phrased describe records."""
+    from random import Random
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "demo"))
+    from make_data import COMPOUND_QUESTIONS
+
+    out = []
+    for r in records:
+        if r["task"] not in ("shape", "colour"):
+            continue
+        q = Random(r["id"]).choice(COMPOUND_QUESTIONS)
+        msgs = []
+        for m in r["messages"]:
+            if m["role"] == "user" and isinstance(m.get("content"), list):
+                m = dict(m, content=[dict(c, text=q) if c.get("type") == "text" else c for c in m["content"]])
+            msgs.append(m)
+        answer = f"a {r['meta']['colour']} {r['meta']['shape']}"
+        msgs[-1] = {"role": "assistant", "content": answer}
+        out.append(dict(r, id=r["id"] + "-compound", task="compound", answer=answer, messages=msgs,
+                        meta=dict(r["meta"], question=q)))
+    return out
 
 
 def select(records: list[dict], tasks: list[str], per_task: int | None) -> list[dict]:
@@ -239,6 +269,8 @@ def evaluate(llm, records: list[dict], base: Path, log=None) -> list[dict]:
                 parsed, _ = run_engine(llm, msgs, None, bool(rec.get("enable_thinking")), 24)
                 r["accuracy"] = norm(parsed.content) == norm(rec["answer"])
                 r["output"] = parsed.content
+                if task == "describe" and rec["meta"].get("question"):
+                    r["question"] = rec["meta"]["question"]  # "compound" or "describe" (make_data.py)
             r["seconds"] = round(time.perf_counter() - t0, 3)
             r["expected"] = rec["answer"]
             results.append(r)
@@ -365,6 +397,10 @@ def summarize(results: list[dict], device: str, model: str) -> list[dict]:
         else:
             line(task, "accuracy", rows)
             held = [r for r in rows if r["held_out"]]
+            compound = [r for r in rows if r.get("question") == "compound"]
+            if compound:  # describe records asked "What shape and colour is this?" and the like
+                line(task, "accuracy", compound, "compound")
+                line(task, "accuracy", [r for r in rows if r.get("question") != "compound"], "plain")
             if held:
                 line(task, "accuracy", [r for r in rows if not r["held_out"]], "seen")
                 line(task, "accuracy", held, "held_out")
@@ -401,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = unigemma.load(a.model, device="cpu", drafter=False if a.no_drafter else drafter_arg(a.drafter))
     all_records = read_records(data)
+    all_records += compound_records(all_records)
     records = select(all_records, a.tasks, a.per_task)
     det = open(a.details, "w", encoding="utf-8") if a.details else None
 

@@ -359,6 +359,28 @@ def test_image_answers_match_the_pixels(dataset, records):
     assert all(checked[t] >= 2 for t in ("shape", "colour", "count", "text")), checked
 
 
+def _question(rec: dict) -> str:
+    user = next(m for m in rec["messages"] if m["role"] == "user")
+    return next(p["text"] for p in user["content"] if p["type"] == "text")
+
+
+def test_describe_is_asked_plainly_and_as_compound_questions(tmp_path, resources):
+    """Issue 14: "What shape and colour is this?" and its kin are describe questions (answer "a red circle");
+    meta.question says which list the record drew from, and both kinds occur, about half each."""
+    out = tmp_path / "describe"
+    md.generate(out, {"train": 40}, SEED, jobs=1, res=resources, train_weights=md.parse_weights("describe=1"))
+    recs = md.read_jsonl(out / "train.jsonl")
+    assert len(recs) == 40 and all(r["task"] == "describe" for r in recs)
+    kinds = Counter(r["meta"]["question"] for r in recs)
+    assert set(kinds) == {"compound", "describe"} and min(kinds.values()) >= 10, kinds
+    for r in recs:
+        questions = md.COMPOUND_QUESTIONS if r["meta"]["question"] == "compound" else md.DESCRIBE_QUESTIONS
+        assert _question(r) in questions, r["id"]
+        assert r["answer"] == f"a {r['meta']['colour']} {r['meta']['shape']}" == r["messages"][-1]["content"]
+    assert "What shape and colour is this?" in md.COMPOUND_QUESTIONS
+    assert not set(md.COMPOUND_QUESTIONS) & set(md.DESCRIBE_QUESTIONS + md.SHAPE_QUESTIONS + md.COLOUR_QUESTIONS)
+
+
 def test_draw_shape_refuses_unknown_shapes():
     img = Image.new("RGB", (10, 10))
     with pytest.raises(ValueError, match="unknown shape 'blob'"):

@@ -120,6 +120,20 @@ def test_shape_and_colour_follow_the_image(llm, tmp_path, shape, colour, rgb):
     assert res.finish_reason == "stop" and parsed.content.strip() == shape
 
 
+@pytest.mark.parametrize("shape,colour,rgb,question", [
+    ("circle", "red", (220, 30, 30), "What shape and colour is this?"),
+    ("square", "blue", (30, 80, 220), "What colour and shape is it?"),
+    ("triangle", "green", (30, 160, 60), "What shape and color is the object?")])
+def test_compound_question_gets_shape_and_colour(llm, tmp_path, shape, colour, rgb, question):
+    """A question that asks for both (issue 14: "What shape and colour is this?" once got only "red") is answered
+    with both: the colour and the shape of the drawn image, in the describe form."""
+    png = shape_png(tmp_path / f"{shape}.png", shape, rgb)
+    parsed, res = ask(llm, image_question(png, question))
+    assert res.finish_reason == "stop" and not parsed.warnings and not parsed.tool_calls
+    words = parsed.content.strip().rstrip(".").split()
+    assert colour in words and shape in words, parsed.content
+
+
 @pytest.mark.parametrize("a,b", [(17, 25), (48, 24), (77, 21)])
 def test_addition_with_thinking_copies_the_digits_and_carries(llm, a, b):
     """Problems held out of the training split (make_data.eval_pool): the trace reads the operands' digits from

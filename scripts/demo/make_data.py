@@ -21,7 +21,8 @@ One JSONL line (the shape `unigemma train` reads; media paths are relative to th
      "response_format": {...}  (json task only: {"type": "json_schema", "json_schema": {name, schema, strict}})
      "meta": {...}}            (what was drawn or spoken: shape, colour, centre, voice, font, expected calls, ...)
 
-Tasks: image `shape`, `colour`, `describe` ("a red circle"), `count`, `text` (1–2 characters in a font); audio
+Tasks: image `shape`, `colour`, `describe` ("a red circle"; half of them asked as a compound question, "What
+shape and colour is this?"), `count`, `text` (1–2 characters in a font); audio
 (espeak-ng) `digit` ("which number was said?" → "7"), `number` (10–99 → "42"), `transcribe` (→ "forty two",
 "seven", "left"); text `arithmetic` (2-digit + and −, a short carry-by-carry trace in `reasoning_content` when
 thinking is on), `tool` (2–3 declared tools among get_weather, get_time, add, convert_units: calls, tool
@@ -424,6 +425,14 @@ COLOUR_QUESTIONS = ("What colour is the shape?", "What color is it?", "Which col
                     "What color is the shape in the picture?", "Name the colour.")
 DESCRIBE_QUESTIONS = ("Describe the image.", "What is in the picture?", "What do you see?",
                       "Describe the shape and its colour.")
+# Questions that ask for both at once, as users type them ("What shape and colour is this?" must not get only
+# "red"): the `describe` task answers them with "a red circle"; meta.question says which list a record drew from.
+COMPOUND_QUESTIONS = ("What shape and colour is this?", "What colour and shape is it?",
+                      "What shape and color is the object?", "Tell me the shape and the colour.", "What is this?",
+                      "What color and shape is this?", "Which shape and colour do you see?",
+                      "What shape and what colour is it?", "Name the shape and its colour.",
+                      "What are the shape and colour of this?", "Shape and colour?", "What is the colour and shape?")
+COMPOUND_SHARE = 0.5  # of the describe records, in every split
 COUNT_QUESTIONS = ("How many shapes are there?", "How many objects are in the image?", "Count the shapes.",
                    "How many shapes do you see?")
 TEXT_QUESTIONS = ("What is written in the image?", "Read the text.", "Which characters are shown?",
@@ -453,7 +462,10 @@ def make_image_task(job: Job, rng: Random) -> dict:
     elif task == "colour":
         question, answer = rng.choice(COLOUR_QUESTIONS), meta["colour"]
     else:
-        question, answer = rng.choice(DESCRIBE_QUESTIONS), f"a {meta['colour']} {meta['shape']}"
+        compound = rng.random() < COMPOUND_SHARE
+        question = rng.choice(COMPOUND_QUESTIONS if compound else DESCRIBE_QUESTIONS)
+        answer = f"a {meta['colour']} {meta['shape']}"
+        meta = {**meta, "question": "compound" if compound else "describe"}
     return _record(job, rng, task, answer, [_user(rng, _save_image(job, img), question),
                                             {"role": "assistant", "content": answer}], meta=meta)
 

@@ -13,7 +13,8 @@ Stages (all outputs under --work, git-ignored, except `export`, which writes uni
     config     model_config.json: `gemma4_unified` scaled down (sliding + full layers with k_eq_v, vision and
                audio embedders), token ids from the tokenizer's special_ids.json
     train      unigemma's own training loop (`unigemma.train.loop.train`) on scripts/demo/demo.yaml, with
-               audio augmentation drawn fresh every time a clip is used (see AugmentedChatDataset)
+               audio augmentation drawn fresh every time a clip is used (see AugmentedChatDataset); `--init
+               FOLDER` starts from an exported model's weights and tokenizer (a continuation stage)
     export     the final checkpoint (float32, or --dtype bfloat16), tokenizer, template and generation config, into
                unigemma/demo/model/ (what `unigemma.load(None)` opens)
     report     unigemma/demo/TRAINING.md from the run's metrics (and demo_eval.py lines, --eval-lines)
@@ -232,6 +233,21 @@ def _resume_step(cfg) -> int:
     if found is None:
         return 0
     return int(json.loads((found / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+
+
+def init_overrides(init: Path, work: Path) -> list[str]:
+    """`train --init FOLDER`: continue training an exported model (a new stage from the shipped weights).
+
+    The weights and architecture come from FOLDER (model.checkpoint; no model.config), and so does the tokenizer:
+    its files are copied to WORK/tokenizer, which the run and a later `export` of this --work folder use."""
+    init = init.resolve()
+    if not (init / "config.json").is_file():
+        raise SystemExit(f"--init {init}: not a model folder (no config.json)")
+    tok = work / "tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        (tok / name).write_bytes((init / name).read_bytes())
+    return [f"model.checkpoint={init}", "model.config=null", f"data.tokenizer={tok}"]
 
 
 def stage_train(config: Path, overrides: list[str], deadline: str | None = None, chunk: int = 100,
@@ -519,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-lines", default=None, help="report: demo_eval.py output (JSON lines) to include")
     p.add_argument("--notes", default="", help="report: free text appended to the run section")
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir (default: start afresh)")
+    p.add_argument("--init", default=None, metavar="FOLDER",
+                   help="train: start from this model folder's weights (e.g. the shipped unigemma/demo/model) with "
+                        "a fresh optimizer; its tokenizer files are copied to WORK/tokenizer and used")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", default=str(SHIP_DIR), help="export: shipped model folder")
     p.add_argument("--target", default=str(SHIP_DIR),
@@ -556,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
             where = [f"output_dir={w / 'run'}", f"model.config={w / 'model_config.json'}",
                      f"data.train={w / 'data' / 'train.train.jsonl'}", f"data.eval={w / 'data' / 'val.train.jsonl'}",
                      f"data.tokenizer={w / 'tokenizer'}"]
+            if a.init:
+                where += init_overrides(Path(a.init), w)
             overrides = where + list(a.set) + ([f"optim.steps={a.steps}"] if a.steps else []) + [f"seed={a.seed}"]
             summary = stage_train(Path(a.config), overrides, a.deadline, a.chunk, fresh=not a.resume)
             summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
