@@ -25,6 +25,7 @@ from ..config import UnifiedConfig
 from .attention import AttentionPlan, vision_block_ids
 from .audio import AudioEmbedder
 from .cache import KVCache
+from .encoders.vision import VisionTower
 from .layers import softcap
 from .text import TextModel
 from .vision import MultimodalEmbedder, VisionEmbedder
@@ -37,9 +38,15 @@ class _Body(nn.Module):
         super().__init__()
         self.language_model = TextModel(config.text)
         H = config.text.hidden_size
+        self.vision_tower = None
         if config.vision is not None:
             self.vision_embedder = VisionEmbedder(config.vision)
             self.embed_vision = MultimodalEmbedder(config.vision.output_proj_dims, H, config.vision.rms_norm_eps)
+        elif config.vision_tower is not None:  # the family: an encoder, then the same projection
+            vt = config.vision_tower
+            self.vision_embedder = None
+            self.vision_tower = VisionTower(vt)
+            self.embed_vision = MultimodalEmbedder(vt.hidden_size, H, vt.rms_norm_eps)
         else:
             self.vision_embedder = self.embed_vision = None
         self.embed_audio = AudioEmbedder(config.audio, H) if config.audio is not None else None
@@ -73,7 +80,10 @@ class Gemma4Unified(nn.Module):
         return self.language_model.make_cache(slots, max_len, dtype, device, spare)
 
     def image_features(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """(N, P, 6912), (N, P, 2) → (total valid patches, H): padding slots dropped, slot order kept."""
+        """Unified: (N, P, 6912), (N, P, 2) → (total valid patches, H): padding slots dropped, slot order kept.
+        Family: (N, 9·P, 768), (N, 9·P, 2) → (total soft tokens, H): the encoder pools 3×3 patches per token."""
+        if self.model.vision_tower is not None:
+            return self.model.embed_vision(self.model.vision_tower(pixel_values, position_ids))
         if self.model.vision_embedder is None:
             raise ValueError(self._no_tower("vision_config", "images or video"))
         x = self.model.embed_vision(self.model.vision_embedder(pixel_values, position_ids))
