@@ -92,6 +92,10 @@ class TextConfig:
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
     use_bidirectional_attention: str | None = "vision"
+    # How image blocks combine with the layer masks. Unified: (causal ∧ window) ∨ same block, on every layer.
+    # Family (transformers `create_masks_for_vision_model`): full layers stay causal; sliding layers see
+    # (causal ∨ same block) ∧ k > q − W — a block's later tokens, but never past the window behind the query.
+    family_vision_mask: bool = False
     rms_norm_eps: float = 1e-6
     hidden_activation: str = "gelu_pytorch_tanh"
     attention_bias: bool = False
@@ -136,6 +140,7 @@ class TextConfig:
         c = cls()
         if family:
             c.sliding_window, c.use_bidirectional_attention = 512, None
+            c.family_vision_mask = True
             c.max_position_embeddings, c.hidden_size_per_layer_input = 131_072, 256
         c.vocab_size = _int(d, "vocab_size", c.vocab_size, where, 1)
         c.hidden_size = _int(d, "hidden_size", c.hidden_size, where, 1)

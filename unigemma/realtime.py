@@ -234,14 +234,14 @@ class IncrementalPrompt:
     def append_image(self, image, max_soft_tokens: int | None = None) -> list[Piece]:
         """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default: the model's,
         `llm.default_image_tokens`, 280 unless its processor config says otherwise)."""
-        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, check_positions, preprocess_image
+        from .inputs.image import (DEFAULT_MAX_SOFT_TOKENS, check_budget, check_positions, model_image_spec,
+                                   preprocess_image)
 
         self._check_open()
-        if self.cfg.vision is None:
-            raise ValueError("this model has no vision_config: it cannot take images")
+        patch_size, table = model_image_spec(self.cfg)  # unified 48-px or family 16-px patches; refuses no vision
         budget = check_budget(int(max_soft_tokens or getattr(self.llm, "default_image_tokens", DEFAULT_MAX_SOFT_TOKENS)))
-        feats = preprocess_image(image, budget)
-        check_positions(feats, self.cfg.vision.mm_posemb_size)
+        feats = preprocess_image(image, budget, patch_size=patch_size)
+        check_positions(feats, table)
         out = self._close_audio() + self._flush_text()
         c = self.cfg
         ids = [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]

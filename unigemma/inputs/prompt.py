@@ -22,7 +22,7 @@ import torch
 
 from ..config import UnifiedConfig
 from .audio import batch_audio, load_audio_segments, num_audio_tokens
-from .image import budget_for_detail, check_budget, check_positions, pad_rows, preprocess_image
+from .image import budget_for_detail, check_budget, check_positions, model_image_spec, pad_rows, preprocess_image
 from .media import MediaError
 from .template import ChatTemplate, normalize_messages
 from .tokenizer import Tokenizer
@@ -104,10 +104,16 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         raise ValueError(f"the chat template wrote media placeholders {found} but the messages hold media parts "
                          f"{kinds}; they must match one to one (is this template made for gemma4_unified?)")
     needs = set(kinds)
+    patch_size = table = None
     if "image" in needs or "video" in needs:
-        if config.vision is None:
-            raise ValueError("this model has no vision_config: it cannot take images or video")
+        patch_size, table = model_image_spec(config)
+    if "video" in needs and config.vision_tower is not None:
+        raise ValueError(f"video input for {config.model_type} models (the family's vision encoder) is not "
+                         "supported by unigemma yet: send the frames as images")
     if "audio" in needs and config.audio is None:
+        if "audio_config" in config.skipped_towers:
+            raise ValueError(f"this {config.model_type} checkpoint's audio encoder is not supported by unigemma yet "
+                             "(its tensors were skipped on load): it cannot take audio")
         raise ValueError("this model has no audio_config: it cannot take audio")
 
     images, audios, videos, keys = [], [], [], []
@@ -124,10 +130,10 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         if kind == "image":
             src, budget = _image_source(part, limits.default_image_tokens)
             src = resolve("image", src) if resolve else src
-            feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels)
-            check_positions(feats, c.vision.mm_posemb_size)
+            feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels, patch_size=patch_size)
+            check_positions(feats, table)
             images.append(feats)
-            keys.append(_key("image", feats.pixel_values[: feats.num_tokens]))
+            keys.append(_key("image", feats.pixel_values[: feats.num_tokens * feats.rows_per_token]))
             ids += [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]
         elif kind == "audio":
             if part["type"] == "input_audio":

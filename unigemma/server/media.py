@@ -137,14 +137,14 @@ def _fetch_remote(url: str, policy: MediaPolicy, what: str) -> bytes:
 
 # --- decoding through the inputs layer --------------------------------------------------------------------------
 
-def load_image(url: str, budget: int, policy: MediaPolicy, what: str = "image"):
-    """→ `ImageFeatures` padded to `budget` slots."""
-    from unigemma.inputs.image import preprocess_image
+def load_image(url: str, budget: int, policy: MediaPolicy, what: str = "image", patch_size: int | None = None):
+    """→ `ImageFeatures` padded to `budget` soft tokens (patch_size: 48 unified, 16 family; None: 48)."""
+    from unigemma.inputs.image import PATCH_SIZE, preprocess_image
 
     src = fetch(url, policy, what)
     try:
         return preprocess_image(src, budget, max_pixels=policy.max_pixels, max_side=policy.max_side,
-                                max_decoded_bytes=policy.max_decoded_bytes)
+                                max_decoded_bytes=policy.max_decoded_bytes, patch_size=patch_size or PATCH_SIZE)
     except MediaError as e:
         raise MediaError(f"{what}: {e}") from None
 

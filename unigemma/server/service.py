@@ -520,10 +520,15 @@ class Service:
                     if part.type == "image_url":
                         images.append(self._image(part, req, where))
                     elif part.type == "input_audio":
+                        self._needs("audio_config", where)
                         audios.append(server_media.load_audio(part.input_audio.data, part.input_audio.format,
                                                               self.policy, what=where))
                     elif part.type == "video_url":
                         self._needs("vision_config", where)
+                        if getattr(self.llm.config, "vision_tower", None) is not None:
+                            raise MediaError(f"{where}: video input for {self.llm.config.model_type} models (the "
+                                             "family's vision encoder) is not supported by unigemma yet; send the "
+                                             "frames as images")
                         videos.append(server_media.load_video(part.video_url.url, self.policy, what=where))
                 except (MediaError, ValueError) as e:
                     raise APIError(400, str(e), param=where, code="invalid_media") from None
@@ -548,8 +553,15 @@ class Service:
         return prep
 
     def _needs(self, sub: str, where: str) -> None:
-        if getattr(self.llm.config, sub.replace("_config", ""), None) is None:
+        cfg = self.llm.config
+        have = getattr(cfg, sub.replace("_config", ""), None) is not None
+        if sub == "vision_config" and getattr(cfg, "vision_tower", None) is not None:
+            have = True
+        if not have:
             kind = "images or video" if sub == "vision_config" else "audio"
+            if sub in getattr(cfg, "skipped_towers", ()):
+                raise MediaError(f"{where}: this {cfg.model_type} checkpoint's {sub.split('_')[0]} encoder is not "
+                                 f"supported by unigemma yet: it cannot take {kind}")
             raise MediaError(f"{where}: this model has no {sub} and cannot take {kind}")
 
     def _image(self, part, req: ChatCompletionRequest, where: str):
@@ -562,9 +574,10 @@ class Service:
             budget = check_budget(req.max_soft_tokens)
         else:
             budget = budget_for_detail(part.image_url.detail, getattr(self.llm, "default_image_tokens", 280))
-        feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where)
-        from unigemma.inputs.image import check_positions
-        check_positions(feats, self.llm.config.vision.mm_posemb_size, where)
+        from unigemma.inputs.image import check_positions, model_image_spec
+        patch_size, table = model_image_spec(self.llm.config)
+        feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where, patch_size=patch_size)
+        check_positions(feats, table, where)
         return feats
 
     def _expand(self, text: str, images: list, audios: list, videos: list):

@@ -96,9 +96,9 @@ class VisionAttention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        scores = q @ k.transpose(-1, -2) + bias  # scale 1: q and k are RMS-normed
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return self.o_proj((probs @ v).transpose(1, 2).reshape(N, P, -1))
+        # scale 1: q and k are RMS-normed. `bias`: (N, 1, 1, P) boolean, True = may attend (valid patches).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (N, h, P, D)
+        return self.o_proj(out.transpose(1, 2).reshape(N, P, -1))
 
 
 class VisionMLP(nn.Module):
@@ -167,9 +167,11 @@ class VisionTower(nn.Module):
         if int(block.max()) >= L:
             raise ValueError(f"image_position_ids describe a grid of more than {L} {k}×{k} blocks, the soft-token "
                              f"budget these {P}-row pixel_values allow")
-        h = h.float().masked_fill(padding.unsqueeze(-1), 0.0) / (k * k)
-        out = torch.zeros(N, L, d, dtype=torch.float32, device=h.device)
-        out.scatter_add_(1, block.unsqueeze(-1).expand(-1, -1, d), h)  # (N, L, d)
+        h = h.masked_fill(padding.unsqueeze(-1), 0.0)
+        # The average as one (L, P) @ (P, d) product of 1/k² weights: a few percent of one encoder layer's cost,
+        # and the reference's summation order (the soft tokens agree to the last bits, which the decoder amplifies).
+        weights = F.one_hot(block, L).float() / (k * k)  # (N, P, L)
+        out = weights.transpose(1, 2) @ h.float()  # (N, L, d)
         counts = torch.zeros(N, L, device=h.device).scatter_add_(1, block, (~padding).float())
         return out, counts > 0
 
@@ -182,8 +184,7 @@ class VisionTower(nn.Module):
         h = self.patch_embedder(pixel_values, position_ids, padding)
         cos, sin = axial_rope(position_ids, c.head_dim, c.rope_theta, h.dtype)
         # Bidirectional within each image; padding patches are never attended to.
-        bias = torch.zeros(padding.shape, dtype=h.dtype, device=h.device).masked_fill(
-            padding, torch.finfo(h.dtype).min)[:, None, None, :]  # (N, 1, 1, P)
+        bias = ~padding[:, None, None, :]  # (N, 1, 1, P)
         for layer in self.encoder.layers:
             h = layer(h, cos, sin, bias)
         pooled, valid = self.pool(h, position_ids, padding)
