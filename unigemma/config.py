@@ -381,6 +381,53 @@ class VisionTowerConfig:
         return c
 
 
+@dataclass
+class AudioTowerConfig:
+    """The family's audio *encoder* (`gemma4` `audio_config`, model_type `gemma4_audio`): a conformer over mel
+    features with chunked local attention. Not the unified model's raw-frame `AudioConfig`."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "audio_config") -> "AudioTowerConfig":
+        _check(isinstance(d, dict), where, "must be an object")
+        c = cls()
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_kernel_size",
+                     "attention_chunk_size", "attention_context_left", "output_proj_dims"):
+            setattr(c, name, _int(d, name, getattr(c, name), where, 1))
+        c.attention_context_right = _int(d, "attention_context_right", c.attention_context_right, where, 0)
+        for name in ("residual_weight", "attention_logit_cap", "attention_invalid_logits_value", "rms_norm_eps",
+                     "gradient_clipping"):
+            setattr(c, name, _float(d, name, getattr(c, name), where))
+        v = d.get("use_clipped_linears", c.use_clipped_linears)
+        _check(isinstance(v, bool), where, f"field 'use_clipped_linears' must be true or false, got {v!r}")
+        c.use_clipped_linears = v
+        ch = d.get("subsampling_conv_channels", list(c.subsampling_conv_channels))
+        _check(isinstance(ch, (list, tuple)) and len(ch) == 2 and all(isinstance(x, int) and x > 0 for x in ch),
+               where, f"subsampling_conv_channels must be two positive integers, got {ch!r}")
+        c.subsampling_conv_channels = (int(ch[0]), int(ch[1]))
+        act = d.get("hidden_act", "silu")
+        _check(act == "silu", where, f"hidden_act {act!r} is not supported (accepted: 'silu')")
+        _check(c.hidden_size % c.num_attention_heads == 0, where,
+               f"hidden_size ({c.hidden_size}) must be a multiple of num_attention_heads ({c.num_attention_heads})")
+        _check(c.attention_logit_cap > 0, where, "attention_logit_cap must be positive")
+        return c
+
+
 TEXT_ONLY_TYPES = ("gemma4_unified_text", "gemma4_text")
 FAMILY_TYPES = ("gemma4", "gemma4_text")
 MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text", "gemma4", "gemma4_text")
@@ -409,6 +456,7 @@ class UnifiedConfig:
     eoa_token_id: int = 258_883
     tie_word_embeddings: bool = True
     vision_tower: VisionTowerConfig | None = None   # the family's vision encoder (`gemma4` only)
+    audio_tower: AudioTowerConfig | None = None     # the family's audio encoder (`gemma4` only)
     skipped_towers: tuple[str, ...] = ()
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -440,8 +488,8 @@ class UnifiedConfig:
         if family:
             if d.get("vision_config") is not None:
                 c.vision_tower = VisionTowerConfig.from_dict(d["vision_config"], f"{where}: vision_config")
-            # The family's audio conformer is not built yet: its tensors are skipped and audio is refused.
-            c.skipped_towers = tuple(k for k in ("audio_config",) if d.get(k) is not None)
+            if d.get("audio_config") is not None:
+                c.audio_tower = AudioTowerConfig.from_dict(d["audio_config"], f"{where}: audio_config")
         else:
             if d.get("vision_config") is not None:
                 c.vision = VisionConfig.from_dict(d["vision_config"], f"{where}: vision_config")

@@ -25,6 +25,7 @@ from ..config import UnifiedConfig
 from .attention import AttentionPlan, vision_block_ids
 from .audio import AudioEmbedder
 from .cache import KVCache
+from .encoders.audio import AudioTower
 from .encoders.vision import VisionTower
 from .layers import softcap
 from .text import TextModel
@@ -50,6 +51,11 @@ class _Body(nn.Module):
         else:
             self.vision_embedder = self.embed_vision = None
         self.embed_audio = AudioEmbedder(config.audio, H) if config.audio is not None else None
+        self.audio_tower = None
+        if config.audio_tower is not None:  # the family: a conformer, then the same projection
+            at = config.audio_tower
+            self.audio_tower = AudioTower(at)
+            self.embed_audio = MultimodalEmbedder(at.output_proj_dims, H, at.rms_norm_eps)
 
 
 @dataclass
@@ -96,7 +102,11 @@ class Gemma4Unified(nn.Module):
         return f"this checkpoint has no {key}: it cannot take {what}"
 
     def audio_features(self, input_features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, F, 640), (N, F) bool → (real frames, H)."""
+        """Unified: (N, F, 640) waveform frames, (N, F) bool → (real frames, H).
+        Family: (N, F, 128) mel frames, (N, F) bool → (real soft tokens, H), one per 4 frames (the conformer's)."""
+        if self.model.audio_tower is not None:
+            hidden, valid = self.model.audio_tower(input_features, mask)
+            return self.model.embed_audio(hidden)[valid]
         if self.model.embed_audio is None:
             raise ValueError(self._no_tower("audio_config", "audio"))
         return self.model.embed_audio(input_features)[mask.bool()]
