@@ -1,8 +1,8 @@
 """The Gemma 4 family's text stacks (`gemma4`, `gemma4_text`) vs the reference (transformers 5.24.0) on tiny
 random checkpoints saved in the published format (refmodels.FAMILY):
 
-    e      E2B / E4B style: per-layer input embeddings, KV sharing, double-wide MLP; vision tower (tested with images
-           in test_family_vision.py), audio tower skipped
+    e      E2B / E4B style: per-layer input embeddings, KV sharing, double-wide MLP; vision and audio towers (tested
+           in test_family_vision.py / test_family_audio.py)
     moe    26B-A4B style: router + 3-D experts beside the dense MLP, k_eq_v (a `gemma4_text` checkpoint)
     dense  31B style: dense, k_eq_v, untied LM head
 
@@ -171,13 +171,11 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
 
 def test_family_loading(family):
     _, e, path = family["e"]
-    # the vision encoder is built (tests/test_family_vision.py); the audio encoder is still skipped and refused
-    assert e.config.model_type == "gemma4" and e.config.skipped_towers == ("audio_config",)
-    assert e.config.vision_tower is not None
-    assert not any(n.startswith(("model.audio", "model.embed_audio")) for n, _ in e.model.named_parameters())
-    with pytest.warns(UserWarning, match="audio encoder"):
-        unigemma.load(path, device="cpu", dtype="float32")
-    with pytest.raises(ValueError, match="audio encoder is not supported"):
+    # both encoders are built (tests/test_family_vision.py, tests/test_family_audio.py); nothing is skipped
+    assert e.config.model_type == "gemma4" and e.config.skipped_towers == ()
+    assert e.config.vision_tower is not None and e.config.audio_tower is not None
+    assert any(n.startswith("model.audio_tower.") for n, _ in e.model.named_parameters())
+    with pytest.raises(ValueError, match="input_features must be"):  # 128 mel bins for an 8-channel tiny tower
         e.model(torch.tensor([[2, AUD, 5]]), input_features=torch.zeros(1, 4, 128),
                 input_features_mask=torch.ones(1, 4, dtype=torch.bool))
     _, moe, _ = family["moe"]

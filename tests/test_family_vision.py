@@ -7,7 +7,8 @@
   (tests/fixtures/golden/family_images.npz, scripts/make_family_golden.py): every image case × every budget and a
   batched call — no torchvision needed here;
 - images through `llm.build_prompt` / `llm.chat` (greedy = the reference's greedy) and the server (openai SDK:
-  200 and the prompt token counts of the budgets); audio stays refused with a clear error (encoder not built).
+  200 and the prompt token counts of the budgets, with an audio clip beside the image).
+The audio encoder and features: tests/test_family_audio.py.
 """
 
 from __future__ import annotations
@@ -195,7 +196,12 @@ def build_family_vision_checkpoint(path: Path):
     (path / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": [ids["eos_token"], ids["eot_token"]], "bos_token_id": ids["bos_token"],
          "pad_token_id": ids["pad_token"]}))
+    # the tiny audio tower reads 8 mel bins (its first conv has 8 channels, as the published one has 128 for 128)
+    (path / "processor_config.json").write_text(json.dumps({"feature_extractor": dict(MEL_SETTINGS)}))
     return ref
+
+
+MEL_SETTINGS = {"feature_size": 8, "mel_floor": 0.001, "max_frequency": 8000.0}
 
 
 @pytest.fixture(scope="module")
@@ -218,22 +224,23 @@ def _mm_types(input_ids: torch.Tensor, cfg) -> torch.Tensor:
     return (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
 
 
-def test_loads_the_vision_tower_and_still_refuses_audio(fam):
+def test_loads_both_towers_under_the_checkpoint_names(fam):
     _, llm, path = fam
     cfg = llm.config
-    assert cfg.vision_tower is not None and cfg.vision is None and cfg.skipped_towers == ("audio_config",)
-    names = {n for n, _ in llm.model.named_parameters()}
-    assert "model.vision_tower.patch_embedder.position_embedding_table" in names
-    assert "model.embed_vision.embedding_projection.weight" in names
-    assert not any(n.startswith(("model.audio_tower", "model.embed_audio")) for n in names)
-    with pytest.warns(UserWarning, match="audio encoder"):
+    assert cfg.vision_tower is not None and cfg.audio_tower is not None and cfg.vision is None and cfg.audio is None
+    assert cfg.skipped_towers == () and llm.mel_settings.feature_size == 8
+    names = {n for n, _ in llm.model.named_parameters()} | {n for n, _ in llm.model.named_buffers()}
+    for n in ("model.vision_tower.patch_embedder.position_embedding_table", "model.embed_vision.embedding_projection.weight",
+              "model.audio_tower.layers.0.self_attn.per_dim_scale", "model.embed_audio.embedding_projection.weight",
+              "model.audio_tower.layers.0.lconv1d.linear_start.input_min"):
+        assert n in names, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is skipped any more: no warning
         unigemma.load(path, device="cpu", dtype="float32")
-    with pytest.raises(ValueError, match="audio encoder is not supported"):
-        llm.model(torch.tensor([[2, cfg.audio_token_id, 5]]), input_features=torch.zeros(1, 8, 128),
-                  input_features_mask=torch.ones(1, 8, dtype=torch.bool))
-    wave = (np.sin(np.arange(16000) / 7) * 0.1).astype(np.float32)
-    with pytest.raises(ValueError, match="audio encoder is not supported"):
-        llm.build_prompt([{"role": "user", "content": [{"type": "audio", "audio": (wave, 16000)}]}])
+    frames = preprocess_image(_pattern_image(64, 64, 1), 70, patch_size=16)
+    with pytest.raises(ValueError, match="video input for gemma4 models"):
+        llm.build_prompt([{"role": "user", "content": [{"type": "video", "video": "x.mp4"}]}])
+    assert frames.rows_per_token == 9
 
 
 def test_logits_with_images_equal_reference(fam):
@@ -309,7 +316,7 @@ def _png_uri(w: int = 64, h: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def test_server_image_prompt_token_counts_and_audio_refused(fam):
+def test_server_image_and_audio_prompt_token_counts(fam):
     openai = pytest.importorskip("openai")
     from test_server import LiveServer
 
@@ -335,10 +342,16 @@ def test_server_image_prompt_token_counts_and_audio_refused(fam):
         # the same prompt through the Python API counts the same
         p = llm.build_prompt(_messages((_png_uri(), 70)))
         assert len(p.input_ids) == low.usage.prompt_tokens
-        wav = io.BytesIO()
         import soundfile as sf
-        sf.write(wav, np.zeros(1600, np.float32), 16000, format="WAV")
-        with pytest.raises(openai.BadRequestError) as e:
-            ask({"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
-                                                        "format": "wav"}})
-        assert "audio encoder is not supported" in e.value.body["message"]
+
+        from unigemma.inputs.mel import MelSettings, log_mel, num_mel_tokens
+        wav = io.BytesIO()
+        wave = (np.sin(np.arange(16000) / 5.0) * 0.3).astype(np.float32)  # 1 s at 16 kHz
+        sf.write(wav, wave, 16000, format="WAV", subtype="FLOAT")
+        audio_part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
+                                                             "format": "wav"}}
+        both = ask({"type": "image_url", "image_url": {"url": _png_uri(), "detail": "low"}}, audio_part)
+        n_audio = num_mel_tokens(log_mel(wave, MelSettings(**MEL_SETTINGS))[1])
+        assert n_audio == 25  # 1 s = 100 mel frames (the last one masked) → 25 soft tokens of 40 ms
+        assert both.usage.prompt_tokens - low.usage.prompt_tokens == n_audio + 2
+        assert both.choices[0].finish_reason in ("length", "stop")

@@ -199,6 +199,9 @@ class IncrementalPrompt:
     def append_audio(self, chunk) -> list[Piece]:
         """A chunk of 16 kHz mono float samples in [−1, 1] (or int16 PCM)."""
         self._check_open()
+        if getattr(self.cfg, "audio_tower", None) is not None:
+            raise ValueError(f"live audio for {self.cfg.model_type} models (the family's audio encoder) is not "
+                             "supported by unigemma yet: send the clip as an audio part of a message")
         if self.cfg.audio is None:
             raise ValueError("this model has no audio_config: it cannot take audio")
         wave = np.asarray(chunk)

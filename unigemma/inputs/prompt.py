@@ -24,6 +24,7 @@ from ..config import UnifiedConfig
 from .audio import batch_audio, load_audio_segments, num_audio_tokens
 from .image import budget_for_detail, check_budget, check_positions, model_image_spec, pad_rows, preprocess_image
 from .media import MediaError
+from .mel import MelSettings, batch_mel, log_mel, num_mel_tokens
 from .template import ChatTemplate, normalize_messages
 from .tokenizer import Tokenizer
 from .video import batch_videos, load_video
@@ -86,7 +87,7 @@ def _key(kind: str, tensor: torch.Tensor) -> str:
 def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, config: UnifiedConfig, *,
                  tools: list[dict] | None = None, enable_thinking: bool = False, add_generation_prompt: bool = True,
                  resolve: Callable[[str, Any], Any] | None = None, limits: MediaLimits | None = None,
-                 **template_kwargs) -> Prompt:
+                 mel: MelSettings | None = None, **template_kwargs) -> Prompt:
     """Render, load media, expand placeholders and tokenize.
 
     resolve(kind, source) may map a media source (URL, path) to bytes / a path / an object, enforcing the caller's
@@ -110,10 +111,8 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
     if "video" in needs and config.vision_tower is not None:
         raise ValueError(f"video input for {config.model_type} models (the family's vision encoder) is not "
                          "supported by unigemma yet: send the frames as images")
-    if "audio" in needs and config.audio is None:
-        if "audio_config" in config.skipped_towers:
-            raise ValueError(f"this {config.model_type} checkpoint's audio encoder is not supported by unigemma yet "
-                             "(its tensors were skipped on load): it cannot take audio")
+    family_audio = config.audio_tower is not None  # mel features for the conformer, not raw frames
+    if "audio" in needs and config.audio is None and not family_audio:
         raise ValueError("this model has no audio_config: it cannot take audio")
 
     images, audios, videos, keys = [], [], [], []
@@ -143,9 +142,18 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
             src = resolve("audio", src) if resolve else src
             segments = load_audio_segments(src, max_seconds=limits.max_audio_seconds, format=fmt)
             for seg in segments:
-                audios.append(seg)
                 keys.append(_key("audio", torch.from_numpy(seg)))
-                ids += [c.boa_token_id] + [c.audio_token_id] * num_audio_tokens(seg.size) + [c.eoa_token_id]
+                if family_audio:
+                    feats, mask = log_mel(seg, mel)
+                    n = num_mel_tokens(mask)
+                    if n == 0:
+                        raise MediaError(f"audio clip of {seg.size} samples is too short: the encoder makes no soft "
+                                         "token of it (at least ~25 ms of audio is needed)")
+                    audios.append((feats, mask))
+                else:
+                    audios.append(seg)
+                    n = num_audio_tokens(seg.size)
+                ids += [c.boa_token_id] + [c.audio_token_id] * n + [c.eoa_token_id]
         else:
             src = part.get("video")
             if isinstance(src, dict):
@@ -171,7 +179,8 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         media["pixel_values"] = torch.stack([v for v, _ in padded])
         media["image_position_ids"] = torch.stack([p for _, p in padded])
     if audios:
-        media["input_features"], media["input_features_mask"] = batch_audio(audios)
+        batch = batch_mel if family_audio else batch_audio
+        media["input_features"], media["input_features_mask"] = batch(audios)
     if videos:
         pv, vp, nf = batch_videos(videos)
         media["pixel_values_videos"], media["video_position_ids"] = pv, vp

@@ -555,7 +555,7 @@ class Service:
     def _needs(self, sub: str, where: str) -> None:
         cfg = self.llm.config
         have = getattr(cfg, sub.replace("_config", ""), None) is not None
-        if sub == "vision_config" and getattr(cfg, "vision_tower", None) is not None:
+        if getattr(cfg, sub.replace("_config", "_tower"), None) is not None:  # the family's encoders
             have = True
         if not have:
             kind = "images or video" if sub == "vision_config" else "audio"
@@ -602,9 +602,19 @@ class Service:
                 if k >= len(audios):
                     raise APIError(400, "the chat template produced more audio placeholders than clips given")
                 from unigemma.inputs.audio import num_audio_tokens
+                from unigemma.inputs.mel import log_mel, num_mel_tokens
+                mel = getattr(self.llm, "mel_settings", None)
                 for seg in audios[k]:
+                    if getattr(self.llm.config, "audio_tower", None) is not None:  # family: mel features
+                        seg = log_mel(seg, mel)
+                        n = num_mel_tokens(seg[1])
+                        if n == 0:
+                            raise APIError(400, f"an audio clip of {audios[k][0].size} samples is too short to make "
+                                                "a soft token (at least ~25 ms is needed)", code="invalid_media")
+                    else:
+                        n = num_audio_tokens(seg.size)
                     segments.append(seg)
-                    pieces.append(sp["boa_token"] + sp["audio_token"] * num_audio_tokens(seg.size) + sp["eoa_token"])
+                    pieces.append(sp["boa_token"] + sp["audio_token"] * n + sp["eoa_token"])
             else:
                 if k >= len(videos):
                     raise APIError(400, "the chat template produced more video placeholders than videos given")
@@ -632,7 +642,8 @@ class Service:
             media["image_position_ids"] = torch.stack([p for _, p in padded]).to(dev)
         if segments:
             from unigemma.inputs.audio import batch_audio
-            feats, mask = batch_audio(segments)
+            from unigemma.inputs.mel import batch_mel
+            feats, mask = (batch_mel if isinstance(segments[0], tuple) else batch_audio)(segments)
             media["input_features"] = feats.to(dev, dtype)
             media["input_features_mask"] = mask.to(dev)
         if videos:
