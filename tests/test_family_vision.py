@@ -237,10 +237,7 @@ def test_loads_both_towers_under_the_checkpoint_names(fam):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing is skipped any more: no warning
         unigemma.load(path, device="cpu", dtype="float32")
-    frames = preprocess_image(_pattern_image(64, 64, 1), 70, patch_size=16)
-    with pytest.raises(ValueError, match="video input for gemma4 models"):
-        llm.build_prompt([{"role": "user", "content": [{"type": "video", "video": "x.mp4"}]}])
-    assert frames.rows_per_token == 9
+
 
 
 def test_logits_with_images_equal_reference(fam):
@@ -278,6 +275,45 @@ def test_frames_through_the_video_arguments_equal_reference(fam):
     media = dict(pixel_values_videos=pv, video_position_ids=pos, num_frames_per_video=torch.tensor([3]))
     expected = ref(input_ids=ids, mm_token_type_ids=_mm_types(ids, c), **media).logits
     ok, d = close(llm.model(ids, **media), expected)
+    assert ok, f"max |Δ| = {d:.3g}"
+
+
+@pytest.fixture(scope="module")
+def golden_video():
+    return np.load(ROOT / "tests" / "fixtures" / "golden" / "family_video.npz")
+
+
+def test_video_processor_matches_reference_bit_for_bit(golden_video):
+    """The golden MP4 sampled three ways (32 frames, 8 frames, 3 fps): frame indices, timestamps, soft tokens per
+    frame, and the exact `pixel_values_videos` / `video_position_ids` of `Gemma4VideoProcessor` (budget 70)."""
+    from unigemma.inputs.video import load_video
+
+    gen = _generator()
+    data = gen.make_video_bytes()
+    assert hashlib.sha256(data).hexdigest() == str(golden_video["file_sha"])
+    for name, kw in gen.VIDEO_CONFIGS.items():
+        v = load_video(data, patch_size=FAMILY_PATCH_SIZE, **kw)
+        assert v.frame_indices == golden_video[f"{name}|indices"].tolist(), name
+        assert v.timestamps == golden_video[f"{name}|timestamps"].tolist(), name
+        assert v.num_tokens_per_frame == int(golden_video[f"{name}|num"]), name
+        assert list(v.pixel_values.shape) == golden_video[f"{name}|shape"].tolist(), name
+        assert _sha(v.pixel_values) == str(golden_video[f"{name}|pixel_sha"]), name
+        assert _sha(v.position_ids.to(torch.int64)) == str(golden_video[f"{name}|pos_sha"]), name
+
+
+def test_logits_with_a_video_equal_reference(fam):
+    """A 4-frame video part through `llm.build_prompt` ("mm:ss" + BOI + frame tokens + EOI per frame): every
+    logit equals the reference's for the same ids and frames."""
+    ref, llm, _ = fam
+    data = _generator().make_video_bytes()
+    p = llm.build_prompt([{"role": "user", "content": [{"type": "text", "text": "What happens?"},
+                                                       {"type": "video", "video": data, "num_frames": 4}]}])
+    ids = torch.tensor([p.input_ids])
+    m = p.media
+    assert m["pixel_values_videos"].shape[0] == 4 and m["pixel_values_videos"].shape[-1] == 768
+    assert int((ids == llm.config.video_token_id).sum()) == 4 * 63  # 160×120 at budget 70: 9×7 tokens a frame
+    expected = ref(input_ids=ids, mm_token_type_ids=_mm_types(ids, llm.config), **m).logits
+    ok, d = close(llm.model(ids, **m), expected)
     assert ok, f"max |Δ| = {d:.3g}"
 
 

@@ -108,9 +108,6 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
     patch_size = table = None
     if "image" in needs or "video" in needs:
         patch_size, table = model_image_spec(config)
-    if "video" in needs and config.vision_tower is not None:
-        raise ValueError(f"video input for {config.model_type} models (the family's vision encoder) is not "
-                         "supported by unigemma yet: send the frames as images")
     family_audio = config.audio_tower is not None  # mel features for the conformer, not raw frames
     if "audio" in needs and config.audio is None and not family_audio:
         raise ValueError("this model has no audio_config: it cannot take audio")
@@ -161,7 +158,7 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
             src = resolve("video", src) if resolve else src
             v = load_video(src, num_frames=part.get("num_frames"), fps=part.get("fps"),
                            max_soft_tokens=part.get("max_soft_tokens") or limits.video_tokens,
-                           max_frames=limits.max_video_frames)
+                           max_frames=limits.max_video_frames, patch_size=patch_size)
             if part.get("num_frames") is None and part.get("fps") is None and v.num_frames > limits.video_frames:
                 raise MediaError(f"video sampled {v.num_frames} frames, over the limit of {limits.video_frames}")
             videos.append(v)

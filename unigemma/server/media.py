@@ -164,12 +164,14 @@ def load_audio(data: str, fmt: str | None, policy: MediaPolicy, what: str = "aud
         raise MediaError(f"{what}: {e}") from None
 
 
-def load_video(url: str, policy: MediaPolicy, what: str = "video"):
-    """→ `VideoFeatures` (frames sampled uniformly, each at the video budget)."""
+def load_video(url: str, policy: MediaPolicy, what: str = "video", patch_size: int | None = None):
+    """→ `VideoFeatures` (frames sampled uniformly, each at the video budget; patch_size 48 unified, 16 family)."""
+    from unigemma.inputs.image import PATCH_SIZE
     from unigemma.inputs.video import load_video as _load
 
     src = fetch(url, policy, what)
     try:
-        return _load(src, num_frames=policy.max_video_frames, max_seconds=policy.max_video_seconds)
+        return _load(src, num_frames=policy.max_video_frames, max_seconds=policy.max_video_seconds,
+                     patch_size=patch_size or PATCH_SIZE)
     except MediaError as e:
         raise MediaError(f"{what}: {e}") from None

@@ -525,11 +525,9 @@ class Service:
                                                               self.policy, what=where))
                     elif part.type == "video_url":
                         self._needs("vision_config", where)
-                        if getattr(self.llm.config, "vision_tower", None) is not None:
-                            raise MediaError(f"{where}: video input for {self.llm.config.model_type} models (the "
-                                             "family's vision encoder) is not supported by unigemma yet; send the "
-                                             "frames as images")
-                        videos.append(server_media.load_video(part.video_url.url, self.policy, what=where))
+                        from unigemma.inputs.image import model_image_spec
+                        videos.append(server_media.load_video(part.video_url.url, self.policy, what=where,
+                                                              patch_size=model_image_spec(self.llm.config)[0]))
                 except (MediaError, ValueError) as e:
                     raise APIError(400, str(e), param=where, code="invalid_media") from None
                 if part.type == "video_url":  # the template knows the part as `video`
