@@ -231,3 +231,146 @@ class AudioTower(nn.Module):
         for layer in self.layers:
             x = layer(x, rel, masked)
         return self.output_proj(x), valid
+
+
+class AudioStream:
+    """The encoder run incrementally, for live audio: mel frames in as they are computed, soft-token features out as
+    soon as they are final, equal to what `AudioTower` gives for the whole clip (up to float summation order).
+
+    State carried between pushes (the "chunk state"): the last mel frames and first-conv rows the stride-2
+    convolutions still need (one row of look-ahead each), and per conformer layer the last `left − 1` attention
+    inputs (keys and values are recomputed from them) and the last K − 1 light-conv inputs. Needs
+    `attention_context_right == 0` (no look-ahead inside the conformer), as the published encoder has.
+
+    push(frames) → (new outputs (n, output_proj_dims)); finish(frames, mask) → the rest, with the validity of each
+    row (frames past the end of the audio are masked exactly as the one-shot path masks them).
+    """
+
+    def __init__(self, tower: AudioTower):
+        c = tower.config
+        if c.attention_context_right != 0:
+            raise ValueError("streaming audio needs attention_context_right = 0 (this encoder looks "
+                             f"{c.attention_context_right} positions ahead)")
+        self.tower = tower
+        p = next(tower.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.mel = torch.zeros(0, c.subsampling_conv_channels[0], dtype=self.dtype, device=self.device)  # unconsumed
+        self.mel_mask = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self.mel_start = 0          # absolute index of self.mel[0]
+        self.mid = None             # first-conv output rows not consumed yet (C0, rows, M/2)
+        self.mid_mask = torch.zeros(0, dtype=torch.bool, device=self.device)
+        self.mid_start = 0
+        self.out_rows = 0           # second-conv rows produced (conformer positions)
+        H = c.hidden_size
+        self.attn_cache = [torch.zeros(0, H, dtype=self.dtype, device=self.device) for _ in tower.layers]
+        self.valid_cache = [torch.zeros(0, dtype=torch.bool, device=self.device) for _ in tower.layers]
+        self.conv_cache = [torch.zeros(0, H, dtype=self.dtype, device=self.device) for _ in tower.layers]
+        self.rel = relative_position_table(c, self.dtype, self.device)
+
+    # --- subsampling: a stride-2 3×3 convolution over time needs rows 2t − 1 … 2t + 1 for output t -------------
+    @staticmethod
+    def _conv_rows(layer: SubsampleLayer, x: torch.Tensor, mask: torch.Tensor, start: int, first: int, last: int):
+        """Output rows [first, last) of `layer` from input rows held in x (C, rows, M) starting at `start`."""
+        a, b = 2 * first - 1, 2 * last  # inclusive input range
+        lo, hi = max(a, 0), min(b, start + x.shape[1] - 1)
+        rows = x[:, lo - start:hi - start + 1] * mask[lo - start:hi - start + 1][None, :, None].to(x.dtype)
+        rows = F.pad(rows, (0, 0, lo - a, b - hi))  # zero rows before the start / after the end
+        y = F.conv2d(rows[None].to(layer.conv.weight.dtype), layer.conv.weight, stride=2, padding=(0, 1))
+        return F.relu(layer.norm(y.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)[0]  # (C', last − first, M')
+
+    def _subsample(self, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        sub = self.tower.subsample_conv_projection
+        end0 = self.mel_start + self.mel.shape[0]
+        n0 = (end0 + 1) // 2 if final else max(0, (end0 - 1) // 2)  # first-conv rows computable now
+        done0 = self.mid_start + (0 if self.mid is None else self.mid.shape[1])
+        if n0 > done0:
+            new = self._conv_rows(sub.layer0, self.mel[None], self.mel_mask, self.mel_start, done0, n0)
+            new_mask = self._mask_rows(self.mel_mask, self.mel_start, done0, n0)
+            self.mid = new if self.mid is None else torch.cat([self.mid, new], dim=1)
+            self.mid_mask = torch.cat([self.mid_mask, new_mask])
+            keep = max(0, 2 * n0 - 1 - self.mel_start)  # mel rows the next first-conv row still reads
+            self.mel, self.mel_mask, self.mel_start = self.mel[keep:], self.mel_mask[keep:], self.mel_start + keep
+        if self.mid is None:
+            return self._empty()
+        end1 = self.mid_start + self.mid.shape[1]
+        n1 = (end1 + 1) // 2 if final else max(0, (end1 - 1) // 2)
+        if n1 <= self.out_rows:
+            return self._empty()
+        y = self._conv_rows(sub.layer1, self.mid, self.mid_mask, self.mid_start, self.out_rows, n1)
+        valid = self._mask_rows(self.mid_mask, self.mid_start, self.out_rows, n1)
+        keep = max(0, 2 * n1 - 1 - self.mid_start)
+        self.mid, self.mid_mask, self.mid_start = self.mid[:, keep:], self.mid_mask[keep:], self.mid_start + keep
+        self.out_rows = n1
+        x = sub.input_proj_linear(y.permute(1, 2, 0).reshape(y.shape[1], -1))  # (rows, hidden)
+        return x, valid
+
+    @staticmethod
+    def _mask_rows(mask: torch.Tensor, start: int, first: int, last: int) -> torch.Tensor:
+        """The one-shot rule mask[::2]: output row t is real when input row 2t is."""
+        idx = torch.arange(first, last, device=mask.device) * 2 - start
+        return mask[idx]
+
+    def _empty(self):
+        H = self.tower.config.hidden_size
+        return torch.zeros(0, H, dtype=self.dtype, device=self.device), torch.zeros(0, dtype=torch.bool,
+                                                                                   device=self.device)
+
+    # --- conformer: causal with `past` keys of left context; rows in, rows out ---------------------------------
+    def _layer(self, i: int, layer: ConformerLayer, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        att = layer.self_attn
+        x = layer.feed_forward1(x[None])[0]
+        a_in = layer.norm_pre_attn(_clip(x, layer.limit))
+        keys_in = torch.cat([self.attn_cache[i], a_in])
+        keys_valid = torch.cat([self.valid_cache[i], valid])
+        n, m = a_in.shape[0], keys_in.shape[0]
+        h, d = att.heads, att.head_dim
+        q = att.q_proj(a_in).float().view(n, h, d) * ((d ** -0.5) / math.log(2)) * F.softplus(att.per_dim_scale)
+        k = att.k_proj(keys_in).float().view(m, h, d) * (math.log(1 + math.e) / math.log(2))
+        v = att.v_proj(keys_in).float().view(m, h, d)
+        rk = att.relative_k_proj(self.rel).view(-1, h, d).to(q.dtype)  # (R, h, d): row r ↔ distance past − r
+        qpos = torch.arange(m - n, m, device=x.device)[:, None]
+        dist = qpos - torch.arange(m, device=x.device)[None, :]  # (n, m)
+        visible = (dist >= 0) & (dist < att.past) & keys_valid[None, :]
+        col = (att.past - dist).clamp(0, rk.shape[0] - 1)
+        content = torch.einsum("nhd,mhd->hnm", q, k)
+        position = torch.einsum("nhd,nmhd->hnm", q, rk[col])
+        logits = torch.tanh((content + position) / att.cap) * att.cap
+        logits = logits.masked_fill(~visible[None], att.invalid)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(v.dtype)
+        out = torch.einsum("hnm,mhd->nhd", probs, v).reshape(n, h * d)
+        x = layer.norm_post_attn(_clip(att.post(out.to(x.dtype)), layer.limit)) + x
+        keep = att.past - 1  # a later query reads at most past − 1 earlier rows
+        self.attn_cache[i], self.valid_cache[i] = keys_in[-keep:] if keep else keys_in[:0], keys_valid[-keep:] if keep \
+            else keys_valid[:0]
+        lc = layer.lconv1d
+        g = F.glu(lc.linear_start(lc.pre_layer_norm(x)), dim=-1)  # (n, H)
+        K = lc.depthwise_conv1d.kernel_size[0]
+        hist = torch.cat([self.conv_cache[i], g])
+        pad = max(0, K - 1 - self.conv_cache[i].shape[0])  # zeros before the first row, as the causal pad
+        conv = F.conv1d(F.pad(hist.T[None], (pad, 0)), lc.depthwise_conv1d.weight, groups=hist.shape[1])[0].T
+        self.conv_cache[i] = hist[-(K - 1):] if K > 1 else hist[:0]
+        x = lc.linear_end(F.silu(lc.conv_norm(_clip(conv, lc.limit)))) + x
+        x = layer.feed_forward2(x[None])[0]
+        return layer.norm_out(_clip(x, layer.limit))
+
+    def _run(self, final: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, valid = self._subsample(final)
+        if x.shape[0] == 0:
+            return torch.zeros(0, self.tower.config.output_proj_dims, dtype=self.dtype, device=self.device), valid
+        for i, layer in enumerate(self.tower.layers):
+            x = self._layer(i, layer, x, valid)
+        return self.tower.output_proj(x), valid
+
+    def push(self, frames: torch.Tensor) -> torch.Tensor:
+        """Mel frames (n, M) of real audio → the encoder outputs that became final (k, output_proj_dims)."""
+        self.mel = torch.cat([self.mel, frames.to(self.dtype)])
+        self.mel_mask = torch.cat([self.mel_mask, torch.ones(frames.shape[0], dtype=torch.bool, device=self.device)])
+        out, _ = self._run(final=False)
+        return out
+
+    def finish(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last mel frames (with their mask: the tail past the audio is masked) → remaining outputs and their
+        validity (soft tokens are the valid rows)."""
+        self.mel = torch.cat([self.mel, frames.to(self.dtype)])
+        self.mel_mask = torch.cat([self.mel_mask, mask.to(self.device)])
+        return self._run(final=True)
