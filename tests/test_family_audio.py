@@ -138,3 +138,67 @@ def test_logits_with_audio_equal_reference(fam):  # noqa: F811
     assert ok, f"logits: max |Δ| = {d:.3g}"
     out = llm.chat(msgs, max_tokens=3, temperature=0)  # the engine path runs with audio + image
     assert out.usage.prompt_tokens == len(p.input_ids)
+
+
+# --- live audio: mel and encoder streams --------------------------------------------------------------------------
+
+def _pieces(wave: np.ndarray, sizes) -> list[np.ndarray]:
+    out, i = [], 0
+    while i < wave.size:
+        for s in sizes:
+            out.append(wave[i:i + s])
+            i += s
+    return [c for c in out if c.size]
+
+
+def test_streamed_mel_and_encoder_equal_one_shot(fam):  # noqa: F811
+    """Samples in uneven pieces (shorter than one attention chunk, and spanning several): the mel frames are the
+    one-shot frames bit for bit, the encoder rows the one-shot encoder's (≤ 1e-5), for clips that end mid-frame."""
+    from unigemma.inputs.mel import MelStream
+    from unigemma.model.encoders.audio import AudioStream
+
+    _, llm, _ = fam
+    tower = llm.model.model.audio_tower
+    s = llm.mel_settings
+    for seconds in (0.05, 0.61, 2.333):
+        wave = _wave(seconds, 16000, 1, 11)
+        feats, mask = log_mel(wave, s)
+        whole, valid = tower(torch.from_numpy(feats)[None], torch.from_numpy(mask)[None])
+        mel, enc, frames, rows = MelStream(s), AudioStream(tower), [], []
+        for c in _pieces(wave, (37, 800, 160, 2500)):
+            f = mel.push(c)
+            frames.append(f)
+            rows.append(enc.push(torch.from_numpy(f)))
+        tail, tail_mask = mel.finish()
+        last, last_valid = enc.finish(torch.from_numpy(tail), torch.from_numpy(tail_mask))
+        np.testing.assert_array_equal(np.concatenate(frames + [tail]), feats)
+        got = torch.cat(rows + [last[last_valid]])
+        assert got.shape[0] == int(valid.sum()) == num_mel_tokens(mask)
+        assert (got - whole[0][valid[0]]).abs().max().item() <= 1e-5, seconds
+
+
+def test_live_session_equals_one_shot_chat(fam):  # noqa: F811
+    """A live turn (text, then audio in 0.1-s chunks, prefilled as it arrives) has the one-shot prompt's ids and
+    answers as `llm.chat` does; past 30 s the audio becomes two items, as build_prompt cuts it."""
+    from unigemma.realtime import IncrementalPrompt, Session
+
+    _, llm, _ = fam
+    wave = _wave(1.37, 16000, 1, 12)
+    with Session(llm, temperature=0, max_tokens=6) as sess:
+        sess.append_text("Listen:")
+        for c in _pieces(wave, (1600,)):
+            sess.append_audio(c)
+            assert sess.prefilled == len(sess.prompt_ids)
+        res = sess.commit(stream=False)
+    msg = [{"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "audio", "audio": (wave, 16000)}]}]
+    ref = llm.chat(msg, temperature=0, max_tokens=6)
+    assert res.usage.prompt_tokens == ref.usage.prompt_tokens
+    assert res.token_ids == ref.token_ids
+    p = IncrementalPrompt(llm)
+    long = _wave(30.5, 16000, 1, 13)
+    for c in _pieces(long, (16000,)):
+        p.append_audio(c)
+    p.close()
+    one_shot = llm.build_prompt([p.message()])
+    assert p.ids == one_shot.input_ids
+    assert p.ids.count(llm.config.boa_token_id) == 2

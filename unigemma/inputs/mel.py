@@ -123,13 +123,22 @@ def log_mel(wave: np.ndarray, s: MelSettings | None = None) -> tuple[np.ndarray,
     front = L // 2
     x = np.zeros(front + padded, dtype=np.float32)
     x[front:front + n] = wave
-    if s.input_scale_factor != 1.0:
-        x = x * s.input_scale_factor  # zeros stay zero: scaling before or after the padding is the same
     real = np.zeros(front + padded, dtype=bool)
     real[front:front + n] = True
     span = L + 1
     count = max(0, (x.size - span) // hop + 1)
-    idx = np.arange(count)[:, None] * hop + np.arange(span)[None, :]
+    feats = _frame_features(x, 0, count, s)
+    mask = real[np.arange(count) * hop + span - 1]  # a frame is real when its last sample is
+    feats = feats.astype(np.float32) * mask[:, None]
+    return feats, mask
+
+
+def _frame_features(x: np.ndarray, first: int, count: int, s: MelSettings) -> np.ndarray:
+    """float64 log-mel rows of frames first … first + count − 1 of the front-padded samples x."""
+    L, hop, span = s.frame_length, s.hop_length, s.frame_length + 1
+    if s.input_scale_factor != 1.0:
+        x = x * s.input_scale_factor  # zeros stay zero: scaling before or after the padding is the same
+    idx = (first + np.arange(count))[:, None] * hop + np.arange(span)[None, :]
     frames = x[idx]  # (F, L + 1)
     if s.preemphasis > 0.0:
         if s.preemphasis_htk_flavor:
@@ -146,9 +155,43 @@ def log_mel(wave: np.ndarray, s: MelSettings | None = None) -> tuple[np.ndarray,
         feats = feats - np.array(s.per_bin_mean).reshape(1, -1)
     if s.per_bin_stddev is not None:
         feats = feats / np.array(s.per_bin_stddev).reshape(1, -1)
-    mask = real[np.arange(count) * hop + span - 1]  # a frame is real when its last sample is
-    feats = feats.astype(np.float32) * mask[:, None]
-    return feats, mask
+    return feats
+
+
+class MelStream:
+    """`log_mel` for audio that arrives in pieces: each frame is computed once its samples are all in, with the
+    same arithmetic, so the frames equal the one-shot frames. `finish` pads the end as `log_mel` does and returns
+    the remaining frames with their mask (frames reaching past the audio are masked and zero)."""
+
+    def __init__(self, s: MelSettings | None = None):
+        self.s = s or MelSettings()
+        self.front = self.s.frame_length // 2
+        self.x = np.zeros(self.front, dtype=np.float32)  # the semicausal front padding, then the samples
+        self.n = 0
+        self.done = 0  # frames returned
+
+    def push(self, wave: np.ndarray) -> np.ndarray:
+        """float32 samples → the float32 frames (k, M) that became complete."""
+        wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+        self.x = np.concatenate([self.x, wave])
+        self.n += wave.size
+        span, hop = self.s.frame_length + 1, self.s.hop_length
+        ready = max(0, (self.x.size - span) // hop + 1)
+        out = _frame_features(self.x, self.done, ready - self.done, self.s).astype(np.float32)
+        self.done = ready
+        return out
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        padded = -(-self.n // PAD_MULTIPLE) * PAD_MULTIPLE
+        x = np.zeros(self.front + padded, dtype=np.float32)
+        x[: self.x.size] = self.x
+        span, hop = self.s.frame_length + 1, self.s.hop_length
+        count = max(0, (x.size - span) // hop + 1)
+        rest = max(0, count - self.done)
+        feats = _frame_features(x, self.done, rest, self.s).astype(np.float32)
+        mask = (self.done + np.arange(rest)) * hop + span - 1 < self.front + self.n
+        self.done = count
+        return feats * mask[:, None], mask
 
 
 def num_mel_tokens(mask: np.ndarray) -> int:

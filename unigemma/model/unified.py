@@ -119,8 +119,12 @@ class Gemma4Unified(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_position_ids=None,
               pixel_values_videos=None, video_position_ids=None, num_frames_per_video=None,
-              input_features=None, input_features_mask=None) -> torch.Tensor:
-        """Token embeddings with image / video / audio soft tokens written into their placeholder rows."""
+              input_features=None, input_features_mask=None,
+              audio_encoder_outputs=None) -> torch.Tensor:
+        """Token embeddings with image / video / audio soft tokens written into their placeholder rows.
+
+        audio_encoder_outputs (n, output_proj_dims): family models only — audio encoder rows computed ahead (live
+        audio: `encoders.audio.AudioStream`), projected here like the one-shot encoder's."""
         c = self.config
         lm = self.language_model
         placeholder = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
@@ -144,6 +148,10 @@ class Gemma4Unified(nn.Module):
             feats.append(("video", self.image_features(pixel_values_videos, video_position_ids)))
         if input_features is not None and input_features_mask is not None:
             feats.append(("audio", self.audio_features(input_features, input_features_mask)))
+        if audio_encoder_outputs is not None:
+            if self.model.audio_tower is None:
+                raise ValueError("audio_encoder_outputs are a family audio encoder's rows; this model has none")
+            feats.append(("audio", self.model.embed_audio(audio_encoder_outputs)))
         for kind, f in feats:
             where = input_ids == placeholder[kind]
             n = int(where.sum())
