@@ -391,3 +391,26 @@ def test_server_image_and_audio_prompt_token_counts(fam):
         assert n_audio == 25  # 1 s = 100 mel frames (the last one masked) → 25 soft tokens of 40 ms
         assert both.usage.prompt_tokens - low.usage.prompt_tokens == n_audio + 2
         assert both.choices[0].finish_reason in ("length", "stop")
+
+
+def test_cli_generate_with_image_and_audio(fam, tmp_path, capsys):
+    """`unigemma generate --image --audio` on a family checkpoint: the prompt counts the image at the default budget
+    (a square at 280: 16×16 soft tokens) and 1 s of audio (25 soft tokens), each with its BOI/EOI or BOA/EOA."""
+    import json as _json
+
+    import soundfile as sf
+    from PIL import Image
+
+    from unigemma.cli import main
+
+    _, llm, path = fam
+    Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3)).save(tmp_path / "x.png")
+    sf.write(tmp_path / "x.wav", (np.sin(np.arange(16000) / 5.0) * 0.3).astype(np.float32), 16000)
+    common = ["generate", "--model", str(path), "--prompt", "Describe", "--max-tokens", "2", "--temperature", "0",
+              "--json"]
+    main(common)
+    base = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])["usage"]["prompt_tokens"]
+    main(common + ["--image", str(tmp_path / "x.png"), "--audio", str(tmp_path / "x.wav")])
+    out = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["prompt_tokens"] - base == (256 + 2) + (25 + 2)
+    assert out["finish_reason"] in ("length", "stop")
