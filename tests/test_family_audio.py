@@ -190,7 +190,8 @@ def test_live_session_equals_one_shot_chat(fam):  # noqa: F811
             sess.append_audio(c)
             assert sess.prefilled == len(sess.prompt_ids)
         res = sess.commit(stream=False)
-    msg = [{"role": "user", "content": [{"type": "text", "text": "Listen:"}, {"type": "audio", "audio": (wave, 16000)}]}]
+    msg = [{"role": "user", "content": [{"type": "text", "text": "Listen:"},
+                                        {"type": "audio", "audio": (wave, 16000)}]}]
     ref = llm.chat(msg, temperature=0, max_tokens=6)
     assert res.usage.prompt_tokens == ref.usage.prompt_tokens
     assert res.token_ids == ref.token_ids

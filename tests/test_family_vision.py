@@ -89,12 +89,10 @@ def test_image_processor_matches_reference_bit_for_bit(golden, cases, budget):
 
 
 def test_batched_images_match_reference(golden, cases):
-    gen = _generator()
     names = ("rgb_640x480", "rgb_1x1", "la", "array_rgb_chw")
     pv, pos, num = batch_images([cases[n]() for n in names], 140, patch_size=FAMILY_PATCH_SIZE)
     assert list(pv.shape) == golden["batch|shape"].tolist() and num == golden["batch|num"].tolist()
     assert _sha(pv) == str(golden["batch|pixel_sha"]) and _sha(pos) == str(golden["batch|pos_sha"])
-    assert gen is not None
 
 
 def test_family_patches_are_the_unified_resize_cut_finer():
@@ -230,8 +228,9 @@ def test_loads_both_towers_under_the_checkpoint_names(fam):
     assert cfg.vision_tower is not None and cfg.audio_tower is not None and cfg.vision is None and cfg.audio is None
     assert cfg.skipped_towers == () and llm.mel_settings.feature_size == 8
     names = {n for n, _ in llm.model.named_parameters()} | {n for n, _ in llm.model.named_buffers()}
-    for n in ("model.vision_tower.patch_embedder.position_embedding_table", "model.embed_vision.embedding_projection.weight",
-              "model.audio_tower.layers.0.self_attn.per_dim_scale", "model.embed_audio.embedding_projection.weight",
+    for n in ("model.vision_tower.patch_embedder.position_embedding_table",
+              "model.embed_vision.embedding_projection.weight", "model.audio_tower.layers.0.self_attn.per_dim_scale",
+              "model.embed_audio.embedding_projection.weight",
               "model.audio_tower.layers.0.lconv1d.linear_start.input_min"):
         assert n in names, n
     with warnings.catch_warnings():
@@ -324,7 +323,6 @@ def test_chat_with_an_image_is_the_reference_greedy(fam):
     msgs = _messages((_pattern_image(120, 160, 7), 70))
     p = llm.build_prompt(msgs)
     out = llm.chat(msgs, max_tokens=8, temperature=0)
-    got = out.token_ids if hasattr(out, "token_ids") else None
     seq = list(p.input_ids)
     expected = []
     for _ in range(8):
@@ -334,11 +332,8 @@ def test_chat_with_an_image_is_the_reference_greedy(fam):
         seq.append(nxt)
         if nxt in llm.eos_token_ids:
             break
-    if got is None:  # ChatResult carries text; compare through the tokenizer
-        got = llm.tokenizer.encode(out.content, add_bos=False)
-        expected = [t for t in expected if t not in llm.eos_token_ids]
     assert out.usage.prompt_tokens == len(p.input_ids)
-    assert list(got)[: len(expected)] == expected
+    assert list(out.token_ids)[: len(expected)] == expected and len(out.token_ids) >= len(expected) - 1
 
 
 # --- the server: image_url with the openai SDK --------------------------------------------------------------------

@@ -7,7 +7,7 @@
                h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))        v: RMSNorm, no weight
         ─► pool: mean of each k×k block of patches (k = pooling_kernel_size), × √hidden, in float32
         ─► valid soft tokens of all images, concatenated in order ─► [standardize: (x − std_bias) · std_scale]
-        ─► (S, hidden) in the model dtype; model/vision.MultimodalEmbedder (`embed_vision`) projects it to the text width
+        ─► (S, hidden) in the model dtype; model/vision.MultimodalEmbedder (`embed_vision`) projects it to text width
 
 2-D RoPE: the head dim is split in two halves; the first rotates with the patch column x, the second with the
 row y, each as ordinary half-split RoPE over frequencies θ^(−j/(d/4)), j = 0 … d/4 − 1. Attention is unscaled
@@ -149,7 +149,8 @@ class VisionTower(nn.Module):
             self.register_buffer("std_bias", torch.zeros(config.hidden_size))
             self.register_buffer("std_scale", torch.ones(config.hidden_size))
 
-    def pool(self, h: torch.Tensor, positions: torch.Tensor, padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool(self, h: torch.Tensor, positions: torch.Tensor,
+             padding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over k×k blocks of the patch grid, in float32: (N, P, d) → (N, P/k², d) and its validity mask.
 
         Block of patch (x, y): x//k + (W/k)·(y//k), W = the image's grid width (its largest x + 1), i.e. pooled
