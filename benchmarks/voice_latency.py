@@ -1,9 +1,14 @@
 """End-of-speech → first-token latency: streaming prefill (audio prefilled while it arrives) vs one-shot prefill.
 
-    python benchmarks/voice_latency.py [--model DIR] [--config demo|tiny] [--seconds 5] [--chunk-ms 200] [--reps 3]
+    python benchmarks/voice_latency.py [--model DIR] [--config demo|tiny|family] [--seconds 5] [--chunk-ms 200]
+                                       [--reps 3]
 
-Model: --model, else the bundled demo model when it is installed, else a random gemma4_unified model of the demo's
-size built on the spot ("demo": hidden 512, 8 layers; "tiny": hidden 128, 4 layers) with the tiny test tokenizer.
+Model: --model, else the bundled demo model when it is installed (unless --config family), else a random model
+built on the spot with the tiny test tokenizer: gemma4_unified ("demo": hidden 512, 8 layers; "tiny": hidden 128,
+4 layers), or "family": a `gemma4` E2B/E4B-style model (hidden 512, 8 layers, per-layer inputs, KV sharing) with
+its audio conformer (hidden 256, 4 layers, 128 mel bins) and vision encoder — there the streaming impl runs the mel
+front end and the encoder chunk by chunk (AudioStream), the one-shot impl runs the encoder over the whole clip
+inside the prefill (its mel features are computed before the clock starts, which favours it slightly).
 Both impls run on the same one-slot engine without the prefix cache (which would otherwise serve the repeated
 audio from memory and hide the prefill):
 
@@ -12,8 +17,9 @@ audio from memory and hide the prefill):
     unigemma-oneshot  the same message through build_prompt → one request; the clock starts when it is added
 
 One JSON line per measurement (DESIGN.md §6): bench "voice_latency", metric "first_token_ms" (median of --reps),
-plus "chunk_prefill_ms" for the streaming impl (the median time one chunk takes to prefill: below chunk-ms means
-prefill keeps up with speech) and "speedup" (one-shot ÷ streaming).
+plus "chunk_prefill_ms" for the streaming impl (the median time one chunk takes to frame / encode and prefill:
+below chunk-ms means it keeps up with speech) and "speedup" (one-shot ÷ streaming). The streaming clock starts
+before the turn is closed, so the last partial frame (and for the family the encoder's tail) is counted.
 """
 
 from __future__ import annotations
@@ -66,6 +72,34 @@ def build_random(size: str, root: Path) -> Path:
     return root
 
 
+def build_random_family(root: Path) -> Path:
+    """A random `gemma4` checkpoint, E-model style (per-layer inputs, KV sharing), with audio and vision encoders."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from unigemma.testing import write_tiny_tokenizer
+
+    s = SIZES["demo"]
+    ids = write_tiny_tokenizer(root)
+    vocab = max(s["vocab"], len(json.loads((root / "tokenizer.json").read_text())["model"]["vocab"]) + 1)
+    text = dict(vocab_size=vocab, vocab_size_per_layer_input=vocab, hidden_size=s["hidden"],
+                intermediate_size=4 * s["hidden"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                num_key_value_heads=1, head_dim=s["head_dim"], global_head_dim=2 * s["head_dim"],
+                hidden_size_per_layer_input=64, num_kv_shared_layers=3, sliding_window=128,
+                final_logit_softcapping=30.0, max_position_embeddings=8192, pad_token_id=ids["pad_token"],
+                bos_token_id=ids["bos_token"], eos_token_id=[ids["eos_token"], ids["eot_token"]],
+                layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * (s["layers"] // 4))
+    cfg = Gemma4Config(text_config=text, image_token_id=ids["image_token"], audio_token_id=ids["audio_token"],
+                       video_token_id=ids["video_token"], boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"],
+                       boa_token_id=ids["boa_token"], eoa_token_index=ids["eoa_token"],
+                       audio_config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                         output_proj_dims=256),
+                       vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, head_dim=64))
+    torch.manual_seed(0)
+    Gemma4ForConditionalGeneration(cfg).eval().save_pretrained(str(root))
+    return root
+
+
 def speech(seconds: float) -> np.ndarray:
     rng = np.random.default_rng(0)
     t = np.arange(int(seconds * 16000)) / 16000
@@ -76,7 +110,7 @@ def speech(seconds: float) -> np.ndarray:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--config", default="demo", choices=sorted(SIZES))
+    ap.add_argument("--config", default="demo", choices=sorted(SIZES) + ["family"])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--chunk-ms", type=float, default=200.0)
     ap.add_argument("--reps", type=int, default=3)
@@ -98,6 +132,9 @@ def main(argv=None) -> None:
     tmp = None
     if a.model:
         path, label = Path(a.model), Path(a.model).name
+    elif a.config == "family":
+        tmp = tempfile.TemporaryDirectory()
+        path, label = build_random_family(Path(tmp.name)), "random-family"
     elif (demo_model_path() / "config.json").is_file():
         path, label = demo_model_path(), "demo"
     else:
@@ -118,8 +155,8 @@ def main(argv=None) -> None:
         pieces += p.append_text(question)
         live, chunk_times = None, []
         for i in range(0, wave.size, step):
-            pieces += p.append_audio(wave[i:i + step])
             t = time.perf_counter()
+            pieces += p.append_audio(wave[i:i + step])
             for pc in pieces:
                 if live is None:
                     live = LiveRequest(eng, pc.ids, params, pc.media)
@@ -129,8 +166,8 @@ def main(argv=None) -> None:
             sync()
             chunk_times.append(time.perf_counter() - t)
             pieces = []
-        closing = p.close()  # tokenizing the tail is part of the measured path
         t0 = time.perf_counter()
+        closing = p.close()  # the last partial frame, the encoder's tail and tokenizing the text are measured
         for pc in closing[:-1]:
             live.rewind(pc.rewind)
             live.extend(pc.ids, pc.media, prefill=False)

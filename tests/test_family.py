@@ -1,7 +1,8 @@
 """The Gemma 4 family's text stacks (`gemma4`, `gemma4_text`) vs the reference (transformers 5.24.0) on tiny
 random checkpoints saved in the published format (refmodels.FAMILY):
 
-    e      E2B / E4B style: per-layer input embeddings, KV sharing, double-wide MLP; vision / audio towers skipped
+    e      E2B / E4B style: per-layer input embeddings, KV sharing, double-wide MLP; vision and audio towers (tested
+           in test_family_vision.py / test_family_audio.py)
     moe    26B-A4B style: router + 3-D experts beside the dense MLP, k_eq_v (a `gemma4_text` checkpoint)
     dense  31B style: dense, k_eq_v, untied LM head
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import unigemma
-from refmodels import FAMILY, IMG, make_family_reference
+from refmodels import AUD, FAMILY, make_family_reference
 from unigemma.config import ConfigError, UnifiedConfig
 from unigemma.engine.generate import Engine, Request
 from unigemma.engine.runner import ModelRunner
@@ -170,14 +171,13 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
 
 def test_family_loading(family):
     _, e, path = family["e"]
-    assert e.config.model_type == "gemma4" and e.config.skipped_towers == ("vision_config", "audio_config")
-    assert not any(n.startswith(("model.vision", "model.audio", "model.embed_vision", "model.embed_audio"))
-                   for n, _ in e.model.named_parameters())
-    with pytest.warns(UserWarning, match="vision and audio encoder"):
-        unigemma.load(path, device="cpu", dtype="float32")
-    with pytest.raises(ValueError, match="vision encoder is not supported"):
-        e.model(torch.tensor([[2, IMG, 5]]), pixel_values=torch.zeros(1, 4, 768),
-                image_position_ids=torch.zeros(1, 4, 2, dtype=torch.long))
+    # both encoders are built (tests/test_family_vision.py, tests/test_family_audio.py); nothing is skipped
+    assert e.config.model_type == "gemma4" and e.config.skipped_towers == ()
+    assert e.config.vision_tower is not None and e.config.audio_tower is not None
+    assert any(n.startswith("model.audio_tower.") for n, _ in e.model.named_parameters())
+    with pytest.raises(ValueError, match="input_features must be"):  # 128 mel bins for an 8-channel tiny tower
+        e.model(torch.tensor([[2, AUD, 5]]), input_features=torch.zeros(1, 4, 128),
+                input_features_mask=torch.ones(1, 4, dtype=torch.bool))
     _, moe, _ = family["moe"]
     assert moe.config.model_type == "gemma4_text" and moe.config.is_text_only
     t = moe.config.text

@@ -55,6 +55,11 @@ class LLM:
         self.drafter = drafter
         self.generation_config = _read_generation_config(path)
         self.default_image_tokens = read_default_image_tokens(path)
+        self.mel_settings = None  # the family's audio front end, with the checkpoint's own settings
+        if getattr(config, "audio_tower", None) is not None:
+            from .inputs.mel import MelSettings
+
+            self.mel_settings = MelSettings.from_checkpoint(path)
 
     # --- prompts ----------------------------------------------------------------------------------------------
     @property
@@ -86,7 +91,7 @@ class LLM:
             limits = MediaLimits(default_image_tokens=self.default_image_tokens)
         return build_prompt(messages, self.tokenizer, self.template, self.config, tools=tools,
                             enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt,
-                            resolve=resolve, limits=limits, **template_kwargs)
+                            resolve=resolve, limits=limits, mel=self.mel_settings, **template_kwargs)
 
     # --- generation ---------------------------------------------------------------------------------------
     def generate(self, prompt, max_tokens: int | None = 256, temperature: float | None = None, top_p=None,
@@ -210,8 +215,7 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
          drafter: str | Path | bool | None = None, progress=None, kv_dtype=None,
          adapter: str | Path | None = None) -> LLM:
     """Load a Gemma 4 checkpoint folder (None: the bundled demo model): `gemma4_unified` / `gemma4_unified_text`,
-    or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B; a `gemma4` checkpoint's vision / audio
-    encoders are skipped with a warning: text only until the encoders land).
+    or the family's `gemma4` / `gemma4_text` (E2B, E4B, 26B-A4B, 31B, with their vision / audio encoders).
 
     drafter: an MTP drafter folder (`gemma4_unified_assistant`, or `gemma4_assistant` for the family), or a smaller
     checkpoint that shares the target's tokenizer as a draft model (E2B drafting for 31B; stored quantized, or

@@ -46,16 +46,18 @@ def canonical_name(key: str, text_only: bool = False) -> str:
     return key
 
 
-_TOWERS = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+_TOWERS = {"vision_config": ("model.vision_tower.", "model.embed_vision."),
+           "audio_config": ("model.audio_tower.", "model.embed_audio.")}
 _SHARED_KV = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 
 
 def skipped_tensor(name: str, config) -> bool:
-    """Tensors a checkpoint may hold that this package does not build: the family's vision / audio encoders
-    (not implemented yet) and the K/V projections of KV-sharing reuse layers (unused; the reference ignores
-    them too). `name` is canonical."""
-    if getattr(config, "skipped_towers", ()) and name.startswith(_TOWERS):
-        return True
+    """Tensors a checkpoint may hold that this package does not build: the family's audio encoder (not
+    implemented yet; `config.skipped_towers`) and the K/V projections of KV-sharing reuse layers (unused; the
+    reference ignores them too). `name` is canonical."""
+    for tower in getattr(config, "skipped_towers", ()):
+        if name.startswith(_TOWERS[tower]):
+            return True
     m = _SHARED_KV.match(name)
     text = getattr(config, "text", None)
     return bool(m and text is not None and int(m.group(1)) < text.num_hidden_layers
@@ -267,8 +269,8 @@ def build_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"
     towers = getattr(cfg, "skipped_towers", ())
     if towers:
         warnings.warn(f"{path}: this {cfg.model_type} checkpoint's {' and '.join(t.split('_')[0] for t in towers)} "
-                      "encoder(s) are not supported by unigemma yet; their tensors were skipped and the model runs "
-                      "text only (media inputs are refused)", UserWarning, stacklevel=2)
+                      "encoder(s) are not supported by unigemma yet; their tensors were skipped and those inputs are "
+                      "refused", UserWarning, stacklevel=2)
     model.eval()
     return model, cfg
 

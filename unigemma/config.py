@@ -5,7 +5,7 @@ Model types understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1, s
   gemma4_unified_text       the text decoder alone (`Gemma4UnifiedForCausalLM` checkpoints)
   gemma4_unified_assistant  the MTP drafter
   gemma4                    the family (E2B, E4B, 26B-A4B, 31B): text decoder + vision / audio encoders (the
-                            encoders are not implemented yet: their tensors are skipped, text runs)
+                            audio encoder is not implemented yet: its tensors are skipped, audio is refused)
   gemma4_text               the family's text decoder alone (`Gemma4ForCausalLM` checkpoints)
   gemma4_assistant          the family's MTP drafters (the same model as gemma4_unified_assistant)
 
@@ -92,6 +92,10 @@ class TextConfig:
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
     use_bidirectional_attention: str | None = "vision"
+    # How image blocks combine with the layer masks. Unified: (causal ∧ window) ∨ same block, on every layer.
+    # Family (transformers `create_masks_for_vision_model`): full layers stay causal; sliding layers see
+    # (causal ∨ same block) ∧ k > q − W — a block's later tokens, but never past the window behind the query.
+    family_vision_mask: bool = False
     rms_norm_eps: float = 1e-6
     hidden_activation: str = "gelu_pytorch_tanh"
     attention_bias: bool = False
@@ -136,6 +140,7 @@ class TextConfig:
         c = cls()
         if family:
             c.sliding_window, c.use_bidirectional_attention = 512, None
+            c.family_vision_mask = True
             c.max_position_embeddings, c.hidden_size_per_layer_input = 131_072, 256
         c.vocab_size = _int(d, "vocab_size", c.vocab_size, where, 1)
         c.hidden_size = _int(d, "hidden_size", c.hidden_size, where, 1)
@@ -324,6 +329,105 @@ class AudioConfig:
         return c
 
 
+@dataclass
+class VisionTowerConfig:
+    """The family's vision *encoder* (`gemma4` `vision_config`, model_type `gemma4_vision`): a ViT over 16-px
+    patches with 2-D rotary positions, pooled k×k into soft tokens. Not the unified model's `VisionConfig`."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    pooling_kernel_size: int = 3
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024
+    use_clipped_linears: bool = False
+    standardize: bool = False
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.patch_size ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "vision_config") -> "VisionTowerConfig":
+        _check(isinstance(d, dict), where, "must be an object")
+        c = cls()
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "pooling_kernel_size", "patch_size",
+                     "position_embedding_size"):
+            setattr(c, name, _int(d, name, getattr(c, name), where, 1))
+        c.rms_norm_eps = _float(d, "rms_norm_eps", c.rms_norm_eps, where)
+        for name in ("use_clipped_linears", "standardize"):
+            v = d.get(name, getattr(c, name))
+            _check(isinstance(v, bool), where, f"field {name!r} must be true or false, got {v!r}")
+            setattr(c, name, v)
+        act = d.get("hidden_activation", "gelu_pytorch_tanh")
+        _check(act == "gelu_pytorch_tanh", where, f"hidden_activation {act!r} is not supported "
+               "(accepted: 'gelu_pytorch_tanh')")
+        rp = d.get("rope_parameters") or {}
+        _check(isinstance(rp, dict), where, "rope_parameters must be an object")
+        _check(rp.get("rope_type", "axial") == "axial", where,
+               f"rope_parameters.rope_type = {rp.get('rope_type')!r}; the vision encoder accepts only 'axial'")
+        c.rope_theta = _float(rp, "rope_theta", c.rope_theta, f"{where}: rope_parameters")
+        _check(c.head_dim % 4 == 0, where, f"head_dim ({c.head_dim}) must be a multiple of 4: each of the two "
+               "position axes rotates half of it in pairs")
+        _check(c.num_attention_heads % c.num_key_value_heads == 0, where,
+               f"num_attention_heads ({c.num_attention_heads}) must be a multiple of num_key_value_heads "
+               f"({c.num_key_value_heads})")
+        return c
+
+
+@dataclass
+class AudioTowerConfig:
+    """The family's audio *encoder* (`gemma4` `audio_config`, model_type `gemma4_audio`): a conformer over mel
+    features with chunked local attention. Not the unified model's raw-frame `AudioConfig`."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "audio_config") -> "AudioTowerConfig":
+        _check(isinstance(d, dict), where, "must be an object")
+        c = cls()
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "conv_kernel_size",
+                     "attention_chunk_size", "attention_context_left", "output_proj_dims"):
+            setattr(c, name, _int(d, name, getattr(c, name), where, 1))
+        c.attention_context_right = _int(d, "attention_context_right", c.attention_context_right, where, 0)
+        for name in ("residual_weight", "attention_logit_cap", "attention_invalid_logits_value", "rms_norm_eps",
+                     "gradient_clipping"):
+            setattr(c, name, _float(d, name, getattr(c, name), where))
+        v = d.get("use_clipped_linears", c.use_clipped_linears)
+        _check(isinstance(v, bool), where, f"field 'use_clipped_linears' must be true or false, got {v!r}")
+        c.use_clipped_linears = v
+        ch = d.get("subsampling_conv_channels", list(c.subsampling_conv_channels))
+        _check(isinstance(ch, (list, tuple)) and len(ch) == 2 and all(isinstance(x, int) and x > 0 for x in ch),
+               where, f"subsampling_conv_channels must be two positive integers, got {ch!r}")
+        c.subsampling_conv_channels = (int(ch[0]), int(ch[1]))
+        act = d.get("hidden_act", "silu")
+        _check(act == "silu", where, f"hidden_act {act!r} is not supported (accepted: 'silu')")
+        _check(c.hidden_size % c.num_attention_heads == 0, where,
+               f"hidden_size ({c.hidden_size}) must be a multiple of num_attention_heads ({c.num_attention_heads})")
+        _check(c.attention_logit_cap > 0, where, "attention_logit_cap must be positive")
+        return c
+
+
 TEXT_ONLY_TYPES = ("gemma4_unified_text", "gemma4_text")
 FAMILY_TYPES = ("gemma4", "gemma4_text")
 MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text", "gemma4", "gemma4_text")
@@ -334,8 +438,9 @@ class UnifiedConfig:
     """A Gemma 4 language model: `gemma4_unified` (multimodal), `gemma4_unified_text` (text only: vision/audio
     None), or the family's `gemma4` / `gemma4_text` (same decoder, its own switches).
 
-    For `gemma4`, the checkpoint's vision / audio *encoders* (`vision_config` / `audio_config`) are not built
-    yet: `skipped_towers` names them, their tensors are skipped on load, and media inputs are refused.
+    For `gemma4`, the vision encoder is `vision_tower` (`vision` stays None: that is the unified model's
+    encoder-free embedder). The audio encoder (`audio_config`) is not built yet: `skipped_towers` names it, its
+    tensors are skipped on load, and audio inputs are refused.
     """
 
     model_type: str
@@ -350,6 +455,8 @@ class UnifiedConfig:
     boa_token_id: int = 256_000
     eoa_token_id: int = 258_883
     tie_word_embeddings: bool = True
+    vision_tower: VisionTowerConfig | None = None   # the family's vision encoder (`gemma4` only)
+    audio_tower: AudioTowerConfig | None = None     # the family's audio encoder (`gemma4` only)
     skipped_towers: tuple[str, ...] = ()
     raw: dict = field(default_factory=dict, repr=False)
 
@@ -379,7 +486,10 @@ class UnifiedConfig:
         text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config", family=family)
         c = cls(model_type=mt, text=text, raw=d)
         if family:
-            c.skipped_towers = tuple(k for k in ("vision_config", "audio_config") if d.get(k) is not None)
+            if d.get("vision_config") is not None:
+                c.vision_tower = VisionTowerConfig.from_dict(d["vision_config"], f"{where}: vision_config")
+            if d.get("audio_config") is not None:
+                c.audio_tower = AudioTowerConfig.from_dict(d["audio_config"], f"{where}: audio_config")
         else:
             if d.get("vision_config") is not None:
                 c.vision = VisionConfig.from_dict(d["vision_config"], f"{where}: vision_config")

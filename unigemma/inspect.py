@@ -200,7 +200,7 @@ def format_report(info: dict) -> str:
     if info.get("hidden_size_per_layer_input"):
         lines.insert(-1, f"per-layer in   {info['hidden_size_per_layer_input']} per layer and token (PLE)")
     if info.get("skipped_towers"):
-        lines.insert(-1, f"not built      {', '.join(info['skipped_towers'])} (encoders not supported yet: text only)")
+        lines.insert(-1, f"not built      {', '.join(info['skipped_towers'])} (not supported yet: inputs refused)")
     for k, v in sorted(info["parameters_by_component"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {k:<13}{v:>16,}")
     lines.append(f"weights        {human(info['weight_bytes'])}  "

@@ -105,6 +105,7 @@ class IncrementalPrompt:
         self.ids: list[int] = list(self._head.ids)
         self._audio_open = False
         self._left = np.zeros(0, dtype=np.float32)   # samples short of a full frame
+        self._stream = self._mel = None  # the family's audio: encoder and mel streams of the open 30-s item
         self._seg_frames = 0
         self._audio_samples = 0
         self.closed = False
@@ -159,9 +160,52 @@ class IncrementalPrompt:
         return self._emit(ids, {"input_features": feats, "input_features_mask": torch.ones(feats.shape[:2],
                                                                                            dtype=torch.bool)})
 
+    # --- the family's audio encoder: mel frames and encoder rows as the samples arrive ----------------------------
+    def _family_audio(self, wave: np.ndarray) -> list[Piece]:
+        """Feed samples to the mel and encoder streams; emit the soft tokens that became final (one audio item
+        per 30 s, as build_prompt cuts it)."""
+        out: list[Piece] = []
+        seg = SEGMENT_FRAMES * FRAME_SAMPLES
+        while wave.size:
+            if self._stream is None:
+                from .inputs.mel import MelStream
+                from .model.encoders.audio import AudioStream
+
+                self._mel = MelStream(getattr(self.llm, "mel_settings", None))
+                self._stream = AudioStream(self.llm.model.model.audio_tower)
+            take = min(wave.size, seg - self._mel.n)
+            with torch.no_grad():
+                rows = self._stream.push(torch.from_numpy(self._mel.push(wave[:take])).to(self.device))
+            out += self._rows_piece(rows)
+            wave = wave[take:]
+            if self._mel.n == seg:  # a full 30-s item: close it, the next samples open a new one
+                out += self._finish_stream()
+                out.append(self._emit([self.cfg.eoa_token_id, self.cfg.boa_token_id]))
+        return out
+
+    def _rows_piece(self, rows: torch.Tensor) -> list[Piece]:
+        if rows.shape[0] == 0:
+            return []
+        return [self._emit([self.cfg.audio_token_id] * rows.shape[0], {"audio_encoder_outputs": rows})]
+
+    def _finish_stream(self) -> list[Piece]:
+        if self._stream is None:
+            return []
+        feats, mask = self._mel.finish()
+        with torch.no_grad():
+            rows, valid = self._stream.finish(torch.from_numpy(feats).to(self.device),
+                                              torch.from_numpy(mask).to(self.device))
+        self._stream = self._mel = None
+        return self._rows_piece(rows[valid])
+
     def _close_audio(self) -> list[Piece]:
         if not self._audio_open:
             return []
+        if getattr(self.cfg, "audio_tower", None) is not None:
+            out = self._finish_stream()
+            out.append(self._emit([self.cfg.eoa_token_id]))
+            self._audio_open = False
+            return out
         out = []
         if self._left.size:
             frame = np.zeros((1, FRAME_SAMPLES), dtype=np.float32)
@@ -199,7 +243,7 @@ class IncrementalPrompt:
     def append_audio(self, chunk) -> list[Piece]:
         """A chunk of 16 kHz mono float samples in [−1, 1] (or int16 PCM)."""
         self._check_open()
-        if self.cfg.audio is None:
+        if self.cfg.audio is None and getattr(self.cfg, "audio_tower", None) is None:
             raise ValueError("this model has no audio_config: it cannot take audio")
         wave = np.asarray(chunk)
         if wave.dtype == np.int16:
@@ -223,6 +267,8 @@ class IncrementalPrompt:
             self._seg_frames = 0
         self.parts[-1]["chunks"].append(wave.copy())
         self._audio_samples += wave.size
+        if getattr(self.cfg, "audio_tower", None) is not None:
+            return out + self._family_audio(wave)
         buf = np.concatenate([self._left, wave]) if self._left.size else wave
         n = buf.size // FRAME_SAMPLES
         piece = self._frames_piece(buf[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES))
@@ -234,14 +280,14 @@ class IncrementalPrompt:
     def append_image(self, image, max_soft_tokens: int | None = None) -> list[Piece]:
         """A PIL image / path / bytes / data URI; max_soft_tokens: the image's token budget (default: the model's,
         `llm.default_image_tokens`, 280 unless its processor config says otherwise)."""
-        from .inputs.image import DEFAULT_MAX_SOFT_TOKENS, check_budget, check_positions, preprocess_image
+        from .inputs.image import (DEFAULT_MAX_SOFT_TOKENS, check_budget, check_positions, model_image_spec,
+                                   preprocess_image)
 
         self._check_open()
-        if self.cfg.vision is None:
-            raise ValueError("this model has no vision_config: it cannot take images")
+        patch_size, table = model_image_spec(self.cfg)  # unified 48-px or family 16-px patches; refuses no vision
         budget = check_budget(int(max_soft_tokens or getattr(self.llm, "default_image_tokens", DEFAULT_MAX_SOFT_TOKENS)))
-        feats = preprocess_image(image, budget)
-        check_positions(feats, self.cfg.vision.mm_posemb_size)
+        feats = preprocess_image(image, budget, patch_size=patch_size)
+        check_positions(feats, table)
         out = self._close_audio() + self._flush_text()
         c = self.cfg
         ids = [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]

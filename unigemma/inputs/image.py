@@ -54,6 +54,8 @@ __all__ = [
     "grid_positions",
     "preprocess_image",
     "batch_images",
+    "model_image_spec",
+    "FAMILY_PATCH_SIZE",
 ]
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
@@ -63,6 +65,9 @@ _TEACHER_PATCH = 16
 _POOL = 3
 PATCH_SIZE = _TEACHER_PATCH * _POOL  # 48
 PATCH_DIM = PATCH_SIZE * PATCH_SIZE * 3  # 6912
+# The family's vision encoders (gemma4 vision_config) take the 16-px patches themselves and pool 3×3 of them into
+# one soft token: the same resized image, cut finer (transformers `Gemma4ImageProcessor`).
+FAMILY_PATCH_SIZE = _TEACHER_PATCH
 # 50 megapixels: above any phone camera's default output, far below what would exhaust memory while
 # decoding (50 MP RGB is 150 MB as uint8). Decompression bombs (tiny files claiming huge sizes) are
 # refused from the header, before any pixel is decoded.
@@ -87,16 +92,19 @@ ImageInput = Union[MediaSource, Image.Image, np.ndarray, torch.Tensor]
 class ImageFeatures:
     """One preprocessed image.
 
-    pixel_values: float32 [P, 6912], rows >= num_tokens are 0.0.
-    position_ids: int64 [P, 2], (x, y) = (column, row) of each 48-px patch; padding rows are (-1, -1).
+    pixel_values: float32 [P·r, 3·s²] for s-px patches (unified: s = 48, r = 1 → [P, 6912]; family: s = 16,
+        r = 9 → [9P, 768]); rows past the real patches are 0.0.
+    position_ids: int64 [P·r, 2], (x, y) = (column, row) of each patch; padding rows are (-1, -1).
     num_tokens: real soft tokens (N <= P); the prompt gets BOI + N × IMAGE + EOI.
     size: (H', W') the image was resized to.
+    rows_per_token: r, patches per soft token (the family's encoder pools 3×3 patches into one token).
     """
 
     pixel_values: torch.Tensor
     position_ids: torch.Tensor
     num_tokens: int
     size: tuple[int, int]
+    rows_per_token: int = 1
 
 
 def check_budget(max_soft_tokens: int) -> int:
@@ -207,7 +215,7 @@ def check_positions(features: "ImageFeatures", table_size: int, what: str = "ima
     instead of an IndexError in the vision embedder."""
     if features.num_tokens == 0:
         return
-    grid = features.position_ids[: features.num_tokens]
+    grid = features.position_ids[: features.num_tokens * features.rows_per_token]
     longest = int(grid.max()) + 1
     if longest > table_size:
         h, w = features.size
@@ -335,18 +343,19 @@ def resize_uint8(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out.reshape(*lead, c, height, width)
 
 
-def patchify(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or float [..., 3, H, W] (H, W multiples of 48) → [..., N, 6912] in raster order.
+def patchify(images: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """uint8 or float [..., 3, H, W] (H, W multiples of s = patch_size) → [..., N, 3·s²] in raster order.
 
-    Row n = Y·(W/48) + X holds the 48×48 crop at (row Y, column X), flattened (row, column, channel).
+    Row n = Y·(W/s) + X holds the s×s crop at (row Y, column X), flattened (row, column, channel).
     """
     *lead, c, h, w = images.shape
-    assert h % PATCH_SIZE == 0 and w % PATCH_SIZE == 0 and c == 3, images.shape
-    gh, gw = h // PATCH_SIZE, w // PATCH_SIZE
-    x = images.reshape(*lead, c, gh, PATCH_SIZE, gw, PATCH_SIZE)  # (..., C, Y, r, X, c)
+    s = patch_size
+    assert h % s == 0 and w % s == 0 and c == 3, images.shape
+    gh, gw = h // s, w // s
+    x = images.reshape(*lead, c, gh, s, gw, s)  # (..., C, Y, r, X, c)
     nd = len(lead)
     perm = [*range(nd), nd + 1, nd + 3, nd + 2, nd + 4, nd]  # (..., Y, X, r, c, C)
-    return x.permute(*perm).reshape(*lead, gh * gw, PATCH_DIM)
+    return x.permute(*perm).reshape(*lead, gh * gw, 3 * s * s)
 
 
 def grid_positions(grid_h: int, grid_w: int) -> torch.Tensor:
@@ -372,18 +381,42 @@ def preprocess_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int = DEFAULT_MAX_SIDE,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    patch_size: int = PATCH_SIZE,
 ) -> ImageFeatures:
-    """Any image input → ImageFeatures padded to `max_soft_tokens` slots (see the module docstring)."""
+    """Any image input → ImageFeatures padded to `max_soft_tokens` soft tokens (see the module docstring).
+
+    patch_size 48: the unified model's patches (one per soft token). patch_size 16 (`FAMILY_PATCH_SIZE`): the
+    family's encoder input — the same resized image in 16-px patches, 9 per soft token, padded to 9·P rows, as
+    transformers' `Gemma4ImageProcessor` makes it (golden test: tests/test_family_vision.py)."""
     check_budget(max_soft_tokens)
+    if patch_size not in (PATCH_SIZE, FAMILY_PATCH_SIZE):
+        raise ValueError(f"patch_size must be {PATCH_SIZE} (gemma4_unified) or {FAMILY_PATCH_SIZE} (gemma4), "
+                         f"got {patch_size}")
+    per_token = (PATCH_SIZE // patch_size) ** 2
     chw = to_rgb_tensor(img, max_pixels=max_pixels, max_side=max_side, max_decoded_bytes=max_decoded_bytes)
     new_h, new_w = target_size(chw.shape[1], chw.shape[2], max_soft_tokens)
     resized = resize_uint8(chw, new_h, new_w)
-    patches = patchify(resized)  # (N, 6912) uint8
+    patches = patchify(resized, patch_size)  # (N·r, 3·s²) uint8
     values = patches.to(torch.float32) * _RESCALE
-    positions = grid_positions(new_h // PATCH_SIZE, new_w // PATCH_SIZE)
-    n = values.shape[0]
-    values, positions = pad_rows(values, positions, max_soft_tokens)
-    return ImageFeatures(values.contiguous(), positions.contiguous(), n, (new_h, new_w))
+    positions = grid_positions(new_h // patch_size, new_w // patch_size)
+    n = values.shape[0] // per_token
+    values, positions = pad_rows(values, positions, max_soft_tokens * per_token)
+    return ImageFeatures(values.contiguous(), positions.contiguous(), n, (new_h, new_w), per_token)
+
+
+def model_image_spec(config) -> tuple[int, int]:
+    """(patch_size, position-table size) of a model's image input: 48 and `mm_posemb_size` for gemma4_unified,
+    16 and `position_embedding_size` for a family model's vision encoder. MediaError for a model without vision."""
+    tower = getattr(config, "vision_tower", None)
+    if tower is not None:
+        if (tower.patch_size, tower.pooling_kernel_size) != (FAMILY_PATCH_SIZE, _POOL):
+            raise MediaError(f"this model's vision encoder uses {tower.patch_size}-px patches pooled "
+                             f"{tower.pooling_kernel_size}×{tower.pooling_kernel_size}; the image processor supports "
+                             f"{FAMILY_PATCH_SIZE}-px patches pooled {_POOL}×{_POOL} (the published geometry) only")
+        return FAMILY_PATCH_SIZE, tower.position_embedding_size
+    if getattr(config, "vision", None) is None:
+        raise MediaError("this model has no vision_config: it cannot take images or video")
+    return PATCH_SIZE, config.vision.mm_posemb_size
 
 
 def batch_images(
@@ -391,6 +424,7 @@ def batch_images(
     max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    patch_size: int = PATCH_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Preprocess and stack images like the reference processor's batched output.
 
@@ -401,14 +435,14 @@ def batch_images(
     if len(images) == 0:
         raise ValueError("batch_images needs at least one image")
     feats = [
-        f if isinstance(f, ImageFeatures) else preprocess_image(f, max_soft_tokens, max_pixels=max_pixels)
+        f if isinstance(f, ImageFeatures)
+        else preprocess_image(f, max_soft_tokens, max_pixels=max_pixels, patch_size=patch_size)
         for f in images
     ]
     for i, f in enumerate(feats):
-        if f.pixel_values.shape[0] != max_soft_tokens:
-            raise ValueError(
-                f"image {i} was preprocessed with {f.pixel_values.shape[0]} slots, expected {max_soft_tokens}"
-            )
+        if f.pixel_values.shape[0] != max_soft_tokens * f.rows_per_token:
+            raise ValueError(f"image {i} was preprocessed with {f.pixel_values.shape[0] // f.rows_per_token} "
+                             f"soft-token slots, expected {max_soft_tokens}")
     pixel_values = torch.stack([f.pixel_values for f in feats])
     position_ids = torch.stack([f.position_ids for f in feats])
     return pixel_values, position_ids, [f.num_tokens for f in feats]

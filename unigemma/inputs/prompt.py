@@ -22,8 +22,9 @@ import torch
 
 from ..config import UnifiedConfig
 from .audio import batch_audio, load_audio_segments, num_audio_tokens
-from .image import budget_for_detail, check_budget, check_positions, pad_rows, preprocess_image
+from .image import budget_for_detail, check_budget, check_positions, model_image_spec, pad_rows, preprocess_image
 from .media import MediaError
+from .mel import MelSettings, batch_mel, log_mel, num_mel_tokens
 from .template import ChatTemplate, normalize_messages
 from .tokenizer import Tokenizer
 from .video import batch_videos, load_video
@@ -86,7 +87,7 @@ def _key(kind: str, tensor: torch.Tensor) -> str:
 def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, config: UnifiedConfig, *,
                  tools: list[dict] | None = None, enable_thinking: bool = False, add_generation_prompt: bool = True,
                  resolve: Callable[[str, Any], Any] | None = None, limits: MediaLimits | None = None,
-                 **template_kwargs) -> Prompt:
+                 mel: MelSettings | None = None, **template_kwargs) -> Prompt:
     """Render, load media, expand placeholders and tokenize.
 
     resolve(kind, source) may map a media source (URL, path) to bytes / a path / an object, enforcing the caller's
@@ -104,10 +105,11 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         raise ValueError(f"the chat template wrote media placeholders {found} but the messages hold media parts "
                          f"{kinds}; they must match one to one (is this template made for gemma4_unified?)")
     needs = set(kinds)
+    patch_size = table = None
     if "image" in needs or "video" in needs:
-        if config.vision is None:
-            raise ValueError("this model has no vision_config: it cannot take images or video")
-    if "audio" in needs and config.audio is None:
+        patch_size, table = model_image_spec(config)
+    family_audio = config.audio_tower is not None  # mel features for the conformer, not raw frames
+    if "audio" in needs and config.audio is None and not family_audio:
         raise ValueError("this model has no audio_config: it cannot take audio")
 
     images, audios, videos, keys = [], [], [], []
@@ -124,10 +126,10 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         if kind == "image":
             src, budget = _image_source(part, limits.default_image_tokens)
             src = resolve("image", src) if resolve else src
-            feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels)
-            check_positions(feats, c.vision.mm_posemb_size)
+            feats = preprocess_image(src, budget, max_pixels=limits.max_image_pixels, patch_size=patch_size)
+            check_positions(feats, table)
             images.append(feats)
-            keys.append(_key("image", feats.pixel_values[: feats.num_tokens]))
+            keys.append(_key("image", feats.pixel_values[: feats.num_tokens * feats.rows_per_token]))
             ids += [c.boi_token_id] + [c.image_token_id] * feats.num_tokens + [c.eoi_token_id]
         elif kind == "audio":
             if part["type"] == "input_audio":
@@ -137,9 +139,18 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
             src = resolve("audio", src) if resolve else src
             segments = load_audio_segments(src, max_seconds=limits.max_audio_seconds, format=fmt)
             for seg in segments:
-                audios.append(seg)
                 keys.append(_key("audio", torch.from_numpy(seg)))
-                ids += [c.boa_token_id] + [c.audio_token_id] * num_audio_tokens(seg.size) + [c.eoa_token_id]
+                if family_audio:
+                    feats, mask = log_mel(seg, mel)
+                    n = num_mel_tokens(mask)
+                    if n == 0:
+                        raise MediaError(f"audio clip of {seg.size} samples is too short: the encoder makes no soft "
+                                         "token of it (at least ~25 ms of audio is needed)")
+                    audios.append((feats, mask))
+                else:
+                    audios.append(seg)
+                    n = num_audio_tokens(seg.size)
+                ids += [c.boa_token_id] + [c.audio_token_id] * n + [c.eoa_token_id]
         else:
             src = part.get("video")
             if isinstance(src, dict):
@@ -147,7 +158,7 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
             src = resolve("video", src) if resolve else src
             v = load_video(src, num_frames=part.get("num_frames"), fps=part.get("fps"),
                            max_soft_tokens=part.get("max_soft_tokens") or limits.video_tokens,
-                           max_frames=limits.max_video_frames)
+                           max_frames=limits.max_video_frames, patch_size=patch_size)
             if part.get("num_frames") is None and part.get("fps") is None and v.num_frames > limits.video_frames:
                 raise MediaError(f"video sampled {v.num_frames} frames, over the limit of {limits.video_frames}")
             videos.append(v)
@@ -165,7 +176,8 @@ def build_prompt(messages: Any, tokenizer: Tokenizer, template: ChatTemplate, co
         media["pixel_values"] = torch.stack([v for v, _ in padded])
         media["image_position_ids"] = torch.stack([p for _, p in padded])
     if audios:
-        media["input_features"], media["input_features_mask"] = batch_audio(audios)
+        batch = batch_mel if family_audio else batch_audio
+        media["input_features"], media["input_features_mask"] = batch(audios)
     if videos:
         pv, vp, nf = batch_videos(videos)
         media["pixel_values_videos"], media["video_position_ids"] = pv, vp

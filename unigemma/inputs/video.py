@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .image import (
+    FAMILY_PATCH_SIZE,
     PATCH_SIZE,
     check_budget,
     grid_positions,
@@ -242,10 +243,15 @@ def _decode_frames(data: Path | bytes, indices: list[int]) -> tuple[list[np.ndar
 
 
 def preprocess_frames(
-    frames: np.ndarray | torch.Tensor, max_soft_tokens: int = DEFAULT_VIDEO_SOFT_TOKENS
+    frames: np.ndarray | torch.Tensor, max_soft_tokens: int = DEFAULT_VIDEO_SOFT_TOKENS, patch_size: int = PATCH_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
-    """uint8 frames [F, H, W, 3] → (pixel_values [F, P, 6912], position_ids [F, P, 2], N per frame, (H', W'))."""
+    """uint8 frames [F, H, W, 3] → (pixel_values [F, P·r, 3·s²], position_ids [F, P·r, 2], N soft tokens per frame,
+    (H', W')). s = patch_size: 48 for gemma4_unified (r = 1), 16 for the family's vision encoder (r = 9 patches
+    per soft token, as transformers' `Gemma4VideoProcessor` cuts them)."""
     check_budget(max_soft_tokens)
+    if patch_size not in (PATCH_SIZE, FAMILY_PATCH_SIZE):
+        raise ValueError(f"patch_size must be {PATCH_SIZE} or {FAMILY_PATCH_SIZE}, got {patch_size}")
+    per_token = (PATCH_SIZE // patch_size) ** 2
     if isinstance(frames, np.ndarray):
         # torch refuses to share read-only memory: copy those arrays.
         t = torch.from_numpy(np.ascontiguousarray(frames) if frames.flags.writeable else np.array(frames))
@@ -257,11 +263,11 @@ def preprocess_frames(
         raise MediaError(f"video frames must be non-empty, got shape {tuple(t.shape)}")
     video = t.permute(0, 3, 1, 2).contiguous()  # (F, 3, H, W)
     new_h, new_w = target_size(video.shape[2], video.shape[3], max_soft_tokens)
-    patches = patchify(resize_uint8(video, new_h, new_w))  # (F, N, 6912) uint8
+    patches = patchify(resize_uint8(video, new_h, new_w), patch_size)  # (F, N·r, 3·s²) uint8
     values = patches.to(torch.float32) / 255.0  # true division, unlike images (spec §3)
-    n = patches.shape[1]
-    positions = grid_positions(new_h // PATCH_SIZE, new_w // PATCH_SIZE).expand(video.shape[0], -1, -1)
-    values, positions = pad_rows(values, positions, max_soft_tokens)
+    n = patches.shape[1] // per_token
+    positions = grid_positions(new_h // patch_size, new_w // patch_size).expand(video.shape[0], -1, -1)
+    values, positions = pad_rows(values, positions, max_soft_tokens * per_token)
     return values.contiguous(), positions.contiguous(), n, (new_h, new_w)
 
 
@@ -274,6 +280,7 @@ def load_video(
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS,
+    patch_size: int = PATCH_SIZE,
 ) -> VideoFeatures:
     """Decode, sample and preprocess a video (MP4, MOV, WebM/MKV, AVI via PyAV) or decoded frames.
 
@@ -311,7 +318,7 @@ def load_video(
             max_seconds=max_seconds,
             max_frame_pixels=max_frame_pixels,
         )
-    values, positions, n, size = preprocess_frames(frames, max_soft_tokens)
+    values, positions, n, size = preprocess_frames(frames, max_soft_tokens, patch_size)
     rate = video_fps or DEFAULT_FPS_IF_UNKNOWN
     stamps = [format_timestamp(i / rate) for i in indices]
     return VideoFeatures(values, positions, stamps, n, list(indices), video_fps, total, size)

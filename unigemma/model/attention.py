@@ -105,9 +105,12 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
             causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         masks = {}
         for t in types:
-            vis = causal & (k > q - W) if t == SLIDING else causal
-            if same_block is not None:
-                vis = vis | same_block
+            if same_block is not None and config.family_vision_mask:
+                vis = (causal | same_block) & (k > q - W) if t == SLIDING else causal
+            else:
+                vis = causal & (k > q - W) if t == SLIDING else causal
+                if same_block is not None:
+                    vis = vis | same_block
             masks[t] = _ensure_nonempty(vis & valid)[:, None]
         return AttentionPlan(cos_sin, masks)
 
@@ -131,7 +134,7 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
     if FULL in types:
         kpos = torch.arange(kv_len, device=dev)[None, None, :]
         vis = kpos <= q
-        if same_block is not None:
+        if same_block is not None and not config.family_vision_mask:  # family: full layers stay causal
             cols = torch.where(real, positions, torch.zeros_like(positions)).clamp(max=kv_len - 1)
             overlay = torch.zeros(B, T, kv_len, dtype=torch.bool, device=dev)
             overlay.scatter_(2, cols[:, None, :].expand(B, T, T), same_block & real[:, None, :])
@@ -164,7 +167,10 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
         if same_block is not None:
             overlay = torch.zeros(B, T, kpos.shape[-1], dtype=torch.bool, device=dev)
             overlay.scatter_(2, cols[:, None, :].expand(B, T, T), same_block & real[:, None, :])
-            vis = vis | overlay
+            if config.family_vision_mask:
+                vis = ((kpos <= q) | overlay) & (kpos > q - W)
+            else:
+                vis = vis | overlay
         masks[SLIDING] = _ensure_nonempty(vis & real[:, :, None])[:, None]
     return plan
 

@@ -112,3 +112,28 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     if cap is None:
         return logits
     return fusion.softcap(logits, cap)
+
+
+class ClippableLinear(nn.Module):
+    """A bias-free Linear, optionally clamping its input and output to ranges stored in the checkpoint.
+
+    The family's encoders wrap every projection this way (checkpoint names `<name>.linear.weight`, and with
+    `use_clipped_linears` the scalar buffers `<name>.{input_min, input_max, output_min, output_max}`), because
+    their weights were trained with activation clipping; without clipping it is a plain Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, clipped: bool):
+        super().__init__()
+        self.clipped = clipped
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        if clipped:
+            for name in ("input_min", "input_max", "output_min", "output_max"):
+                self.register_buffer(name, torch.tensor(float("inf") if name.endswith("max") else float("-inf")))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clipped:
+            x = torch.clamp(x, self.input_min, self.input_max)
+        y = self.linear(x)
+        if self.clipped:
+            y = torch.clamp(y, self.output_min, self.output_max)
+        return y

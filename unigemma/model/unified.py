@@ -25,6 +25,8 @@ from ..config import UnifiedConfig
 from .attention import AttentionPlan, vision_block_ids
 from .audio import AudioEmbedder
 from .cache import KVCache
+from .encoders.audio import AudioTower
+from .encoders.vision import VisionTower
 from .layers import softcap
 from .text import TextModel
 from .vision import MultimodalEmbedder, VisionEmbedder
@@ -37,12 +39,23 @@ class _Body(nn.Module):
         super().__init__()
         self.language_model = TextModel(config.text)
         H = config.text.hidden_size
+        self.vision_tower = None
         if config.vision is not None:
             self.vision_embedder = VisionEmbedder(config.vision)
             self.embed_vision = MultimodalEmbedder(config.vision.output_proj_dims, H, config.vision.rms_norm_eps)
+        elif config.vision_tower is not None:  # the family: an encoder, then the same projection
+            vt = config.vision_tower
+            self.vision_embedder = None
+            self.vision_tower = VisionTower(vt)
+            self.embed_vision = MultimodalEmbedder(vt.hidden_size, H, vt.rms_norm_eps)
         else:
             self.vision_embedder = self.embed_vision = None
         self.embed_audio = AudioEmbedder(config.audio, H) if config.audio is not None else None
+        self.audio_tower = None
+        if config.audio_tower is not None:  # the family: a conformer, then the same projection
+            at = config.audio_tower
+            self.audio_tower = AudioTower(at)
+            self.embed_audio = MultimodalEmbedder(at.output_proj_dims, H, at.rms_norm_eps)
 
 
 @dataclass
@@ -73,7 +86,10 @@ class Gemma4Unified(nn.Module):
         return self.language_model.make_cache(slots, max_len, dtype, device, spare)
 
     def image_features(self, pixel_values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """(N, P, 6912), (N, P, 2) → (total valid patches, H): padding slots dropped, slot order kept."""
+        """Unified: (N, P, 6912), (N, P, 2) → (total valid patches, H): padding slots dropped, slot order kept.
+        Family: (N, 9·P, 768), (N, 9·P, 2) → (total soft tokens, H): the encoder pools 3×3 patches per token."""
+        if self.model.vision_tower is not None:
+            return self.model.embed_vision(self.model.vision_tower(pixel_values, position_ids))
         if self.model.vision_embedder is None:
             raise ValueError(self._no_tower("vision_config", "images or video"))
         x = self.model.embed_vision(self.model.vision_embedder(pixel_values, position_ids))
@@ -86,7 +102,11 @@ class Gemma4Unified(nn.Module):
         return f"this checkpoint has no {key}: it cannot take {what}"
 
     def audio_features(self, input_features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(N, F, 640), (N, F) bool → (real frames, H)."""
+        """Unified: (N, F, 640) waveform frames, (N, F) bool → (real frames, H).
+        Family: (N, F, 128) mel frames, (N, F) bool → (real soft tokens, H), one per 4 frames (the conformer's)."""
+        if self.model.audio_tower is not None:
+            hidden, valid = self.model.audio_tower(input_features, mask)
+            return self.model.embed_audio(hidden)[valid]
         if self.model.embed_audio is None:
             raise ValueError(self._no_tower("audio_config", "audio"))
         return self.model.embed_audio(input_features)[mask.bool()]
@@ -99,8 +119,12 @@ class Gemma4Unified(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_position_ids=None,
               pixel_values_videos=None, video_position_ids=None, num_frames_per_video=None,
-              input_features=None, input_features_mask=None) -> torch.Tensor:
-        """Token embeddings with image / video / audio soft tokens written into their placeholder rows."""
+              input_features=None, input_features_mask=None,
+              audio_encoder_outputs=None) -> torch.Tensor:
+        """Token embeddings with image / video / audio soft tokens written into their placeholder rows.
+
+        audio_encoder_outputs (n, output_proj_dims): family models only — audio encoder rows computed ahead (live
+        audio: `encoders.audio.AudioStream`), projected here like the one-shot encoder's."""
         c = self.config
         lm = self.language_model
         placeholder = {"image": c.image_token_id, "video": c.video_token_id, "audio": c.audio_token_id}
@@ -124,6 +148,10 @@ class Gemma4Unified(nn.Module):
             feats.append(("video", self.image_features(pixel_values_videos, video_position_ids)))
         if input_features is not None and input_features_mask is not None:
             feats.append(("audio", self.audio_features(input_features, input_features_mask)))
+        if audio_encoder_outputs is not None:
+            if self.model.audio_tower is None:
+                raise ValueError("audio_encoder_outputs are a family audio encoder's rows; this model has none")
+            feats.append(("audio", self.model.embed_audio(audio_encoder_outputs)))
         for kind, f in feats:
             where = input_ids == placeholder[kind]
             n = int(where.sum())

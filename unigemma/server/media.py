@@ -137,14 +137,14 @@ def _fetch_remote(url: str, policy: MediaPolicy, what: str) -> bytes:
 
 # --- decoding through the inputs layer --------------------------------------------------------------------------
 
-def load_image(url: str, budget: int, policy: MediaPolicy, what: str = "image"):
-    """→ `ImageFeatures` padded to `budget` slots."""
-    from unigemma.inputs.image import preprocess_image
+def load_image(url: str, budget: int, policy: MediaPolicy, what: str = "image", patch_size: int | None = None):
+    """→ `ImageFeatures` padded to `budget` soft tokens (patch_size: 48 unified, 16 family; None: 48)."""
+    from unigemma.inputs.image import PATCH_SIZE, preprocess_image
 
     src = fetch(url, policy, what)
     try:
         return preprocess_image(src, budget, max_pixels=policy.max_pixels, max_side=policy.max_side,
-                                max_decoded_bytes=policy.max_decoded_bytes)
+                                max_decoded_bytes=policy.max_decoded_bytes, patch_size=patch_size or PATCH_SIZE)
     except MediaError as e:
         raise MediaError(f"{what}: {e}") from None
 
@@ -164,12 +164,14 @@ def load_audio(data: str, fmt: str | None, policy: MediaPolicy, what: str = "aud
         raise MediaError(f"{what}: {e}") from None
 
 
-def load_video(url: str, policy: MediaPolicy, what: str = "video"):
-    """→ `VideoFeatures` (frames sampled uniformly, each at the video budget)."""
+def load_video(url: str, policy: MediaPolicy, what: str = "video", patch_size: int | None = None):
+    """→ `VideoFeatures` (frames sampled uniformly, each at the video budget; patch_size 48 unified, 16 family)."""
+    from unigemma.inputs.image import PATCH_SIZE
     from unigemma.inputs.video import load_video as _load
 
     src = fetch(url, policy, what)
     try:
-        return _load(src, num_frames=policy.max_video_frames, max_seconds=policy.max_video_seconds)
+        return _load(src, num_frames=policy.max_video_frames, max_seconds=policy.max_video_seconds,
+                     patch_size=patch_size or PATCH_SIZE)
     except MediaError as e:
         raise MediaError(f"{what}: {e}") from None

@@ -538,11 +538,14 @@ class Service:
                     if part.type == "image_url":
                         images.append(self._image(part, req, where))
                     elif part.type == "input_audio":
+                        self._needs("audio_config", where)
                         audios.append(server_media.load_audio(part.input_audio.data, part.input_audio.format,
                                                               self.policy, what=where))
                     elif part.type == "video_url":
                         self._needs("vision_config", where)
-                        videos.append(server_media.load_video(part.video_url.url, self.policy, what=where))
+                        from unigemma.inputs.image import model_image_spec
+                        videos.append(server_media.load_video(part.video_url.url, self.policy, what=where,
+                                                              patch_size=model_image_spec(self.llm.config)[0]))
                 except (MediaError, ValueError) as e:
                     raise APIError(400, str(e), param=where, code="invalid_media") from None
                 if part.type == "video_url":  # the template knows the part as `video`
@@ -566,8 +569,15 @@ class Service:
         return prep
 
     def _needs(self, sub: str, where: str) -> None:
-        if getattr(self.llm.config, sub.replace("_config", ""), None) is None:
+        cfg = self.llm.config
+        have = getattr(cfg, sub.replace("_config", ""), None) is not None
+        if getattr(cfg, sub.replace("_config", "_tower"), None) is not None:  # the family's encoders
+            have = True
+        if not have:
             kind = "images or video" if sub == "vision_config" else "audio"
+            if sub in getattr(cfg, "skipped_towers", ()):
+                raise MediaError(f"{where}: this {cfg.model_type} checkpoint's {sub.split('_')[0]} encoder is not "
+                                 f"supported by unigemma yet: it cannot take {kind}")
             raise MediaError(f"{where}: this model has no {sub} and cannot take {kind}")
 
     def _image(self, part, req: ChatCompletionRequest, where: str):
@@ -581,9 +591,10 @@ class Service:
         else:
             detail = "high" if part.image_url.detail == "original" else part.image_url.detail  # the largest budget
             budget = budget_for_detail(detail, getattr(self.llm, "default_image_tokens", 280))
-        feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where)
-        from unigemma.inputs.image import check_positions
-        check_positions(feats, self.llm.config.vision.mm_posemb_size, where)
+        from unigemma.inputs.image import check_positions, model_image_spec
+        patch_size, table = model_image_spec(self.llm.config)
+        feats = server_media.load_image(part.image_url.url, budget, self.policy, what=where, patch_size=patch_size)
+        check_positions(feats, table, where)
         return feats
 
     def _expand(self, text: str, images: list, audios: list, videos: list):
@@ -608,9 +619,19 @@ class Service:
                 if k >= len(audios):
                     raise APIError(400, "the chat template produced more audio placeholders than clips given")
                 from unigemma.inputs.audio import num_audio_tokens
+                from unigemma.inputs.mel import log_mel, num_mel_tokens
+                mel = getattr(self.llm, "mel_settings", None)
                 for seg in audios[k]:
+                    if getattr(self.llm.config, "audio_tower", None) is not None:  # family: mel features
+                        seg = log_mel(seg, mel)
+                        n = num_mel_tokens(seg[1])
+                        if n == 0:
+                            raise APIError(400, f"an audio clip of {audios[k][0].size} samples is too short to make "
+                                                "a soft token (at least ~25 ms is needed)", code="invalid_media")
+                    else:
+                        n = num_audio_tokens(seg.size)
                     segments.append(seg)
-                    pieces.append(sp["boa_token"] + sp["audio_token"] * num_audio_tokens(seg.size) + sp["eoa_token"])
+                    pieces.append(sp["boa_token"] + sp["audio_token"] * n + sp["eoa_token"])
             else:
                 if k >= len(videos):
                     raise APIError(400, "the chat template produced more video placeholders than videos given")
@@ -638,7 +659,8 @@ class Service:
             media["image_position_ids"] = torch.stack([p for _, p in padded]).to(dev)
         if segments:
             from unigemma.inputs.audio import batch_audio
-            feats, mask = batch_audio(segments)
+            from unigemma.inputs.mel import batch_mel
+            feats, mask = (batch_mel if isinstance(segments[0], tuple) else batch_audio)(segments)
             media["input_features"] = feats.to(dev, dtype)
             media["input_features_mask"] = mask.to(dev)
         if videos:
