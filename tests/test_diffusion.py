@@ -177,3 +177,71 @@ def test_config_validation():
         from unigemma.config import UnifiedConfig
 
         UnifiedConfig.from_dict({"model_type": "llama"})
+
+
+# --- chat, server, CLI: a tiny diffusion checkpoint with the tiny tokenizer -------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_diff(tmp_path_factory):
+    import copy
+    import json
+
+    from refmodels import DIFFUSION_TEXT, randomize
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from unigemma.inputs.tokenizer import Tokenizer
+    from unigemma.testing import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("diffusion_chat") / "dg"
+    ids = write_tiny_tokenizer(path)
+    text = {**copy.deepcopy(DIFFUSION_TEXT), "vocab_size": len(Tokenizer.from_dir(path)),
+            "pad_token_id": ids["pad_token"], "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"]}
+    torch.manual_seed(0)
+    ref = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=None,
+                                                               canvas_length=L)).eval()
+    randomize(ref, 0)
+    ref.save_pretrained(str(path))
+    gen = {**DIFFUSION_GENERATION, "eos_token_id": [ids["eos_token"], ids["eot_token"], ids["str_token"]]}
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return unigemma.load(path, device="cpu"), path
+
+
+def test_chat_and_its_refusals(chat_diff):
+    llm, _ = chat_diff
+    msgs = [{"role": "user", "content": "hello there"}]
+    a = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True)
+    b = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 2 * L and (a.content, a.reasoning) == (b.content,
+                                                                                                   b.reasoning)
+    chunks = list(llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True, stream=True))
+    assert "".join(c.content for c in chunks) == a.content and chunks[-1].finish_reason == a.finish_reason
+    other = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True, max_denoising_steps=2, entropy_bound=2.0)
+    assert other.token_ids != a.token_ids  # the options reach the sampler
+    with pytest.raises(ValueError, match="response_format.*DiffusionGemma"):
+        llm.chat(msgs, response_format={"type": "json_object"})
+
+
+def test_server_chunk_per_canvas_and_400s(chat_diff):
+    import openai
+
+    from test_server import LiveServer
+    from unigemma.server import ServerSettings
+
+    llm, _ = chat_diff
+    settings = ServerSettings(model_name="dg", max_model_len=256, max_concurrency=2)
+    with LiveServer(llm, settings) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "hello"}]
+        kw = dict(model="dg", messages=msgs, max_tokens=3 * L, seed=4, extra_body={"ignore_eos": True})
+        full = client.chat.completions.create(**kw)
+        assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 3 * L
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(texts) == full.choices[0].message.content
+        assert 1 <= len(texts) <= 3  # one content chunk per finished canvas (a canvas of special tokens shows none)
+        for bad in (dict(response_format={"type": "json_object"}), dict(temperature=0.3)):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="dg", messages=msgs, max_tokens=4, **bad)
+            assert "DiffusionGemma" in str(e.value)

@@ -204,6 +204,11 @@ _AR_ONLY = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "pre
             "logit_bias", "logprobs", "top_logprobs")
 
 
+def autoregressive_options_set(params: SamplingParams) -> list[str]:
+    """The autoregressive sampling options a request sets (not at their "off" value)."""
+    return [n for n in _AR_ONLY if getattr(params, n) != getattr(_AR_DEFAULTS, n)]
+
+
 def check_request(request: Request, canvas_length: int) -> None:
     """Refuse what block diffusion cannot honour, naming it (never silently ignored)."""
     if request.constraint is not None:
@@ -215,8 +220,7 @@ def check_request(request: Request, canvas_length: int) -> None:
                          f"{sorted(request.media)}")
     if request.open:
         raise ValueError("streaming-input (open) requests are not supported for DiffusionGemma")
-    p = request.params
-    set_ = [n for n in _AR_ONLY if getattr(p, n) != getattr(_AR_DEFAULTS, n)]
+    set_ = autoregressive_options_set(request.params)
     if set_:
         raise ValueError(f"{set_} are autoregressive sampling options; DiffusionGemma samples with the "
                          f"block-diffusion schedule instead: use {list(DiffusionOptions.names())}")
