@@ -245,3 +245,20 @@ def test_server_chunk_per_canvas_and_400s(chat_diff):
             with pytest.raises(openai.BadRequestError) as e:
                 client.chat.completions.create(model="dg", messages=msgs, max_tokens=4, **bad)
             assert "DiffusionGemma" in str(e.value)
+
+
+def test_cli_generate_with_diffusion_options(chat_diff, capsys, tmp_path):
+    import json
+
+    from unigemma.cli import main
+
+    _, path = chat_diff
+    base = ["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", str(2 * L),
+            "--seed", "2", "--json"]
+    assert main(base + ["--max-denoising-steps", "3", "--entropy-bound", "1.0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["completion_tokens"] <= 2 * L and out["finish_reason"] in ("stop", "length", "tool_calls")
+    schema = tmp_path / "s.json"
+    schema.write_text("{}")
+    assert main(base + ["--json-schema", str(schema)]) != 0
+    assert "not supported for DiffusionGemma" in capsys.readouterr().err
