@@ -262,3 +262,35 @@ def test_cli_generate_with_diffusion_options(chat_diff, capsys, tmp_path):
     schema.write_text("{}")
     assert main(base + ["--json-schema", str(schema)]) != 0
     assert "not supported for DiffusionGemma" in capsys.readouterr().err
+
+
+def test_batched_requests_equal_single_runs(diff):
+    from unigemma.engine.diffusion import DiffusionEngine
+    from unigemma.engine.sampling import SamplingParams
+    from unigemma.engine.scheduler import Request
+
+    _, llm, _ = diff
+    reqs = [(prompt(11, 0), 0, {}), (prompt(5, 1), 1, {}), (prompt(14, 2), 2, {}),
+            (prompt(9, 3), 3, {"max_denoising_steps": 3})]  # other options: denoised in its own batch
+    single = [llm.generate(ids, max_tokens=3 * L, seed=seed, **kw).token_ids for ids, seed, kw in reqs]
+    eng = DiffusionEngine(llm.model, None, llm.eos_token_ids, max_slots=3, max_model_len=128,
+                          generation_config=llm.generation_config)
+    rids = [eng.add(Request(ids, SamplingParams(seed=seed, max_tokens=3 * L),
+                            diffusion={**kw} or None)) for ids, seed, kw in reqs]
+    batch_sizes = []
+    orig = eng.model.denoise
+
+    def spy(canvas, *a, **k):
+        batch_sizes.append(canvas.shape[0])
+        return orig(canvas, *a, **k)
+
+    eng.model.denoise = spy
+    try:
+        out = eng.run_until_done()
+    finally:
+        del eng.model.denoise
+    assert [out[r].token_ids for r in rids] == single
+    assert max(batch_sizes) == 3  # three requests shared denoiser forwards (the fourth waited for a slot)
+    # a cancelled request frees its slot and ends with "cancelled"
+    rid = eng.add(Request(prompt(7, 9), SamplingParams(seed=1, max_tokens=3 * L)))
+    assert eng.cancel(rid) and eng.step()[0].finish_reason == "cancelled"

@@ -17,9 +17,9 @@ the request's seed, so a seeded CPU float32 run returns the tokens the reference
 
 `DiffusionEngine` has the autoregressive `Engine`'s surface (add / step / cancel / output / forget / generate_stream,
 `scheduler.seqs`), so `llm.generate`, `llm.chat` and the server drive it unchanged; one `step()` finishes one canvas
-of one request (round robin), so streams get a chunk per canvas. Tokens go through the same stop checker (EOS, stop
-ids, stop strings, max_tokens) and incremental detokenizer as autoregressive ones. Requests are denoised one at a
-time (no batching across requests yet).
+of every running request with the same options, batched (up to `max_slots`, each in its own slot of one KV cache,
+each drawing from its own generator), so streams get a chunk per canvas. Tokens go through the same stop checker
+(EOS, stop ids, stop strings, max_tokens) and incremental detokenizer as autoregressive ones.
 
 What this module does not do: structured output (grammar masks need left-to-right sampling: refused), images,
 the autoregressive sampling options (temperature, top_p, ... are refused: the schedule is t_max → t_min).
@@ -141,14 +141,19 @@ class StableAndConfident:
 
 
 @torch.inference_mode()
-def denoise_canvas(model, cache, kv_len: int, positions: torch.Tensor, opts: DiffusionOptions,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoise one canvas at `positions` (B, L) after the cached prefix [0, kv_len) → (argmax canvas (B, L),
-    denoiser forward passes per row (B,))."""
+def denoise_canvas(model, cache, kv_len: torch.Tensor, positions: torch.Tensor, opts: DiffusionOptions,
+                   generators: list[torch.Generator], slots: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise one canvas per row at `positions` (B, L), row b after its cached prefix [0, kv_len[b]) in cache slot
+    slots[b] → (argmax canvases (B, L), denoiser passes per row (B,)).
+
+    Row b draws from generators[b] only, and only while it is still denoising, exactly the numbers a run of that
+    row alone draws: its initial canvas, then per step a multinomial over its L positions and L renoising ids. So a
+    request's tokens do not depend on which requests share its batch (up to the forward's rounding)."""
     B, L = positions.shape
     V = model.config.text.vocab_size
     dev = positions.device
-    canvas = torch.randint(0, V, (B, L), generator=generator, device=dev)
+    canvas = torch.cat([torch.randint(0, V, (1, L), generator=g, device=dev) for g in generators])
     argmax = canvas
     sc = None
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -156,17 +161,20 @@ def denoise_canvas(model, cache, kv_len: int, positions: torch.Tensor, opts: Dif
     stopper = StableAndConfident(opts)
     emb_dtype = model.stack.embed_tokens.weight.dtype
     for step in range(opts.max_denoising_steps, 0, -1):
+        live = (~done).nonzero().flatten().tolist()
         passes += (~done).long()
-        logits = model.denoise(canvas, positions, cache, kv_len, sc)          # (B, L, V) float32
+        logits = model.denoise(canvas, positions, cache, kv_len, sc, slots)  # (B, L, V) float32
         scaled = logits / temperature(step, opts).to(dev)
         probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
-        sampled = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, L)
+        sampled = canvas.clone()
+        noise = canvas.clone()
+        for b in live:  # per row, from its own generator: the multinomial, then the renoising ids
+            sampled[b] = torch.multinomial(probs[b], 1, generator=generators[b]).view(L)
+            noise[b] = torch.randint(0, V, (L,), generator=generators[b], device=dev)
         new_argmax = scaled.argmax(dim=-1)
         accept = entropy_bound_mask(scaled, opts.entropy_bound)
-        accepted = torch.where(accept, sampled, canvas)
-        noise = torch.randint(0, V, (B, L), generator=generator, device=dev)
-        new_canvas = torch.where(accept, accepted, noise)
-        if bool(done.any()):  # rows already stopped keep their canvas and logits (batched rows)
+        new_canvas = torch.where(accept, sampled, noise)
+        if bool(done.any()):  # rows already stopped keep their canvas and logits
             new_argmax = torch.where(done[:, None], argmax, new_argmax)
             new_canvas = torch.where(done[:, None], canvas, new_canvas)
             scaled = torch.where(done[:, None, None], sc.float(), scaled)
@@ -175,26 +183,6 @@ def denoise_canvas(model, cache, kv_len: int, positions: torch.Tensor, opts: Dif
         if bool(done.all()):
             break
     return argmax, passes
-
-
-def canvases(model, prompt_ids: list[int], opts: DiffusionOptions, generator: torch.Generator,
-             max_canvases: int, device) -> Iterator[tuple[list[int], int]]:
-    """Prefill the prompt, then yield (canvas token ids, denoiser passes) per canvas, encoding each finished canvas
-    into the cache before the next one (as the reference appends it to the sequence)."""
-    L = model.config.canvas_length
-    T = len(prompt_ids)
-    cache = model.make_cache(1, T + max_canvases * L, device=device)
-    with torch.inference_mode():
-        model.encode(torch.tensor([prompt_ids], device=device), torch.arange(T, device=device)[None], cache)
-    cur = T
-    for c in range(max_canvases):
-        positions = torch.arange(cur, cur + L, device=device)[None]
-        canvas, passes = denoise_canvas(model, cache, cur, positions, opts, generator)
-        yield canvas[0].tolist(), int(passes[0])
-        if c + 1 < max_canvases:
-            with torch.inference_mode():
-                model.encode(canvas, positions, cache)
-            cur += L
 
 
 # --- the engine ------------------------------------------------------------------------------------------------
@@ -234,7 +222,6 @@ class _Queue:
         self.waiting: list[Sequence] = []
         self.slots: list[Sequence] = []
         self.pending: list[TokenEvent] = []
-        self._next = 0
 
 
 class DiffusionEngine:
@@ -253,6 +240,8 @@ class DiffusionEngine:
         self.generation_config = dict(generation_config or {})
         self.scheduler = _Queue()
         self._counter = 0
+        self.cache = None  # made at the first step: max_slots slots of max_model_len + one canvas
+        self._free_slots = list(range(max_slots))
 
     # the runner attributes callers read
     @property
@@ -292,37 +281,61 @@ class DiffusionEngine:
                                        self.device)
         seq.opts = opts
         seq.denoiser_passes = 0
-        seq.canvases = None
+        seq.canvases_done = 0
+        seq.kv_len = 0
+        seq.to_encode = list(ids)
         self.scheduler.seqs[rid] = seq
         self.scheduler.waiting.append(seq)
         return rid
 
     def step(self) -> list[TokenEvent]:
-        """Finish one canvas of one running request (round robin), admitting waiting ones into free slots."""
+        """One canvas for every running request that shares the first one's options (a batch: one denoiser forward
+        per step for all of them), after admitting waiting requests into free cache slots."""
         s = self.scheduler
         events, s.pending = list(s.pending), []
+        L = self.model.config.canvas_length
+        if self.cache is None:
+            self.cache = self.model.make_cache(self.max_slots, self.max_len + L, device=self.device)
         while s.waiting and len(s.slots) < self.max_slots:
             seq = s.waiting.pop(0)
             seq.status = RUNNING
-            seq.canvases = canvases(self.model, seq.tokens[: seq.prompt_len], seq.opts, seq.generator,
-                                    seq.max_canvases, self.device)
+            seq.slot = self._free_slots.pop(0)
+            self.cache.reset_slot(seq.slot)
             s.slots.append(seq)
         if not s.slots:
             return events
-        s._next %= len(s.slots)
-        seq = s.slots[s._next]
+        batch = [q for q in s.slots if q.opts == s.slots[0].opts]
         try:
-            ids, passes = next(seq.canvases)
-        except StopIteration:  # the canvas budget is spent (max_tokens rounded up to whole canvases)
-            self._finish(seq, events, "length")
+            with torch.inference_mode():
+                for q in batch:  # the prompt, or the canvas finished last step, into the request's cache slot
+                    n = len(q.to_encode)
+                    pos = torch.arange(q.kv_len, q.kv_len + n, device=self.device)[None]
+                    self.model.encode(torch.tensor([q.to_encode], device=self.device), pos, self.cache,
+                                      slots=torch.tensor([q.slot], device=self.device))
+                    q.kv_len += n
+                    q.to_encode = []
+            lens = torch.tensor([q.kv_len for q in batch], device=self.device)
+            positions = lens[:, None] + torch.arange(L, device=self.device)[None]
+            canvas, passes = denoise_canvas(self.model, self.cache, lens, positions, batch[0].opts,
+                                            [q.generator for q in batch],
+                                            torch.tensor([q.slot for q in batch], device=self.device))
+        except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
+            for q in batch:
+                self._finish(q, events, "error", error=f"{type(e).__name__}: {e}")
             return events
-        except Exception as e:  # this request alone fails
-            self._finish(seq, events, "error", error=f"{type(e).__name__}: {e}")
-            return events
-        seq.denoiser_passes += passes
-        self._emit(seq, ids, events)
-        if seq.status != DONE:
-            s._next += 1
+        for b, q in enumerate(batch):
+            ids = canvas[b].tolist()
+            q.denoiser_passes += int(passes[b])
+            q.canvases_done += 1
+            self._emit(q, ids, events)
+            if q.status == DONE:
+                continue
+            if q.canvases_done >= q.max_canvases:  # the context is full
+                self._finish(q, events, "length")
+            else:
+                q.to_encode = ids
+        # the batch goes to the back, so requests with other options get the next step
+        s.slots = [q for q in s.slots if q not in batch] + [q for q in s.slots if q in batch]
         return events
 
     def _emit(self, seq: Sequence, ids: list[int], events: list[TokenEvent]) -> None:
@@ -357,9 +370,10 @@ class DiffusionEngine:
 
     def _release(self, seq: Sequence) -> None:
         seq.status = DONE
-        seq.canvases = None  # drops the request's KV cache
         if seq in self.scheduler.slots:
             self.scheduler.slots.remove(seq)
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
 
     def cancel(self, rid: str) -> bool:
         seq = self.scheduler.seqs.get(rid)

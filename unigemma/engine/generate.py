@@ -216,9 +216,12 @@ def _engine_for(llm, need_len: int) -> Engine:
     if is_diffusion(llm):
         if need_len > max_pos:
             raise ValueError(f"prompt + max_tokens = {need_len} tokens exceeds the model's context of {max_pos}")
-        if eng is None:
+        if eng is None or eng.max_len < need_len:
+            size = 4096
+            while size < need_len:
+                size *= 2
             eng = llm._generate_engine = DiffusionEngine(
-                llm.model, llm.tokenizer, llm.eos_token_ids, max_slots=1, max_model_len=max_pos,
+                llm.model, llm.tokenizer, llm.eos_token_ids, max_slots=1, max_model_len=min(size, max_pos),
                 device=getattr(llm, "device", None), generation_config=getattr(llm, "generation_config", None))
         return eng
     if eng is None or eng.runner.max_len < need_len:

@@ -171,13 +171,13 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
 
 
 def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
-                      kv_len: int, slots: torch.Tensor | None = None) -> AttentionPlan:
+                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None) -> AttentionPlan:
     """DiffusionGemma's denoiser: T canvas tokens at `positions` (B, T) that attend, with no mask among themselves
     (bidirectional), to their own keys and to the cached prefix [0, kv_len), and write nothing to the cache.
 
     Keys are [cache entries | canvas]: full layers read entries [0, kv_len); sliding layers read the ring and see
     only its last W − 1 positions before kv_len (what the reference's sliding cache keeps), with no window over
-    the canvas itself (the reference passes no mask to the denoiser).
+    the canvas itself (the reference passes no mask to the denoiser). kv_len: one length, or one per row (B,).
     """
     B, T = positions.shape
     dev = positions.device
@@ -185,14 +185,18 @@ def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: 
     cos_sin = {t: rope(positions, t, dtype) for t in types}
     masks: dict[str, torch.Tensor] = {}
     canvas = torch.ones(B, T, dtype=torch.bool, device=dev)
+    lens = torch.as_tensor(kv_len, device=dev).reshape(-1).expand(B)[:, None]     # (B, 1)
+    kv_max = int(lens.max())
     if FULL in types:
-        masks[FULL] = torch.ones(B, 1, T, kv_len + T, dtype=torch.bool, device=dev)
+        prefix = torch.arange(kv_max, device=dev)[None, :] < lens                     # (B, kv_max)
+        vis = torch.cat([prefix, canvas], dim=1)
+        masks[FULL] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
     if SLIDING in types:
         rp = cache.ring_positions(slots, B)                                           # (B, R + 1)
-        old = (rp >= kv_len - (config.sliding_window - 1)) & (rp < kv_len)
+        old = (rp >= lens - (config.sliding_window - 1)) & (rp < lens)
         vis = torch.cat([old, canvas], dim=1)                                         # (B, R + 1 + T)
         masks[SLIDING] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
-    return AttentionPlan(cos_sin, masks, cache, slots=slots, kv_len=kv_len, read_only=True)
+    return AttentionPlan(cos_sin, masks, cache, slots=slots, kv_len=kv_max, read_only=True)
 
 
 def finish_plan(plan: AttentionPlan) -> None:

@@ -123,10 +123,11 @@ class DiffusionGemma(nn.Module):
         scale = torch.tensor(self.config.text.embed_scale, dtype=torch.float32).to(w.dtype)
         return torch.matmul(probs, w) * scale.to(w.device)
 
-    def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
-                self_conditioning_logits: torch.Tensor | None = None,
+    def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                kv_len: int | torch.Tensor, self_conditioning_logits: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Canvas (B, L) at `positions` (B, L), the cache holding positions [0, kv_len) → logits (B, L, V) float32.
+        """Canvas (B, L) at `positions` (B, L), the cache holding positions [0, kv_len) (one length, or one per row
+        (B,)) in `slots` (None: rows 0..B−1) → logits (B, L, V) float32.
 
         self_conditioning_logits: the previous denoising step's (temperature-scaled) logits, None at the first
         step of a canvas. The cache is only read."""
