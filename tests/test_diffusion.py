@@ -294,3 +294,13 @@ def test_batched_requests_equal_single_runs(diff):
     # a cancelled request frees its slot and ends with "cancelled"
     rid = eng.add(Request(prompt(7, 9), SamplingParams(seed=1, max_tokens=3 * L)))
     assert eng.cancel(rid) and eng.step()[0].finish_reason == "cancelled"
+
+
+def test_stop_strings_cut_the_text(chat_diff):
+    llm, _ = chat_diff
+    full = llm.generate("hi", max_tokens=2 * L, seed=3, ignore_eos=True)
+    word = full.text.strip()[3:6]
+    assert len(word) == 3
+    res = llm.generate("hi", max_tokens=2 * L, seed=3, ignore_eos=True, stop=[word])
+    assert res.text == full.text[: full.text.index(word)] and res.finish_reason == "stop"
+    assert len(res.token_ids) < len(full.token_ids)
