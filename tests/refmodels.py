@@ -160,3 +160,41 @@ def make_family_drafter(name: str, path: Path, seed: int = 7, num_assistant_toke
     dr.generation_config.num_assistant_tokens = num_assistant_tokens
     dr.save_pretrained(str(path))
     return dr
+
+
+# --- DiffusionGemma (`diffusion_gemma`; transformers DiffusionGemmaForBlockDiffusion) ------------------------------
+DIFFUSION_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, sliding_window=8, num_experts=8, top_k_experts=2,
+                      moe_intermediate_size=32, global_head_dim=32, num_global_key_value_heads=1,
+                      max_position_embeddings=512, use_bidirectional_attention="vision",
+                      layer_types=[_SLIDE, _FULL, _SLIDE, _FULL])
+# A short schedule so tests stay fast; entropy_bound 0.5 accepts a few tokens per step on a random model.
+DIFFUSION_GENERATION = {"max_denoising_steps": 6, "t_min": 0.4, "t_max": 0.8,
+                        "sampler_config": {"entropy_bound": 0.5, "_cls_name": "EntropyBoundSamplerConfig"},
+                        "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [1],
+                        "pad_token_id": 0}
+
+
+def make_diffusion_reference(path: Path, seed: int = 0, canvas_length: int = 8, sc_scale: float = 0.2):
+    """A tiny DiffusionGemmaForBlockDiffusion, randomised, saved with a generation_config.json; returns it.
+
+    sc_scale shrinks the self-conditioning projections. With the full random scale the denoising chain of a random
+    model is chaotic: each step feeds its logits back through self-conditioning and amplifies a 1e-5 difference about
+    20× per step, so after a few steps any two fp32 implementations that are not bit-identical sample different
+    tokens. A trained model's self-conditioning signal is modest; 0.2 keeps the chain contractive."""
+    import json
+
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    cfg = DiffusionGemmaConfig(text_config=copy.deepcopy(DIFFUSION_TEXT), vision_config=None,
+                               canvas_length=canvas_length)
+    ref = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    randomize(ref, seed)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "self_conditioning" in n and n.endswith("proj.weight"):
+                p.mul_(sc_scale)
+    ref.save_pretrained(str(path))
+    (Path(path) / "generation_config.json").write_text(json.dumps(DIFFUSION_GENERATION))
+    return DiffusionGemmaForBlockDiffusion.from_pretrained(str(path)).eval()

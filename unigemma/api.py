@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import build_model
-from .config import AssistantConfig, load_config
+from .config import AssistantConfig, DiffusionConfig, load_config
 
 
 def demo_model_path() -> Path:
@@ -256,6 +256,14 @@ def load(path: str | Path | None = None, device: str | torch.device = "auto", dt
                 "of a gemma4_unified checkpoint (config.json, safetensors, tokenizer.json)")
     path = Path(path)
     check_model_folder(path)
+    if isinstance(load_config(path), DiffusionConfig):
+        given = [n for n, v in (("quantize", quantize), ("adapter", adapter), ("kv_dtype", kv_dtype)) if v is not None]
+        if drafter not in (None, False):
+            given.append("drafter")
+        if given:
+            raise ValueError(f"{path} is a DiffusionGemma checkpoint (diffusion_gemma): {given} are not supported "
+                             "for it yet (block diffusion needs no drafter); load it without them")
+        drafter = False
     if drafter is None:
         drafter = shipped_drafter(path)
     if drafter is not None and drafter is not False:

@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .engine.generate import _engine_for, sampling_params
+from .engine.diffusion import DiffusionOptions, is_diffusion
+from .engine.generate import _engine_for, diffusion_options, sampling_params
 from .engine.scheduler import DONE, Request, Usage
 from .outputs.parser import (ContentDelta, ParseWarning, ReasoningDelta, ResponseParser, ToolCallArgsDelta,
                              ToolCallEnd, ToolCallStart, start_state_for_prompt)
@@ -58,11 +59,18 @@ def chat(llm, messages, tools=None, tool_choice=None, response_format=None, enab
     start = start_state_for_prompt(prompt.text)
     spec = spec_from_openai(response_format, declared, tool_choice, parallel_tool_calls, enable_thinking,
                             thinking_open=start == "reasoning")
+    diffusion = None
+    if is_diffusion(llm):
+        if spec is not None:
+            raise ValueError("response_format and forced tool calls (structured output) are not supported for "
+                             "DiffusionGemma checkpoints: a grammar needs left-to-right sampling, and a canvas is "
+                             "denoised all at once; describe the format in the prompt instead")
+        diffusion = diffusion_options(llm, {k: sampling.pop(k) for k in DiffusionOptions.names() if k in sampling})
     constraint = compile_constraint(spec, llm.tokenizer) if spec is not None else None
     params = sampling_params(llm, max_tokens=max_tokens, **sampling)
     engine = _engine_for(llm, len(prompt) + (max_tokens or 0) + 1)
     media = {k: (v.to(llm.device) if hasattr(v, "to") else v) for k, v in prompt.media.items()} or None
-    request = Request(prompt.input_ids, params, media=media, constraint=constraint)
+    request = Request(prompt.input_ids, params, media=media, constraint=constraint, diffusion=diffusion)
     names = [t.get("function", {}).get("name") for t in (declared or []) if isinstance(t, dict)]
     parser = ResponseParser(start, seed=seed_ids, tool_names=names or None, tools=declared)
     events = _run(engine, request)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import AssistantConfig, load_config
+from .config import AssistantConfig, DiffusionConfig, load_config
 
 
 class CheckpointError(ValueError):
@@ -51,12 +51,23 @@ _TOWERS = {"vision_config": ("model.vision_tower.", "model.embed_vision."),
 _SHARED_KV = re.compile(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 
 
+_DIFFUSION_TOWERS = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_DIFFUSION_SHARED = re.compile(r"^model\.encoder\.language_model\.(?!layers\.\d+\.layer_scalar$)")
+
+
+def diffusion_name(key: str) -> str:
+    """DiffusionGemma: the encoder's copy of a shared weight (any but its layer scalars) → the decoder's name,
+    where this package keeps the one copy (transformers ties them and writes the decoder's)."""
+    return _DIFFUSION_SHARED.sub("model.decoder.", key)
+
+
 def skipped_tensor(name: str, config) -> bool:
-    """Tensors a checkpoint may hold that this package does not build: the family's audio encoder (not
-    implemented yet; `config.skipped_towers`) and the K/V projections of KV-sharing reuse layers (unused; the
-    reference ignores them too). `name` is canonical."""
+    """Tensors a checkpoint may hold that this package does not build: encoders a config names in
+    `skipped_towers` (DiffusionGemma's vision tower) and the K/V projections of KV-sharing reuse layers (unused;
+    the reference ignores them too). `name` is canonical."""
     for tower in getattr(config, "skipped_towers", ()):
-        if name.startswith(_TOWERS[tower]):
+        extra = _DIFFUSION_TOWERS if tower == "vision_config" else ()
+        if name.startswith(_TOWERS[tower] + extra):
             return True
     m = _SHARED_KV.match(name)
     text = getattr(config, "text", None)
@@ -181,7 +192,7 @@ def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device:
               text_only: bool = False, tied: tuple[str, str] | None = None,
               transform: Callable[[str, torch.Tensor, nn.Module], nn.Module | None] | None = None,
               progress: Callable[[int, int], None] | None = None,
-              skip: Callable[[str], bool] | None = None) -> int:
+              skip: Callable[[str], bool] | None = None, rename: Callable[[str], str] | None = None) -> int:
     """Assign every checkpoint tensor to `model` (built on the meta device).
 
     tied: (alias, source) parameter names that share storage (e.g. ("lm_head.weight", embed weight)); the alias
@@ -195,7 +206,7 @@ def load_into(model: nn.Module, path: str | Path, *, dtype: torch.dtype, device:
     total = len(expected)
     skipped = 0
     for f, raw_name, load in iter_tensors(files):
-        name = canonical_name(raw_name, text_only)
+        name = canonical_name(raw_name, text_only) if rename is None else rename(raw_name)
         if name not in expected and skip is not None and skip(name):
             skipped += 1
             continue
@@ -249,14 +260,20 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, transform=None) -
 def build_model(path: str | Path, dtype=None, device: str | torch.device = "cpu", progress=None, transform=None):
     """(model, config) for the checkpoint at `path`: a `Gemma4Unified` or an MTP drafter, in eval mode."""
     from .model.assistant import Gemma4Assistant
+    from .model.diffusion import DiffusionGemma
     from .model.unified import Gemma4Unified
 
     path = Path(path)
     cfg = load_config(path)
     torch_dtype = _resolve_dtype(dtype) or checkpoint_dtype(path, cfg.raw)
     device = torch.device(device)
+    rename = None
     with torch.device("meta"):
-        if isinstance(cfg, AssistantConfig):
+        if isinstance(cfg, DiffusionConfig):
+            model = DiffusionGemma(cfg)
+            tied = ("lm_head.weight", "model.decoder.embed_tokens.weight")
+            text_only, rename = False, diffusion_name
+        elif isinstance(cfg, AssistantConfig):
             model = Gemma4Assistant(cfg)
             tied = ("lm_head.weight", "model.embed_tokens.weight") if cfg.tie_word_embeddings else None
             text_only = False
@@ -265,7 +282,7 @@ def build_model(path: str | Path, dtype=None, device: str | torch.device = "cpu"
             tied = ("lm_head.weight", "model.language_model.embed_tokens.weight") if cfg.tie_word_embeddings else None
             text_only = cfg.is_text_only
     load_into(model, path, dtype=torch_dtype, device=device, text_only=text_only, tied=tied,
-              transform=transform, progress=progress, skip=lambda name: skipped_tensor(name, cfg))
+              transform=transform, progress=progress, skip=lambda name: skipped_tensor(name, cfg), rename=rename)
     towers = getattr(cfg, "skipped_towers", ())
     if towers:
         warnings.warn(f"{path}: this {cfg.model_type} checkpoint's {' and '.join(t.split('_')[0] for t in towers)} "

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--think", action="store_true", help="thinking on")
     s.add_argument("--raw", action="store_true", help="no chat template: continue the text as it is")
     s.add_argument("--json", action="store_true", help="print one JSON object (content, reasoning, usage, ...)")
+    g = s.add_argument_group("DiffusionGemma checkpoints (default: the checkpoint's generation_config.json)")
+    g.add_argument("--max-denoising-steps", type=int, default=None)
+    g.add_argument("--t-min", type=float, default=None, help="temperature at the last denoising step")
+    g.add_argument("--t-max", type=float, default=None, help="temperature at the first denoising step")
+    g.add_argument("--entropy-bound", type=float, default=None)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("bench", help="prefill / decode tokens per second and peak memory")

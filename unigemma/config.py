@@ -8,6 +8,9 @@ Model types understood (spec/unified-model.md §2, spec/mtp-drafting.md §1.1, s
                             audio encoder is not implemented yet: its tensors are skipped, audio is refused)
   gemma4_text               the family's text decoder alone (`Gemma4ForCausalLM` checkpoints)
   gemma4_assistant          the family's MTP drafters (the same model as gemma4_unified_assistant)
+  diffusion_gemma           DiffusionGemma: the same decoder run as a causal encoder over the prompt and as a
+                            bidirectional denoiser of `canvas_length`-token canvases (model/diffusion.py); its
+                            vision encoder is not built (tensors skipped, text runs)
 
 The family's text stack is the same decoder with more switches: per-layer input embeddings
 (`hidden_size_per_layer_input`) and the mixture-of-experts block (`enable_moe_block`).
@@ -438,9 +441,9 @@ class UnifiedConfig:
     """A Gemma 4 language model: `gemma4_unified` (multimodal), `gemma4_unified_text` (text only: vision/audio
     None), or the family's `gemma4` / `gemma4_text` (same decoder, its own switches).
 
-    For `gemma4`, the vision encoder is `vision_tower` (`vision` stays None: that is the unified model's
-    encoder-free embedder). The audio encoder (`audio_config`) is not built yet: `skipped_towers` names it, its
-    tensors are skipped on load, and audio inputs are refused.
+    For `gemma4`, the encoders are `vision_tower` / `audio_tower` (`vision` / `audio` stay None: those are the
+    unified model's encoder-free embedders). `skipped_towers` names encoders a checkpoint holds that are not built
+    (none for `gemma4`); their tensors are skipped on load and their inputs refused.
     """
 
     model_type: str
@@ -480,7 +483,7 @@ class UnifiedConfig:
             return cls(model_type=mt, text=text, tie_word_embeddings=text.tie_word_embeddings, raw=d)
         _check(mt in MODEL_TYPES, where,
                f"model_type {mt!r} is not supported (accepted: {', '.join(repr(t) for t in MODEL_TYPES)}, "
-               "and the drafters 'gemma4_unified_assistant', 'gemma4_assistant')")
+               "'diffusion_gemma', and the drafters 'gemma4_unified_assistant', 'gemma4_assistant')")
         tc = d.get("text_config")
         family = mt == "gemma4"
         text = TextConfig.from_dict(tc if tc is not None else {}, f"{where}: text_config", family=family)
@@ -505,6 +508,48 @@ class UnifiedConfig:
         text.tie_word_embeddings = c.tie_word_embeddings
         if c.vision is not None:
             _check(c.vision.output_proj_dims == c.vision.mm_embed_dim, where, "vision dims inconsistent")
+        return c
+
+
+DIFFUSION_TYPES = ("diffusion_gemma",)
+
+
+@dataclass
+class DiffusionConfig(UnifiedConfig):
+    """`diffusion_gemma` (transformers `DiffusionGemmaForBlockDiffusion`): a Gemma 4 text stack whose every layer
+    has the MoE block beside the dense MLP and whose full layers are k_eq_v, plus a self-conditioning MLP for the
+    denoiser. `canvas_length`: tokens denoised together (one block of block diffusion)."""
+
+    canvas_length: int = 256
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config.json") -> "DiffusionConfig":
+        mt = d.get("model_type")
+        _check(mt in DIFFUSION_TYPES, where, f"model_type {mt!r} is not a DiffusionGemma model (accepted: "
+               f"{', '.join(repr(t) for t in DIFFUSION_TYPES)})")
+        tc = d.get("text_config")
+        tc = {} if tc is None else tc
+        _check(isinstance(tc, dict), f"{where}: text_config", f"must be an object, got {type(tc).__name__}")
+        _check(not tc.get("hidden_size_per_layer_input"), f"{where}: text_config",
+               "field 'hidden_size_per_layer_input' is not part of a diffusion_gemma text config (expected absent "
+               "or 0)")
+        # The reference's DiffusionGemma text stack has no switches for these: every layer carries the MoE block
+        # and full layers have no v_proj (V is the raw K); the final softcap is a class constant (30), not a field.
+        tc = dict(tc, enable_moe_block=True, attention_k_eq_v=True, hidden_size_per_layer_input=0,
+                  num_kv_shared_layers=0, use_double_wide_mlp=False)
+        if tc.get("final_logit_softcapping") is None:
+            tc["final_logit_softcapping"] = 30.0
+        text = TextConfig.from_dict(tc, f"{where}: text_config", family=True)
+        c = cls(model_type=mt, text=text, raw=d)
+        c.canvas_length = _int(d, "canvas_length", 256, where, 1)
+        c.skipped_towers = ("vision_config",) if d.get("vision_config") is not None else ()
+        for key in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if d.get(key) is not None:
+                setattr(c, key, _int(d, key, None, where, 0))
+        c.tie_word_embeddings = bool(d.get("tie_word_embeddings", True))
+        _check(c.tie_word_embeddings, where, "field 'tie_word_embeddings' = false is not supported for "
+               "diffusion_gemma (the reference ties lm_head to the embeddings; accepted: true)")
+        text.tie_word_embeddings = True
         return c
 
 
@@ -585,6 +630,8 @@ def load_config(path: str | Path) -> UnifiedConfig | AssistantConfig:
     where = str(f / "config.json" if f.is_dir() else f)
     if d.get("model_type") in ASSISTANT_TYPES:
         return AssistantConfig.from_dict(d, where)
+    if d.get("model_type") in DIFFUSION_TYPES:
+        return DiffusionConfig.from_dict(d, where)
     return UnifiedConfig.from_dict(d, where)
 
 

@@ -69,6 +69,9 @@ def _user_message(text: str, images: list[str], audios: list[str]) -> dict:
 def cmd_generate(args) -> int:
     llm = load_from_args(args)
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    for name in ("max_denoising_steps", "t_min", "t_max", "entropy_bound"):  # DiffusionGemma options, when set
+        if getattr(args, name, None) is not None:
+            sampling[name] = getattr(args, name)
     if args.raw:
         if args.image or args.audio or args.json_schema:
             raise ValueError("--raw takes a plain text prompt: no --image / --audio / --json-schema")

@@ -32,6 +32,7 @@ from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import DONE, Request, Scheduler, TokenEvent, Usage
 from .speculative import DraftController, DraftModelProposer, MTPProposer, PromptLookup
+from .diffusion import DiffusionEngine, is_diffusion
 
 __all__ = ["Engine", "Request", "TokenEvent", "Usage", "RequestOutput", "GenerationResult", "GenerationChunk",
            "generate"]
@@ -208,9 +209,21 @@ class GenerationChunk:
 
 
 def _engine_for(llm, need_len: int) -> Engine:
-    """One cached single-slot engine per LLM, rebuilt only when a request needs a longer context."""
+    """One cached single-slot engine per LLM, rebuilt only when a request needs a longer context (for a
+    DiffusionGemma checkpoint: a DiffusionEngine, which has the same interface)."""
     eng = getattr(llm, "_generate_engine", None)
     max_pos = llm.config.text.max_position_embeddings
+    if is_diffusion(llm):
+        if need_len > max_pos:
+            raise ValueError(f"prompt + max_tokens = {need_len} tokens exceeds the model's context of {max_pos}")
+        if eng is None or eng.max_len < need_len:
+            size = 4096
+            while size < need_len:
+                size *= 2
+            eng = llm._generate_engine = DiffusionEngine(
+                llm.model, llm.tokenizer, llm.eos_token_ids, max_slots=1, max_model_len=min(size, max_pos),
+                device=getattr(llm, "device", None), generation_config=getattr(llm, "generation_config", None))
+        return eng
     if eng is None or eng.runner.max_len < need_len:
         size = 4096
         while size < need_len:
@@ -239,7 +252,8 @@ def sampling_params(llm, *, max_tokens: int | None = 256, temperature: float | N
                     logprobs: bool = False, top_logprobs: int = 0, ignore_eos: bool = False) -> SamplingParams:
     """SamplingParams from user options, unset ones from the checkpoint's generation_config (do_sample false →
     greedy), then plain sampling at temperature 1."""
-    gen_cfg = getattr(llm, "generation_config", None) or {}
+    # a DiffusionGemma generation_config holds the diffusion schedule, not autoregressive sampling settings
+    gen_cfg = {} if is_diffusion(llm) else (getattr(llm, "generation_config", None) or {})
     if temperature is None and gen_cfg.get("do_sample") is False:
         temperature = 0.0
     return SamplingParams(
@@ -258,7 +272,7 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
              repetition_penalty: float | None = None, presence_penalty: float = 0.0,
              frequency_penalty: float = 0.0, logit_bias: dict | None = None, logprobs: bool = False,
              top_logprobs: int = 0, ignore_eos: bool = False, stream: bool = False, media: dict | None = None,
-             speculative: bool = True) -> GenerationResult | Iterator[GenerationChunk]:
+             speculative: bool = True, **diffusion) -> GenerationResult | Iterator[GenerationChunk]:
     """Generate from a raw prompt (text: tokenized with BOS, no chat template) or a list of token ids.
 
     Unset sampling options fall back to the checkpoint's generation_config (temperature, top_p, top_k;
@@ -266,7 +280,15 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
     media: model media inputs for placeholders in an id prompt (pixel_values=…, image_position_ids=…, …).
     The drafter given to `unigemma.load(drafter=…)` is used automatically, with the draft length adapted to
     what pays (`speculative=False` turns drafting off).
+
+    DiffusionGemma checkpoints generate by block diffusion (engine/diffusion.py): `diffusion` takes the reference's
+    options (max_denoising_steps, t_min, t_max, entropy_bound, stability_threshold, confidence_threshold; unset
+    ones from generation_config.json); the autoregressive sampling options are refused. A stream yields one
+    chunk per finished canvas.
     """
+    if diffusion and not is_diffusion(llm):
+        raise TypeError(f"generate() got unexpected option(s) {sorted(diffusion)} (block-diffusion options apply "
+                        "to DiffusionGemma checkpoints only)")
     if isinstance(prompt, str):
         if llm.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer.json: pass the prompt as a list of token ids")
@@ -282,7 +304,8 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
                              top_logprobs=top_logprobs, ignore_eos=ignore_eos)
     need = len(ids) + (max_tokens or 0) + 1
     engine = _engine_for(llm, need)
-    request = Request(ids, params, media=media, speculate=speculative)
+    request = Request(ids, params, media=media, speculate=speculative,
+                      diffusion=diffusion_options(llm, diffusion) if is_diffusion(llm) else None)
     if stream:
         return _chunks(engine, request, logprobs)
     for _ in engine.generate_stream(request, forget=False):
@@ -291,6 +314,14 @@ def generate(llm, prompt: str | Seq[int], *, max_tokens: int | None = 256, tempe
     engine.forget(request.request_id)
     return GenerationResult(out.text, out.token_ids, out.finish_reason, out.usage,
                             out.logprobs if logprobs else None)
+
+
+def diffusion_options(llm, options: dict):
+    """DiffusionOptions from a call's options over the checkpoint's generation_config.json (validated now, so a
+    bad value fails before any work)."""
+    from .diffusion import DiffusionOptions
+
+    return DiffusionOptions.resolve(getattr(llm, "generation_config", None), **options)
 
 
 def _chunks(engine: Engine, request: Request, logprobs: bool) -> Iterator[GenerationChunk]:

@@ -67,6 +67,7 @@ class Request:
     constraint: Any = None   # engine.constraints.CompiledGrammar: every sampled and drafted token must fit it
     open: bool = False       # streaming input: the prompt grows via Scheduler.extend and is prefilled as it
                              # arrives; nothing is sampled until extend(..., close=True)
+    diffusion: Any = None    # DiffusionGemma only: engine.diffusion.DiffusionOptions, or a dict of its fields
 
 
 @dataclass

@@ -62,6 +62,7 @@ class AttentionPlan:
     kv_len: int = 0
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     folded: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    read_only: bool = False                        # a canvas plan: attend cache + this call's keys, write nothing
 
     def folded_mask(self, layer_type: str, group: int) -> torch.Tensor:
         """masks[layer_type] (B, 1, T, S) repeated for `group` query heads folded into the query axis:
@@ -173,6 +174,35 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
                 vis = vis | overlay
         masks[SLIDING] = _ensure_nonempty(vis & real[:, :, None])[:, None]
     return plan
+
+
+def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
+                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None) -> AttentionPlan:
+    """DiffusionGemma's denoiser: T canvas tokens at `positions` (B, T) that attend, with no mask among themselves
+    (bidirectional), to their own keys and to the cached prefix [0, kv_len), and write nothing to the cache.
+
+    Keys are [cache entries | canvas]: full layers read entries [0, kv_len); sliding layers read the ring and see
+    only its last W − 1 positions before kv_len (what the reference's sliding cache keeps), with no window over
+    the canvas itself (the reference passes no mask to the denoiser). kv_len: one length, or one per row (B,).
+    """
+    B, T = positions.shape
+    dev = positions.device
+    types = sorted(set(config.layer_types))
+    cos_sin = {t: rope(positions, t, dtype) for t in types}
+    masks: dict[str, torch.Tensor] = {}
+    canvas = torch.ones(B, T, dtype=torch.bool, device=dev)
+    lens = torch.as_tensor(kv_len, device=dev).reshape(-1).expand(B)[:, None]     # (B, 1)
+    kv_max = int(lens.max())
+    if FULL in types:
+        prefix = torch.arange(kv_max, device=dev)[None, :] < lens                     # (B, kv_max)
+        vis = torch.cat([prefix, canvas], dim=1)
+        masks[FULL] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
+    if SLIDING in types:
+        rp = cache.ring_positions(slots, B)                                           # (B, R + 1)
+        old = (rp >= lens - (config.sliding_window - 1)) & (rp < lens)
+        vis = torch.cat([old, canvas], dim=1)                                         # (B, R + 1 + T)
+        masks[SLIDING] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
+    return AttentionPlan(cos_sin, masks, cache, slots=slots, kv_len=kv_max, read_only=True)
 
 
 def finish_plan(plan: AttentionPlan) -> None:
@@ -290,6 +320,12 @@ class Attention(nn.Module):
         wq, wk, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
         cache = plan.cache
         full = self.layer_type == FULL
+        if plan.read_only:  # a denoiser canvas: [cached prefix | canvas] keys, the cache left as it is
+            q, k, v = fusion.qk_norm_rope(q, k_raw, v_raw, wq, wk, cos, sin, eps)  # (B, H|KV, T, d)
+            B = q.shape[0]
+            ck, cv = (cache.full_kv(self.layer_idx, plan.slots, B, plan.kv_len) if full
+                      else cache.ring_kv(self.layer_idx, plan.slots, B))
+            return q, torch.cat([ck.to(k.dtype), k], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
         if cache is None or not (full or plan.sliding_write_first):
             q, k, v = fusion.qk_norm_rope(q, k_raw, v_raw, wq, wk, cos, sin, eps)  # (B, H|KV, T, d)
             if cache is None:

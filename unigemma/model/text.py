@@ -59,8 +59,11 @@ class DecoderLayer(nn.Module):
             self.per_layer_projection = nn.Linear(P, h, bias=False)
             self.post_per_layer_input_norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, plan: AttentionPlan, per_layer_input: torch.Tensor | None = None):
-        """h (B, T, H); per_layer_input (B, T, P) for PLE layers."""
+    def forward(self, h: torch.Tensor, plan: AttentionPlan, per_layer_input: torch.Tensor | None = None,
+                layer_scalar: torch.Tensor | None = None):
+        """h (B, T, H); per_layer_input (B, T, P) for PLE layers. layer_scalar: used instead of this layer's own
+        (DiffusionGemma's encoder shares every weight with its denoiser except the layer scalars)."""
+        scalar = self.layer_scalar if layer_scalar is None else layer_scalar
         eps = self.input_layernorm.eps
         a = self.self_attn(self.input_layernorm(h), plan)
         # h + post_attention_layernorm(a), and pre_feedforward_layernorm of that, in one piece (fusion.py)
@@ -74,11 +77,11 @@ class DecoderLayer(nn.Module):
             f = fusion.moe_combine(f, e.view(h.shape), self.post_feedforward_layernorm_1.weight,
                                    self.post_feedforward_layernorm_2.weight, eps)
         if not self.has_ple:
-            return fusion.add_norm_scale(h, f, self.post_feedforward_layernorm.weight, self.layer_scalar, eps)
+            return fusion.add_norm_scale(h, f, self.post_feedforward_layernorm.weight, scalar, eps)
         h = fusion.add_rms(h, f, self.post_feedforward_layernorm.weight, eps)
         g = fusion.gelu_mul(self.per_layer_input_gate(h), per_layer_input)
         return fusion.add_norm_scale(h, self.per_layer_projection(g), self.post_per_layer_input_norm.weight,
-                                     self.layer_scalar, eps)
+                                     scalar, eps)
 
 
 class TextModel(nn.Module):
@@ -133,10 +136,14 @@ class TextModel(nn.Module):
                 block_ids: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 kv_len: int | None = None, return_plan: bool = False, input_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None):
-        """input_ids (B, T), placeholders replaced by the pad id: needed (only) by PLE models."""
-        plan = build_plan(self.config, positions, self.rotary_emb, inputs_embeds.dtype, block_ids,
-                          key_valid, cache, slots, kv_len, segment_ids)
+                segment_ids: torch.Tensor | None = None, plan: AttentionPlan | None = None,
+                layer_scalars: list[torch.Tensor] | None = None):
+        """input_ids (B, T), placeholders replaced by the pad id: needed (only) by PLE models.
+        plan: a prebuilt plan (DiffusionGemma's canvas plan, attention.build_canvas_plan) instead of one built
+        here; layer_scalars: per-layer scalars replacing the layers' own (DecoderLayer.forward)."""
+        if plan is None:
+            plan = build_plan(self.config, positions, self.rotary_emb, inputs_embeds.dtype, block_ids,
+                              key_valid, cache, slots, kv_len, segment_ids)
         h = inputs_embeds
         ple = None
         if self.config.hidden_size_per_layer_input:
@@ -146,10 +153,11 @@ class TextModel(nn.Module):
             ple = self.per_layer_inputs(input_ids, inputs_embeds)
         for i, layer in enumerate(self.layers):
             p = None if ple is None else ple[:, :, i]
+            s = None if layer_scalars is None else layer_scalars[i]
             if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, plan, p, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, plan, p, s, use_reentrant=False)
             else:
-                h = layer(h, plan, p)
+                h = layer(h, plan, p, s)
         finish_plan(plan)
         h = self.norm(h)
         return (h, plan) if return_plan else h

@@ -187,6 +187,18 @@ class RequestHandle:
         except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
             self.cancelled = True
 
+    def _emit_many(self, outs: list[StepOutput]) -> None:  # worker thread
+        """One step's outputs in one callback, so the stream sees them together (a DiffusionGemma canvas, a run
+        of accepted drafts) and folds their text into one event."""
+        try:
+            self.loop.call_soon_threadsafe(self._put_all, outs)
+        except RuntimeError:
+            self.cancelled = True
+
+    def _put_all(self, outs: list[StepOutput]) -> None:
+        for out in outs:
+            self.queue.put_nowait(out)
+
     def cancel(self) -> None:
         if not self.done:
             self.cancelled = True
@@ -219,9 +231,16 @@ class BatchingEngine:
         self.llm = llm
         self.max_slots = max_slots
         self.max_model_len = max_model_len
-        self.engine = Engine(llm.model, llm.tokenizer, list(eos_token_ids), getattr(llm, "drafter", None),
-                             max_slots=max_slots, max_model_len=max_model_len,
-                             dtype=getattr(llm, "kv_dtype", None))
+        from unigemma.engine.diffusion import DiffusionEngine, is_diffusion
+
+        if is_diffusion(llm):  # block diffusion: the same interface, one canvas per step
+            self.engine = DiffusionEngine(llm.model, llm.tokenizer, list(eos_token_ids), max_slots=max_slots,
+                                          max_model_len=max_model_len,
+                                          generation_config=getattr(llm, "generation_config", None))
+        else:
+            self.engine = Engine(llm.model, llm.tokenizer, list(eos_token_ids), getattr(llm, "drafter", None),
+                                 max_slots=max_slots, max_model_len=max_model_len,
+                                 dtype=getattr(llm, "kv_dtype", None))
         self.device = next(llm.model.parameters()).device
         self.pending: collections.deque[RequestHandle] = collections.deque()
         self.active: dict[str, RequestHandle] = {}
@@ -353,6 +372,7 @@ class BatchingEngine:
                 for rid, _ in failed:
                     self.engine.forget(rid)
                 continue
+            batches: dict[str, tuple[RequestHandle, list[StepOutput]]] = {}
             for ev in events:
                 h = self.active.get(ev.request_id)
                 if h is None:
@@ -376,9 +396,10 @@ class BatchingEngine:
                         self.accepted_tokens_total += ev.usage.accepted_tokens
                     del self.active[ev.request_id]
                     self.engine.forget(ev.request_id)
-                    self._end(h, out)
-                else:
-                    h._emit(out)
+                    h.done = True
+                batches.setdefault(h.id, (h, []))[1].append(out)
+            for h, outs in batches.values():
+                h._emit_many(outs)
         # shutdown: end every stream
         for rid, h in list(self.active.items()):
             self._end(h, StepOutput(-1, "", finished=True, finish_reason="abort"))
@@ -679,6 +700,17 @@ class Service:
         if req.response_format is None and req.tool_choice not in ("required",) \
                 and not hasattr(req.tool_choice, "function"):
             return None
+        from unigemma.engine.diffusion import is_diffusion
+
+        if is_diffusion(self.llm):
+            rf = req.response_format is not None and getattr(req.response_format, "type", None) != "text"
+            if rf or req.tool_choice == "required" or hasattr(req.tool_choice, "function"):
+                raise APIError(400, "structured output (response_format json_object / json_schema, or a forced "
+                                    "tool call) is not supported for this DiffusionGemma model: a grammar needs "
+                                    "left-to-right sampling and a canvas is denoised all at once; describe the "
+                                    "format in the prompt instead",
+                               param="response_format" if rf else "tool_choice")
+            return None
         from unigemma.engine.constraints import compile_constraint, spec_from_openai
 
         rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
@@ -694,7 +726,7 @@ class Service:
         seed = req.seed + seed_offset if req.seed is not None else None
         temperature = 1.0 if req.temperature is None else req.temperature
         try:
-            return SamplingParams(
+            params = SamplingParams(
                 temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=req.top_k or 0, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
                 presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
@@ -704,6 +736,18 @@ class Service:
                 ignore_eos=req.ignore_eos)
         except ValueError as e:
             raise APIError(400, str(e)) from None
+        return self._check_diffusion(params)
+
+    def _check_diffusion(self, params: SamplingParams) -> SamplingParams:
+        """DiffusionGemma samples by its block-diffusion schedule: autoregressive options are a 400, not ignored."""
+        from unigemma.engine.diffusion import autoregressive_options_set, is_diffusion
+
+        if is_diffusion(self.llm):
+            bad = autoregressive_options_set(params)
+            if bad:
+                raise APIError(400, f"{bad} are autoregressive sampling options; this DiffusionGemma model samples "
+                                    "with its block-diffusion schedule (generation_config.json)", param=bad[0])
+        return params
 
     def _check_bias(self, params: SamplingParams) -> None:
         vocab = self.llm.config.text.vocab_size

@@ -1,0 +1,306 @@
+"""DiffusionGemma (`diffusion_gemma`) against transformers 5.24.0's DiffusionGemmaForBlockDiffusion (test-only).
+
+A tiny random checkpoint (refmodels.make_diffusion_reference: MoE in every layer, k_eq_v full layers, window 8, canvas
+8) is loaded by `unigemma.load`; its encoder and denoiser logits are compared in float32, and seeded `llm.generate`
+is compared token for token with the reference's `generate` after `torch.manual_seed(seed)`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import unigemma
+from refmodels import DIFFUSION_GENERATION, make_diffusion_reference
+from unigemma.config import ConfigError, DiffusionConfig
+from unigemma.engine.diffusion import DiffusionOptions
+from unigemma.model.layers import softcap
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+L = 8  # canvas_length
+
+
+@pytest.fixture(scope="module")
+def diff(tmp_path_factory):
+    path = tmp_path_factory.mktemp("diffusion") / "dg"
+    ref = make_diffusion_reference(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llm = unigemma.load(path, device="cpu")
+    return ref, llm, path
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return [2] + torch.randint(3, 128, (n - 1,), generator=g).tolist()
+
+
+def test_loads_as_diffusion_with_checkpoint_names(diff):
+    ref, llm, path = diff
+    assert isinstance(llm.config, DiffusionConfig) and llm.config.canvas_length == L
+    t = llm.config.text
+    assert t.enable_moe_block and t.attention_k_eq_v and t.layer_head_dim == [16, 32, 16, 32]
+    assert t.layer_kv_heads == [2, 1, 2, 1] and t.final_logit_softcapping == 30.0
+    # the encoder's own layer scalars were loaded (they differ from the decoder's in this random checkpoint)
+    enc = [m.layer_scalar.item() for m in llm.model.model.encoder.language_model.layers]
+    dec = [layer.layer_scalar.item() for layer in llm.model.model.decoder.layers]
+    ref_enc = [layer.layer_scalar.item() for layer in ref.model.encoder.language_model.layers]
+    assert enc == ref_enc and enc != dec
+    assert llm.model.lm_head.weight is llm.model.model.decoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("prompt_len", [5, 13])  # inside and past the sliding window (8)
+def test_encoder_and_denoiser_logits_match_reference(diff, prompt_len):
+    ref, llm, _ = diff
+    g = torch.Generator().manual_seed(prompt_len)
+    ids = torch.tensor([prompt(prompt_len, 0), prompt(prompt_len, 1)])
+    canvas = torch.randint(0, 128, (2, L), generator=g)
+    sc = torch.randn(2, L, 128, generator=g) * 4
+    m = llm.model
+    # encoder: final hidden states and the logits the LM head makes of them
+    enc_ref = ref.model.encoder(input_ids=ids).last_hidden_state
+    cache = m.make_cache(2, prompt_len + L)
+    enc = m.encode(ids, torch.arange(prompt_len)[None].expand(2, -1), cache)
+    enc_logits_ref = softcap(ref.lm_head(enc_ref), 30.0)
+    assert (enc - enc_ref).abs().max().item() <= 1e-4
+    assert (softcap(m.lm_head(enc), 30.0) - enc_logits_ref).abs().max().item() <= 1e-4
+    # denoiser: first step (no self-conditioning) and a later one, through `llm.model(...)` as the reference's forward
+    for scl in (None, sc):
+        want = ref(input_ids=ids, decoder_input_ids=canvas, self_conditioning_logits=scl).logits
+        got = m(ids, canvas, scl)
+        assert got.dtype == torch.float32 and got.shape == (2, L, 128)
+        assert (got - want).abs().max().item() <= 1e-4
+    # the cache-reading denoise equals the one-shot forward, and leaves the cache as it was
+    before = [lk.k.clone() for lk in cache.layers]
+    got = m.denoise(canvas, torch.arange(prompt_len, prompt_len + L)[None].expand(2, -1), cache, prompt_len, sc)
+    assert (got - m(ids, canvas, sc)).abs().max().item() <= 1e-5
+    assert all(torch.equal(a, lk.k) for a, lk in zip(before, cache.layers))
+
+
+def _reference_tokens(ref, ids: list[int], max_new: int, seed: int) -> list[int]:
+    """The reference's new tokens after torch.manual_seed(seed), cut after the first EOS (it pads the rest)."""
+    torch.manual_seed(seed)
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=max_new).sequences[0, len(ids):].tolist()
+    eos = DIFFUSION_GENERATION["eos_token_id"]
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[: i + 1]
+    return out
+
+
+def test_seeded_generate_equals_reference_generate(diff):
+    ref, llm, _ = diff
+    multi = 0
+    for seed in range(6):
+        ids = prompt(11, seed)
+        want = _reference_tokens(ref, ids, 3 * L, seed)
+        res = llm.generate(ids, max_tokens=3 * L, seed=seed)
+        assert res.token_ids == want, f"seed {seed}"
+        assert res.finish_reason == ("stop" if want[-1] in DIFFUSION_GENERATION["eos_token_id"] else "length")
+        multi += len(want) > L
+    assert multi >= 2  # at least two seeds ran past the first canvas (two or more canvases compared)
+    # the same seed twice gives the same tokens; another seed other tokens
+    a = llm.generate(prompt(11, 0), max_tokens=2 * L, seed=5, ignore_eos=True).token_ids
+    assert a == llm.generate(prompt(11, 0), max_tokens=2 * L, seed=5, ignore_eos=True).token_ids
+    assert a != llm.generate(prompt(11, 0), max_tokens=2 * L, seed=6, ignore_eos=True).token_ids
+
+
+def test_options_override_generation_config_like_the_reference(diff):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    ref, llm, _ = diff
+    ids = prompt(9, 3)
+    kw = dict(max_denoising_steps=3, t_min=0.2, t_max=1.1, entropy_bound=1.5, stability_threshold=0)
+    torch.manual_seed(7)
+    want = ref.generate(torch.tensor([ids]), max_new_tokens=2 * L, **{k: v for k, v in kw.items()
+                                                                      if k != "entropy_bound"},
+                        sampler_config=EntropyBoundSamplerConfig(entropy_bound=1.5))
+    want = want.sequences[0, len(ids):].tolist()
+    got = llm.generate(ids, max_tokens=2 * L, seed=7, ignore_eos=True, **kw).token_ids
+    assert got == want
+
+
+def test_max_tokens_stop_strings_and_stream_chunks_per_canvas(diff):
+    _, llm, _ = diff
+    ids = prompt(11, 2)
+    full = llm.generate(ids, max_tokens=3 * L, seed=1, ignore_eos=True)
+    assert len(full.token_ids) == 3 * L and full.finish_reason == "length"
+    cut = llm.generate(ids, max_tokens=L + 3, seed=1, ignore_eos=True)
+    assert cut.token_ids == full.token_ids[: L + 3] and cut.finish_reason == "length"
+    chunks = list(llm.generate(ids, max_tokens=3 * L, seed=1, ignore_eos=True, stream=True))
+    assert [len(c.token_ids) for c in chunks] == [L, L, L]  # one chunk per finished canvas
+    assert sum((c.token_ids for c in chunks), []) == full.token_ids and chunks[-1].finish_reason == "length"
+    stop_at = full.token_ids[L + 2]
+    res = llm.generate(ids, max_tokens=3 * L, seed=1, ignore_eos=True, stop_token_ids=[stop_at])
+    assert res.token_ids == full.token_ids[: full.token_ids.index(stop_at) + 1] and res.finish_reason == "stop"
+
+
+def test_options_resolution_and_errors(diff, tmp_path):
+    _, llm, _ = diff
+    o = DiffusionOptions.resolve(llm.generation_config)
+    assert (o.max_denoising_steps, o.entropy_bound, o.t_min, o.t_max) == (6, 0.5, 0.4, 0.8)
+    assert DiffusionOptions.resolve({}) == DiffusionOptions()  # the reference's defaults: 48 steps, 0.8 → 0.4, ...
+    assert DiffusionOptions.resolve({}, t_max=1.0).t_max == 1.0
+    with pytest.raises(ValueError, match="t_max"):
+        llm.generate([2, 5], max_tokens=4, t_min=0.9, t_max=0.5)
+    with pytest.raises(ValueError, match="max_denoising_steps"):
+        llm.generate([2, 5], max_tokens=4, max_denoising_steps=0)
+    with pytest.raises(ValueError, match="unknown diffusion option"):
+        DiffusionOptions.resolve({}, steps=3)
+    with pytest.raises(ValueError, match="temperature.*block-diffusion"):
+        llm.generate([2, 5], max_tokens=4, temperature=0.5)
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.generate([2, 5], max_tokens=4, logprobs=True)
+    with pytest.raises(ValueError, match="text only"):
+        llm.model(torch.tensor([[2, 5]]), pixel_values=torch.zeros(1, 4, 768))
+    with pytest.raises(ValueError, match="DiffusionGemma.*drafter"):
+        unigemma.load(diff[2], device="cpu", drafter=tmp_path)
+
+
+def test_config_validation():
+    base = {"model_type": "diffusion_gemma", "canvas_length": 8,
+            "text_config": {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "top_k_experts": 2,
+                            "moe_intermediate_size": 16}}
+    c = DiffusionConfig.from_dict(base)
+    assert c.text.layer_head_dim == [16, 512] and c.text.sliding_window == 512
+    with pytest.raises(ConfigError, match="num_experts"):
+        DiffusionConfig.from_dict({**base, "text_config": {**base["text_config"], "num_experts": None}})
+    with pytest.raises(ConfigError, match="canvas_length"):
+        DiffusionConfig.from_dict({**base, "canvas_length": 0})
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        DiffusionConfig.from_dict({**base, "tie_word_embeddings": False})
+    with pytest.raises(ConfigError, match="diffusion_gemma"):
+        from unigemma.config import UnifiedConfig
+
+        UnifiedConfig.from_dict({"model_type": "llama"})
+
+
+# --- chat, server, CLI: a tiny diffusion checkpoint with the tiny tokenizer -------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_diff(tmp_path_factory):
+    import copy
+    import json
+
+    from refmodels import DIFFUSION_TEXT, randomize
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from unigemma.inputs.tokenizer import Tokenizer
+    from unigemma.testing import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("diffusion_chat") / "dg"
+    ids = write_tiny_tokenizer(path)
+    text = {**copy.deepcopy(DIFFUSION_TEXT), "vocab_size": len(Tokenizer.from_dir(path)),
+            "pad_token_id": ids["pad_token"], "bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"]}
+    torch.manual_seed(0)
+    ref = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(text_config=text, vision_config=None,
+                                                               canvas_length=L)).eval()
+    randomize(ref, 0)
+    ref.save_pretrained(str(path))
+    gen = {**DIFFUSION_GENERATION, "eos_token_id": [ids["eos_token"], ids["eot_token"], ids["str_token"]]}
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return unigemma.load(path, device="cpu"), path
+
+
+def test_chat_and_its_refusals(chat_diff):
+    llm, _ = chat_diff
+    msgs = [{"role": "user", "content": "hello there"}]
+    a = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True)
+    b = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 2 * L and (a.content, a.reasoning) == (b.content,
+                                                                                                   b.reasoning)
+    chunks = list(llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True, stream=True))
+    assert "".join(c.content for c in chunks) == a.content and chunks[-1].finish_reason == a.finish_reason
+    other = llm.chat(msgs, max_tokens=2 * L, seed=3, ignore_eos=True, max_denoising_steps=2, entropy_bound=2.0)
+    assert other.token_ids != a.token_ids  # the options reach the sampler
+    with pytest.raises(ValueError, match="response_format.*DiffusionGemma"):
+        llm.chat(msgs, response_format={"type": "json_object"})
+
+
+def test_server_chunk_per_canvas_and_400s(chat_diff):
+    import openai
+
+    from test_server import LiveServer
+    from unigemma.server import ServerSettings
+
+    llm, _ = chat_diff
+    settings = ServerSettings(model_name="dg", max_model_len=256, max_concurrency=2)
+    with LiveServer(llm, settings) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "hello"}]
+        kw = dict(model="dg", messages=msgs, max_tokens=3 * L, seed=4, extra_body={"ignore_eos": True})
+        full = client.chat.completions.create(**kw)
+        assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 3 * L
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(texts) == full.choices[0].message.content
+        assert 1 <= len(texts) <= 3  # one content chunk per finished canvas (a canvas of special tokens shows none)
+        for bad in (dict(response_format={"type": "json_object"}), dict(temperature=0.3)):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="dg", messages=msgs, max_tokens=4, **bad)
+            assert "DiffusionGemma" in str(e.value)
+
+
+def test_cli_generate_with_diffusion_options(chat_diff, capsys, tmp_path):
+    import json
+
+    from unigemma.cli import main
+
+    _, path = chat_diff
+    base = ["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", str(2 * L),
+            "--seed", "2", "--json"]
+    assert main(base + ["--max-denoising-steps", "3", "--entropy-bound", "1.0"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["usage"]["completion_tokens"] <= 2 * L and out["finish_reason"] in ("stop", "length", "tool_calls")
+    schema = tmp_path / "s.json"
+    schema.write_text("{}")
+    assert main(base + ["--json-schema", str(schema)]) != 0
+    assert "not supported for DiffusionGemma" in capsys.readouterr().err
+
+
+def test_batched_requests_equal_single_runs(diff):
+    from unigemma.engine.diffusion import DiffusionEngine
+    from unigemma.engine.sampling import SamplingParams
+    from unigemma.engine.scheduler import Request
+
+    _, llm, _ = diff
+    reqs = [(prompt(11, 0), 0, {}), (prompt(5, 1), 1, {}), (prompt(14, 2), 2, {}),
+            (prompt(9, 3), 3, {"max_denoising_steps": 3})]  # other options: denoised in its own batch
+    single = [llm.generate(ids, max_tokens=3 * L, seed=seed, **kw).token_ids for ids, seed, kw in reqs]
+    eng = DiffusionEngine(llm.model, None, llm.eos_token_ids, max_slots=3, max_model_len=128,
+                          generation_config=llm.generation_config)
+    rids = [eng.add(Request(ids, SamplingParams(seed=seed, max_tokens=3 * L),
+                            diffusion={**kw} or None)) for ids, seed, kw in reqs]
+    batch_sizes = []
+    orig = eng.model.denoise
+
+    def spy(canvas, *a, **k):
+        batch_sizes.append(canvas.shape[0])
+        return orig(canvas, *a, **k)
+
+    eng.model.denoise = spy
+    try:
+        out = eng.run_until_done()
+    finally:
+        del eng.model.denoise
+    assert [out[r].token_ids for r in rids] == single
+    assert max(batch_sizes) == 3  # three requests shared denoiser forwards (the fourth waited for a slot)
+    # a cancelled request frees its slot and ends with "cancelled"
+    rid = eng.add(Request(prompt(7, 9), SamplingParams(seed=1, max_tokens=3 * L)))
+    assert eng.cancel(rid) and eng.step()[0].finish_reason == "cancelled"
+
+
+def test_stop_strings_cut_the_text(chat_diff):
+    llm, _ = chat_diff
+    full = llm.generate("hi", max_tokens=2 * L, seed=3, ignore_eos=True)
+    word = full.text.strip()[3:6]
+    assert len(word) == 3
+    res = llm.generate("hi", max_tokens=2 * L, seed=3, ignore_eos=True, stop=[word])
+    assert res.text == full.text[: full.text.index(word)] and res.finish_reason == "stop"
+    assert len(res.token_ids) < len(full.token_ids)
