@@ -11,19 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from test_train import arithmetic_jsonl, make_checkpoint, tiny_config
 from unigemma.train import config as tc
 from unigemma.train.loop import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from unigemma.train.data import (IGNORE, ChatDataset, MediaIds, chat_template_fo
 from unigemma.train.loop import CausalLMLoss, init_weights, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_pack_rows_first_fit():
