@@ -4,6 +4,9 @@
                                                      # then ddp and diloco-h50 over a simulated 20 Mbit/s link
     python benchmarks/diloco.py --impls ddp,diloco-h50,diloco-h50-int8,diloco-h50-int4-stream --slow-link-mbps 0
     python benchmarks/diloco.py --order 2            # a harder source (needs attention; see the note below)
+    python benchmarks/diloco.py --scenario straggler # DDP vs synchronous vs decoupled DiLoCo, one learner 3× slower,
+                                                     # a WAN-like link; then decoupled with a learner SIGKILLed at
+                                                     # 30% of the budget and restarted at 60% (see straggler_main)
 
 Every implementation trains the same tiny Gemma 4 model (unigemma's own text decoder, random init, seed 0) on the
 same data — each worker draws its own stream of sequences from one fixed Markov source — for the same number of
@@ -223,6 +226,15 @@ def worker(rank: int, world: int, port: int, args) -> None:
 
 
 def main(argv=None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--scenario" in argv:
+        i = argv.index("--scenario")
+        if argv[i + 1:i + 2] != ["straggler"]:
+            raise SystemExit("--scenario: the one scenario is 'straggler'")
+        from diloco_straggler import straggler_main
+
+        return straggler_main(argv[:i] + argv[i + 2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--impls", default="ddp,diloco-h50,diloco-h100")

@@ -152,7 +152,8 @@ def test_quorum_of_all_equal_speeds_equals_synchronous_diloco(tmp_path):
 
     syncer, t, addr = _start_syncer(learners=2, quorum=2, fragments=2, step_budget=24)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_learner, args=(i, addr, 12, {"inner_steps": 4, "fragments": 2})) for i in range(2)]
+    kw = {"inner_steps": 4, "fragments": 2, "blocking": True}
+    procs = [ctx.Process(target=_learner, args=(i, addr, 12, kw)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -256,7 +257,52 @@ def test_sigkilled_syncer_stops_the_learners_and_resumes_from_its_checkpoint(tmp
         p.start()
     for p in learners + [syncer]:
         p.join(timeout=90)
-        assert p.exitcode == 0
+    assert [p.exitcode for p in learners + [syncer]] == [0, 0, 0]
     done = torch.load(tmp_path / "done.pt")
     assert done["resumed_from"] == str(last)
     assert done["merges"] >= merges_saved + 1 and math.isfinite(float(done["theta"].sum()))
+
+
+# --- `unigemma train` with distributed.strategy: decoupled ------------------------------------------------------
+
+def test_unigemma_train_decoupled_syncer_and_learners(tmp_path):
+    """The CLI: a syncer and two learners as separate processes (as on separate machines), learner 1 with another
+    batch size; the syncer writes `final/` (a loadable model) and its checkpoints; the learners stop on their own."""
+    import subprocess
+    import sys
+
+    from test_train import arithmetic_jsonl, make_checkpoint, tiny_config
+
+    from unigemma.train.config import TrainConfigError, from_dict
+
+    make_checkpoint(tmp_path / "base", tiny_config())
+    arithmetic_jsonl(tmp_path / "train.jsonl", 16)
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"checkpoint": str(tmp_path / "base")},
+           "data": {"train": str(tmp_path / "train.jsonl"), "batch_size": 2, "num_workers": 0},
+           "optim": {"steps": 12, "lr": 3e-3}, "log": {"every": 4}, "checkpoint": {"every": 4},
+           "distributed": {"strategy": "decoupled", "inner_steps": 4, "fragments": 2, "learners": 2, "quorum": 1,
+                           "syncer": f"127.0.0.1:{_free_port()}"}}
+    with pytest.raises(TrainConfigError, match="quorum"):
+        from_dict({**cfg, "distributed": {**cfg["distributed"], "quorum": 3}})
+    (tmp_path / "run.json").write_text(__import__("json").dumps(cfg))
+    cmd = [sys.executable, "-m", "unigemma.train.cli", str(tmp_path / "run.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    syncer = subprocess.Popen(cmd + ["--set", "distributed.role=syncer"], env=env, stderr=subprocess.PIPE, text=True)
+    learners = [subprocess.Popen(cmd + ["--set", "distributed.role=learner", "--set", f"distributed.learner_id={i}"]
+                                 + (["--set", "data.batch_size=1"] if i == 1 else []),
+                                 env=env, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = []
+    for p in learners + [syncer]:
+        _, err = p.communicate(timeout=240)
+        errs.append(err)
+        assert p.returncode == 0, err[-3000:]
+    assert "joined" in errs[0] and "the run's budget is merged" in errs[0]
+    final = tmp_path / "run" / "final"
+    report = __import__("json").loads((final / "train_report.json").read_text())
+    assert report["merges"] >= 4 and sum(report["learner_steps"].values()) >= 24
+    assert latest_syncer_checkpoint(tmp_path / "run") is not None
+    import unigemma
+
+    llm = unigemma.load(str(final))
+    assert llm.generate("1+1=", max_tokens=2).token_ids

@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"unigemma train: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .decoupled import SyncerGone
+
+        if not isinstance(e, SyncerGone):
+            raise
+        return 3  # decoupled learner: the syncer is gone (already said); restart the syncer, then the learners
     except KeyboardInterrupt:
         return 130
     return 0

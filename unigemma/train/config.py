@@ -124,7 +124,7 @@ class DrafterSection:
 
 @dataclass
 class DistributedSection:
-    strategy: str = "none"                 # none | ddp | diloco
+    strategy: str = "none"                 # none | ddp | diloco | decoupled (see train/decoupled.py)
     backend: str = "auto"                  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
     inner_steps: int = 50                  # DiLoCo H
     outer_lr: float = 0.7
@@ -137,6 +137,16 @@ class DistributedSection:
     quant_block: int = 1024                # elements per quantization scale
     link_mbps: float | None = None         # simulate a slow link: sleep bytes / bandwidth per collective
     link_latency_ms: float = 0.0
+    # decoupled DiLoCo: one syncer, `learners` learners on their own clocks (under torchrun: rank 0 is the syncer,
+    # rank r the learner r − 1; or each started on its own with role / learner_id set)
+    role: str = "auto"                     # auto | syncer | learner
+    syncer: str | None = None              # HOST:PORT of the syncer (default: $MASTER_ADDR or 127.0.0.1, port 29600)
+    learners: int | None = None            # default under torchrun: WORLD_SIZE − 1
+    learner_id: int | None = None          # 0 … learners − 1; default under torchrun: RANK − 1
+    quorum: int | None = None              # K: pushes of a fragment that allow a merge (default ⌈learners / 2⌉)
+    grace_fraction: float = 0.5            # wait for learners expected within this × the round's median interval
+    blocking: bool = False                 # learners wait for each merge (with quorum = learners: synchronous DiLoCo)
+    token_budget: int | None = None        # stop after this many tokens; default optim.steps × learners steps
 
 
 @dataclass
@@ -312,7 +322,27 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.eval.prompts is not None and cfg.task != "finetune":
         raise TrainConfigError("eval.prompts: generation samples are for task 'finetune' (a drafter reports its "
                                "acceptance rate instead)")
-    _choice(dist.strategy, ("none", "ddp", "diloco"), "distributed.strategy")
+    _choice(dist.strategy, ("none", "ddp", "diloco", "decoupled"), "distributed.strategy")
+    _choice(dist.role, ("auto", "syncer", "learner"), "distributed.role")
+    _positive(dist.learners, "distributed.learners")
+    _positive(dist.quorum, "distributed.quorum")
+    _positive(dist.token_budget, "distributed.token_budget")
+    _positive(dist.learner_id, "distributed.learner_id", zero_ok=True)
+    if not 0 < dist.grace_fraction <= 10:
+        raise TrainConfigError(f"distributed.grace_fraction must be in (0, 10], got {dist.grace_fraction}")
+    if dist.learners is not None and dist.quorum is not None and dist.quorum > dist.learners:
+        raise TrainConfigError(f"distributed.quorum ({dist.quorum}) must be <= distributed.learners "
+                               f"({dist.learners})")
+    if dist.learners is not None and dist.learner_id is not None and dist.learner_id >= dist.learners:
+        raise TrainConfigError(f"distributed.learner_id ({dist.learner_id}) must be < distributed.learners "
+                               f"({dist.learners})")
+    if dist.syncer is not None:
+        from .decoupled import parse_address
+
+        try:
+            parse_address(dist.syncer)
+        except ValueError as e:
+            raise TrainConfigError(f"distributed.syncer: {e}") from None
     _choice(dist.backend, ("auto", "gloo", "nccl"), "distributed.backend")
     _choice(dist.compression, ("none", "bf16", "int8", "int4"), "distributed.compression")
     _positive(dist.inner_steps, "distributed.inner_steps")

@@ -7,18 +7,19 @@
       Δ_i = θ_f(base) − θ_f(local), t_i = tokens since        quorum: |C_f| ≥ K' = min(K, learners alive)
       its last push of f                                      grace: wait for the learners expected to arrive soon
       ── PUSH(f, t_i, Δ_i) ──────────────────────────────▶    merge: Δ̄ = Σ t_i·Δ_i / Σ t_i
-      compute goes on (overlap_steps = τ)                              θ_f ← θ_f − lr·(Δ̄ + μ·m),  m ← μ·m + Δ̄
+      compute goes on, never waiting                                   θ_f ← θ_f − lr·(Δ̄ + μ·m),  m ← μ·m + Δ̄
       ◀──────────────────────────── REPLY(f, v_f, θ_f) ──     reply to each contributor, v_f ← v_f + 1
-    at push step + overlap: local_f ← mix·local + (1−mix)·θ_f
-                            (local_f ← θ_f without overlap)
+    at the next step: local_f ← θ_f + (local_f − local_f at the push), base_f ← θ_f   (rebased: no step is lost)
 
-Nobody waits for everybody. A learner blocks only when the reply to its own push is due and not there yet; the
-syncer merges fragment f as soon as K' learners have pushed it and the grace window has passed. The window is
+Nobody waits for anybody: a learner goes on training while its push waits for a quorum (one push per fragment in
+flight; a push that falls due meanwhile goes out when the reply comes); the syncer merges fragment f as soon as K'
+learners have pushed it and the grace window has passed. (`blocking=True` instead applies a reply overlap_steps
+after its push, waiting if it is late, with local_f ← mix·local + (1−mix)·θ_f, or θ_f without overlap.) The window is
 measured, not configured in seconds: each learner's push interval per fragment is tracked (an exponential mean:
 step time × H plus its link time), and when the quorum is reached the syncer waits only for learners whose next push
 is predicted within `grace_fraction` × the quorum members' median interval (a learner 3× slower is not waited for),
 plus the measured time a merge takes. A late push is not wasted: it joins the next merge of that fragment (its Δ is
-stale by some versions; it still carries its tokens). With K = every learner, equal speeds and no overlap, each merge
+stale by some versions; it still carries its tokens). Blocking, with K = every learner and no overlap, each merge
 takes every learner's push of the same round and the result equals synchronous DiLoCo (`diloco.DiLoCo`).
 
 Failures. Each learner talks to the syncer over its own two-rank gloo group (no global process group), so a dead
@@ -37,6 +38,7 @@ and both sides build `ProcessGroupGloo(PrefixStore("pair/i/n/", store), rank, 2)
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -341,6 +343,7 @@ class Syncer:
                  f"{len(self.sizes)} fragments ({sum(self.sizes):,} parameters)")
         watcher = threading.Thread(target=self._watch_joins, daemon=True, name="syncer-joins")
         watcher.start()
+        self.threads.append(watcher)
         try:
             self._merge_loop()
         finally:
@@ -353,6 +356,17 @@ class Syncer:
                 self.lock.wait(timeout=0.2)
         if self.dir is not None:
             self.checkpoint()
+        self._close()
+
+    def _close(self) -> None:
+        """Let the serving threads end and drop the pairs now, not in interpreter teardown (where a gloo pair
+        destroyed with its threads frozen aborts the process)."""
+        for t in list(self.threads):
+            t.join(timeout=2)
+        with self.lock:
+            for lr in self.learners.values():
+                lr.pg = None
+        gc.collect()
 
     def stop(self) -> None:
         with self.lock:
@@ -558,8 +572,9 @@ class SyncerGone(RuntimeError):
 @dataclass
 class _Exchange:
     fragment: int
-    due: int                   # local step at which its reply is applied
+    due: int                   # local step at which its reply is applied (blocking mode)
     reply: torch.Tensor | None = None
+    pushed: torch.Tensor | None = None  # the local fragment when it was pushed (non-blocking mode)
 
 
 class DecoupledLearner:
@@ -574,12 +589,14 @@ class DecoupledLearner:
     """
 
     def __init__(self, model: nn.Module, *, syncer: str, learner_id: int, inner_steps: int = 50, fragments: int = 1,
-                 overlap_steps: int = 0, mix: float = 0.5, link: Link | None = None, timeout_s: float = 600.0):
+                 overlap_steps: int = 0, mix: float = 0.5, blocking: bool = False, link: Link | None = None,
+                 timeout_s: float = 600.0):
         if not 0 <= overlap_steps < inner_steps:
             raise ValueError(f"overlap_steps must be in [0, inner_steps={inner_steps}), got {overlap_steps}")
         self.host, self.port = parse_address(syncer)
         self.lid = learner_id
-        self.H, self.overlap, self.mix = inner_steps, overlap_steps, mix
+        self.H, self.overlap, self.mix, self.blocking = inner_steps, overlap_steps, mix, blocking
+        self.deferred: set[int] = set()
         self.link = link or Link()
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -597,6 +614,7 @@ class DecoupledLearner:
         self.stop_flag = False
         self.pushes = 0
         self.blocked_s = 0.0
+        self.waits: list[tuple[float, float]] = []  # (perf_counter at start, seconds) of each wait for a reply
         self.inflight: list[_Exchange] = []
         self.replies: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
@@ -666,13 +684,54 @@ class DecoupledLearner:
 
     # -- the schedule -------------------------------------------------------------------------------------------
     def after_inner_step(self, tokens: int = 0) -> list[int]:
-        """Count one inner step of `tokens` tokens; apply the replies due now (waiting for them if they are
-        late), push the fragments scheduled now. Returns the fragments whose weights were replaced."""
+        """Count one inner step of `tokens` tokens, take in the replies that have come, push the fragments
+        scheduled now. Returns the fragments whose weights were replaced.
+
+        Non-blocking (the default): the learner never waits. A reply is taken in at the first step after it
+        arrives and rebased: local_f ← θ_f + (local_f − local_f at the push), so the steps taken while the push was
+        in flight are kept, and base_f ← θ_f. One push per fragment is in flight; a push that falls due before its
+        reply has come goes out right after the reply. Blocking (`blocking=True`): a reply is applied at the push
+        step + overlap_steps, waiting for it if needed — with K = every learner that is synchronous DiLoCo."""
         self.step += 1
         self.total_tokens += int(tokens)
         for f in range(len(self.sizes)):
             self.tokens[f] += int(tokens)
             self.steps_since[f] += 1
+        if self.blocking:
+            return self._blocking_step()
+        applied = []
+        while True:
+            try:
+                item = self.replies.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                self.error = item
+                self.should_stop()
+                continue
+            f, version, theta = item
+            ex = next(e for e in self.inflight if e.fragment == f)
+            self.inflight.remove(ex)
+            self._load_fragment(f, theta + (self._flat_local(f) - ex.pushed), mix=0.0)
+            self.base[f], self.version[f] = theta, version
+            applied.append(f)
+            if f in self.deferred:
+                self.deferred.discard(f)
+                self._push_nonblocking(f)
+        for f, off in enumerate(self.offsets):
+            if self.step % self.H == off and not self.stop_flag:
+                if any(e.fragment == f for e in self.inflight):
+                    self.deferred.add(f)
+                else:
+                    self._push_nonblocking(f)
+        return applied
+
+    def _push_nonblocking(self, f: int) -> None:
+        pushed = self._flat_local(f)
+        self._push(f)
+        self.inflight.append(_Exchange(f, self.step, pushed=pushed))
+
+    def _blocking_step(self) -> list[int]:
         applied = []
         for ex in [e for e in self.inflight if e.due <= self.step]:
             if self._await(ex):
@@ -741,7 +800,10 @@ class DecoupledLearner:
                         break
             return True
         finally:
-            self.blocked_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.blocked_s += t1 - t0
+            if t1 - t0 > 0.001:
+                self.waits.append((t0, t1 - t0))
 
     # -- background I/O (the simulated link sleeps here, not in compute) ---------------------------------------
     def _sender(self) -> None:

@@ -544,6 +544,10 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
     """
     with contextlib.ExitStack() as stack:
         stopper = stack.enter_context(StopSignal()) if handle_signals else None
+        if cfg.distributed.strategy == "decoupled":  # a syncer or a learner, no process group (decoupled_loop.py)
+            from .decoupled_loop import train_decoupled
+
+            return train_decoupled(cfg, stopper, TrainResult(Path(cfg.output_dir), 0))
         return _train(cfg, ctx, stop_after, stopper, stack)
 
 
