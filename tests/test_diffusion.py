@@ -76,8 +76,18 @@ def test_encoder_and_denoiser_logits_match_reference(diff, prompt_len):
     # the cache-reading denoise equals the one-shot forward, and leaves the cache as it was
     before = [lk.k.clone() for lk in cache.layers]
     got = m.denoise(canvas, torch.arange(prompt_len, prompt_len + L)[None].expand(2, -1), cache, prompt_len, sc)
-    assert (got - m(ids, canvas, sc)).abs().max().item() <= 1e-5
+    assert torch.equal(got, m(ids, canvas, sc))
     assert all(torch.equal(a, lk.k) for a, lk in zip(before, cache.layers))
+    # one row at a time (as generate runs), bit-identical: the same keys in the same order as the reference's
+    # cache (attention.build_prefix_plan). The batch above is not: the reference runs an expert on the tokens of
+    # the whole batch at once, unigemma on each row's apart (moe.Experts.forward), and CPU products round rows
+    # differently when an expert gets only one or two.
+    for b in range(2):
+        assert torch.equal(m.encode(ids[b:b + 1], torch.arange(prompt_len)[None], m.make_cache(1, prompt_len + L)),
+                           ref.model.encoder(input_ids=ids[b:b + 1]).last_hidden_state)
+        for scl in (None, sc[b:b + 1]):
+            want = ref(input_ids=ids[b:b + 1], decoder_input_ids=canvas[b:b + 1], self_conditioning_logits=scl).logits
+            assert torch.equal(m(ids[b:b + 1], canvas[b:b + 1], scl), want)
 
 
 def _reference_tokens(ref, ids: list[int], max_new: int, seed: int) -> list[int]:
@@ -92,9 +102,12 @@ def _reference_tokens(ref, ids: list[int], max_new: int, seed: int) -> list[int]
 
 
 def test_seeded_generate_equals_reference_generate(diff):
+    # The checkpoint's self-conditioning is at full random scale, so its denoising chain is chaotic (each step
+    # feeds its logits back and amplifies a difference of one ulp about 20x): equal tokens need bit-identical
+    # forwards, not close ones.
     ref, llm, _ = diff
     multi = 0
-    for seed in range(6):
+    for seed in range(8):
         ids = prompt(11, seed)
         want = _reference_tokens(ref, ids, 3 * L, seed)
         res = llm.generate(ids, max_tokens=3 * L, seed=seed)

@@ -148,8 +148,11 @@ def denoise_canvas(model, cache, kv_len: torch.Tensor, positions: torch.Tensor, 
     slots[b] → (argmax canvases (B, L), denoiser passes per row (B,)).
 
     Row b draws from generators[b] only, and only while it is still denoising, exactly the numbers a run of that
-    row alone draws: its initial canvas, then per step a multinomial over its L positions and L renoising ids. So a
-    request's tokens do not depend on which requests share its batch (up to the forward's rounding)."""
+    row alone draws: its initial canvas, then per step a multinomial over its L positions and L renoising ids. On
+    the CPU the forward does not depend on the batch either (attention and experts run each row apart,
+    attention.build_prefix_plan; the dense products see B·L rows, and MKL rounds a row differently only when a
+    product has a few rows, which a canvas of L rows is not), so a request's tokens do not depend on which requests
+    share its batch (tests/test_diffusion.py checks this on the chaotic random checkpoint)."""
     B, L = positions.shape
     V = model.config.text.vocab_size
     dev = positions.device

@@ -63,6 +63,11 @@ class AttentionPlan:
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     folded: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     read_only: bool = False                        # a canvas plan: attend cache + this call's keys, write nothing
+    # build_prefix_plan (DiffusionGemma): type → (B, P) cache entries of each row's visible prefix, in position
+    # order (front-padded); on the CPU, type → [(rows or None for all, keys)] groups attended over their own keys
+    prefix: dict[str, torch.Tensor] = field(default_factory=dict)
+    key_groups: dict[str, list] = field(default_factory=dict)
+    separate_rows: bool = False                    # the experts run each row's tokens apart (moe.Experts.forward)
 
     def folded_mask(self, layer_type: str, group: int) -> torch.Tensor:
         """masks[layer_type] (B, 1, T, S) repeated for `group` query heads folded into the query axis:
@@ -176,33 +181,74 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
     return plan
 
 
-def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
-                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None) -> AttentionPlan:
-    """DiffusionGemma's denoiser: T canvas tokens at `positions` (B, T) that attend, with no mask among themselves
-    (bidirectional), to their own keys and to the cached prefix [0, kv_len), and write nothing to the cache.
+def build_prefix_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
+                      slots: torch.Tensor | None = None, causal: bool = True) -> AttentionPlan:
+    """DiffusionGemma's two passes: each row's T tokens at positions start_b + [0, T) attend to keys laid out as the
+    reference's dynamic cache lays them out, [the cached prefix the row may see, in position order | this call's T
+    keys]: full layers the whole prefix [0, start_b), sliding layers its last min(start_b, W − 1) positions.
 
-    Keys are [cache entries | canvas]: full layers read entries [0, kv_len); sliding layers read the ring and see
-    only its last W − 1 positions before kv_len (what the reference's sliding cache keeps), with no window over
-    the canvas itself (the reference passes no mask to the denoiser). kv_len: one length, or one per row (B,).
+    causal (the encoder): this call's keys causally (sliding: within the window), and they are written to the cache
+    after attending (`finish_plan` records the ring positions). causal=False (the denoiser's canvas): every key
+    visible, no window over the canvas (the reference passes the denoiser no mask), and the cache is only read.
+
+    Why this layout rather than the cache's own (the ring in ring order, full layers up to the longest row): a
+    kernel's result depends on which keys it sums over and in what order, even masked ones (CPU SDPA rounds
+    differently with extra masked keys or permuted ones), and the denoising chain feeds each step's logits back, so
+    one ulp grows into other tokens. With the reference's keys a CPU float32 forward is bit-identical to it.
+    Rows whose prefixes are shorter than the longest are padded at the front (masked). On the CPU a row's result
+    does not depend on its batch either: `plan.key_groups` lets the layers attend each group of rows with equal
+    prefixes over exactly its own keys (`_attend_groups`), and `plan.separate_rows` has the experts run each row's
+    tokens in products of their own (moe.Experts.forward). On CUDA one masked call serves the batch.
+    Positions must be consecutive within a row (positions[b] = start_b + [0, T)).
     """
     B, T = positions.shape
     dev = positions.device
     types = sorted(set(config.layer_types))
+    W = config.sliding_window
+    start = positions[:, :1]                                                          # (B, 1)
+    kv_len = int(positions.max()) + 1
+    if kv_len > cache.max_len:
+        raise ValueError(f"position {kv_len - 1} is beyond the cache's context of {cache.max_len} tokens")
     cos_sin = {t: rope(positions, t, dtype) for t in types}
-    masks: dict[str, torch.Tensor] = {}
-    canvas = torch.ones(B, T, dtype=torch.bool, device=dev)
-    lens = torch.as_tensor(kv_len, device=dev).reshape(-1).expand(B)[:, None]     # (B, 1)
-    kv_max = int(lens.max())
-    if FULL in types:
-        prefix = torch.arange(kv_max, device=dev)[None, :] < lens                     # (B, kv_max)
-        vis = torch.cat([prefix, canvas], dim=1)
-        masks[FULL] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
-    if SLIDING in types:
-        rp = cache.ring_positions(slots, B)                                           # (B, R + 1)
-        old = (rp >= lens - (config.sliding_window - 1)) & (rp < lens)
-        vis = torch.cat([old, canvas], dim=1)                                         # (B, R + 1 + T)
-        masks[SLIDING] = vis[:, None, None, :].expand(B, 1, T, vis.shape[1])
-    return AttentionPlan(cos_sin, masks, cache, slots=slots, kv_len=kv_max, read_only=True)
+    q = positions[:, :, None]                                                         # (B, T, 1)
+    plan = AttentionPlan(cos_sin, {}, cache, slots=slots, kv_len=kv_len, read_only=not causal,
+                         separate_rows=dev.type != "cuda")
+    plan.rows = (torch.arange(B, device=dev) if slots is None else slots.to(dev))[:, None].expand(B, T)
+    for t in types:
+        n = start if t == FULL else start.clamp(max=W - 1)                            # (B, 1) prefix keys per row
+        P = int(n.max())
+        pp = start - P + torch.arange(P, device=dev)[None, :]                          # (B, P) prefix positions
+        valid = pp >= start - n
+        plan.prefix[t] = pp.clamp(min=0) if t == FULL else pp.clamp(min=0) % cache.ring
+        vis = torch.cat([valid, torch.ones(B, T, dtype=torch.bool, device=dev)], dim=1)[:, None, :]  # (B, 1, S)
+        if causal:
+            kpos = torch.cat([pp, positions], dim=1)[:, None, :]
+            vis = vis & (kpos <= q)
+            if t == SLIDING:
+                vis = vis & (kpos > q - W)
+        plan.masks[t] = vis.expand(B, T, P + T)[:, None]                              # (B, 1, T, P + T)
+        if plan.separate_rows:
+            counts = n.flatten().tolist()
+            plan.key_groups[t] = [(torch.tensor([b for b in range(B) if counts[b] == c], device=dev), c + T)
+                                  for c in sorted(set(counts))] if len(set(counts)) > 1 else [(None, P + T)]
+    if causal:
+        plan.full_index = positions
+        to_ring = positions > positions.max(dim=1, keepdim=True).values - cache.ring  # the last R reach the ring
+        plan.ring_index = torch.where(to_ring, positions % cache.ring, torch.full_like(positions, cache.ring))
+        plan.sliding_write_first = False  # finish_plan records the ring positions after the layers
+    return plan
+
+
+def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
+                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None) -> AttentionPlan:
+    """DiffusionGemma's denoiser: T canvas tokens at `positions` (B, T), row b right after its cached prefix
+    [0, kv_len[b]) (one length, or one per row (B,)), attend with no mask among themselves and to that prefix
+    (sliding layers: its last W − 1 positions, what the reference's sliding cache keeps); the cache is only read.
+    See build_prefix_plan."""
+    lens = torch.as_tensor(kv_len, device=positions.device).reshape(-1).expand(positions.shape[0])
+    if not bool((positions[:, 0] == lens).all()):
+        raise ValueError("a canvas starts right after its cached prefix: positions[:, 0] must equal kv_len")
+    return build_prefix_plan(config, positions, rope, dtype, cache, slots, causal=False)
 
 
 def finish_plan(plan: AttentionPlan) -> None:
@@ -235,6 +281,27 @@ def _attend_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     scores = torch.matmul(q, k.transpose(-1, -2))                                   # (B, KV, R, S)
     probs = fusion.masked_softmax(scores, mask).to(v.dtype)
     return torch.matmul(probs, v)                                                   # (B, KV, R, d)
+
+
+def _attend_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, groups: list,
+                   group: int) -> torch.Tensor:
+    """A prefix plan's attention on the CPU (build_prefix_plan): q (B, H, T, d); k/v (B, KV, S, d), each row's keys
+    right-aligned; mask (B, 1, T, S). For each (rows, n) of `groups` (rows None: all), those rows attend over
+    their last n keys only, which are exactly the reference's keys for them: no padding enters a sum."""
+    S = k.shape[2]
+    if group > 1:  # GQA: each KV head serves `group` consecutive query heads
+        B, KV, _, d = k.shape
+        k = k[:, :, None].expand(B, KV, group, S, d).reshape(B, KV * group, S, d)
+        v = v[:, :, None].expand(B, KV, group, S, d).reshape(B, KV * group, S, d)
+    if len(groups) == 1 and groups[0][0] is None:
+        n = groups[0][1]
+        return F.scaled_dot_product_attention(q, k[:, :, S - n:], v[:, :, S - n:], attn_mask=mask[..., S - n:],
+                                              scale=1.0)
+    out = q.new_empty(q.shape[:3] + (v.shape[-1],))
+    for rows, n in groups:
+        out[rows] = F.scaled_dot_product_attention(q[rows], k[rows, :, S - n:], v[rows, :, S - n:],
+                                                   attn_mask=mask[rows][..., S - n:], scale=1.0)
+    return out
 
 
 class Attention(nn.Module):
@@ -295,6 +362,10 @@ class Attention(nn.Module):
         n_kv = k.shape[1]
         group = self.num_heads // n_kv
         mask = plan.masks[self.layer_type]
+        groups = plan.key_groups.get(self.layer_type)
+        if groups is not None:  # a CPU prefix plan: each group of rows over exactly its own keys
+            out = _attend_groups(q, k, v, mask, groups, group)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         if group > 1 and T == 1:
             # One query token: fold each KV head's `group` query heads into the query axis (B, KV, group, d) and
             # attend the cached K/V as they are — no copy of the cache per step.
@@ -320,12 +391,13 @@ class Attention(nn.Module):
         wq, wk, eps = self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
         cache = plan.cache
         full = self.layer_type == FULL
-        if plan.read_only:  # a denoiser canvas: [cached prefix | canvas] keys, the cache left as it is
+        if plan.prefix:  # DiffusionGemma (build_prefix_plan): [visible cached prefix | this call's] keys
             q, k, v = fusion.qk_norm_rope(q, k_raw, v_raw, wq, wk, cos, sin, eps)  # (B, H|KV, T, d)
-            B = q.shape[0]
-            ck, cv = (cache.full_kv(self.layer_idx, plan.slots, B, plan.kv_len) if full
-                      else cache.ring_kv(self.layer_idx, plan.slots, B))
-            return q, torch.cat([ck.to(k.dtype), k], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+            ck, cv = cache.gather_kv(self.layer_idx, plan.rows[:, 0], plan.prefix[self.layer_type])  # (B, KV, P, d)
+            k_all, v_all = torch.cat([ck.to(k.dtype), k], dim=2), torch.cat([cv.to(v.dtype), v], dim=2)
+            if not plan.read_only:  # the encoder: this chunk's keys into the cache, after reading the prefix
+                cache.write(self.layer_idx, plan.rows, plan.full_index if full else plan.ring_index, k, v)
+            return q, k_all, v_all
         if cache is None or not (full or plan.sliding_write_first):
             q, k, v = fusion.qk_norm_rope(q, k_raw, v_raw, wq, wk, cos, sin, eps)  # (B, H|KV, T, d)
             if cache is None:

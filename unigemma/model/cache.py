@@ -103,6 +103,12 @@ class KVCache:
             return lk.k[:batch], lk.v[:batch]
         return lk.k[slots], lk.v[slots]
 
+    def gather_kv(self, layer: int, slots: torch.Tensor, index: torch.Tensor):
+        """Entries index (B, P) of cache slots `slots` (B,) → k, v (B, kv_heads, P, head_dim) (copies)."""
+        lk = self.layers[layer]
+        rows = slots[:, None]
+        return lk.k[rows, :, index].transpose(1, 2), lk.v[rows, :, index].transpose(1, 2)
+
     def ring_positions(self, slots: torch.Tensor | None, batch: int) -> torch.Tensor:
         return self.ring_pos[:batch] if slots is None else self.ring_pos[slots]
 

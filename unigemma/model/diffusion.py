@@ -12,7 +12,8 @@ under `model.decoder.*`, and the encoder's scalars under `model.encoder.language
 so this module builds the decoder stack once (text.py's `TextModel`, the same layer code as every other Gemma 4
 model) and runs it with the encoder's scalars for the prompt. Every layer carries the MoE block; full layers are
 k_eq_v (config.DiffusionConfig). The canvas attends with no mask among itself and to the cached prefix
-(attention.build_canvas_plan).
+(attention.build_canvas_plan); both passes lay their keys out as the reference's cache does
+(attention.build_prefix_plan), so on the CPU in float32 their results are bit-identical to the reference's.
 
 This module maps inputs + cache to logits and nothing else; the denoising loop is engine/diffusion.py's. The
 checkpoint's vision tower is not built (its tensors are skipped on load; image inputs are refused).
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..config import DiffusionConfig
 from . import fusion
-from .attention import build_canvas_plan
+from .attention import build_canvas_plan, build_prefix_plan
 from .cache import KVCache
 from .layers import RMSNorm, softcap
 from .text import TextModel
@@ -111,10 +112,13 @@ class DiffusionGemma(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                slots: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompt (or a finished canvas) (B, T) at absolute `positions` (B, T) → written to `cache` (causal, with
-        the sliding window). Returns the encoder's final hidden states (B, T, H); generation ignores them."""
+        """Prompt (or a finished canvas) (B, T) at consecutive absolute `positions` (B, T), right after what the
+        cache holds for the row → written to `cache` (causal, with the sliding window). Returns the encoder's final
+        hidden states (B, T, H); generation ignores them."""
         d = self.stack
-        return d(d.embed(input_ids), positions, cache=cache, slots=slots, layer_scalars=self._encoder_scalars())
+        x = d.embed(input_ids)
+        plan = build_prefix_plan(d.config, positions, d.rotary_emb, x.dtype, cache, slots, causal=True)
+        return d(x, positions, plan=plan, layer_scalars=self._encoder_scalars())
 
     def soft_embeddings(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, L, V) logits → softmax(fp32) · E · √H (the scale rounded to E's dtype, as the reference does)."""

@@ -74,14 +74,19 @@ class Experts(nn.Module):
             return "gathered"
         return "all" if torch.cuda.is_current_stream_capturing() else "grouped"
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x (N, H), idx (N, k) int64, w (N, k) float32 → (N, H) in x's dtype."""
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, sequences: int = 1) -> torch.Tensor:
+        """x (N, H), idx (N, k) int64, w (N, k) float32 → (N, H) in x's dtype.
+
+        sequences: x holds that many sequences of N / sequences tokens each; the grouped path then runs each
+        sequence's tokens through an expert in their own product, so a sequence's result does not depend on the
+        others in the batch (a CPU product rounds a row differently when it has only one or two rows: MKL's
+        small-M kernels). DiffusionGemma's batched denoiser asks for this (attention.build_prefix_plan)."""
         path = self.choose_path(x, idx.numel())
         if path == "gathered":
             return self._gathered(x, idx, w)
         if path == "all":
             return self._all(x, idx, w)
-        return self._grouped(x, idx, w)
+        return self._grouped(x, idx, w, sequences)
 
     # --- weights: a float 3-D tensor, or a quantized stand-in with the same indexing ----------------------------
     @staticmethod
@@ -121,21 +126,24 @@ class Experts(nn.Module):
         gate, up = self._linear(self.gate_up_proj, x, e).chunk(2, dim=-1)
         return self._linear(self.down_proj, fusion.gelu_mul(gate, up), e)
 
-    def _grouped(self, x, idx, w):
+    def _grouped(self, x, idx, w, sequences: int = 1):
         N, K = idx.shape
+        E = self.num_experts
         if N == 1:  # one token (CPU decode at batch 1): its k experts in turn, no sorting
             o = [self._expert(x, e) for e in idx[0].tolist()]
             return fusion.weighted_sum(torch.stack(o, dim=1), w)
         flat = idx.reshape(-1)                                         # (N·k,) expert of each (token, slot) pair
+        if sequences > 1:  # group by (sequence, expert): key = sequence · E + expert
+            flat = flat + torch.arange(N * K, device=flat.device) // (K * (N // sequences)) * E
         order = torch.argsort(flat, stable=True)
         tok = order // K                                               # token of each pair, grouped by expert
-        # the touched experts and their pair counts, on the host (bincount, a scatter, took ms on a busy CPU)
-        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        # the touched groups and their pair counts, on the host (bincount, a scatter, took ms on a busy CPU)
+        groups, counts = torch.unique_consecutive(flat[order], return_counts=True)
         xs = x[tok]                                                    # (N·k, H)
         rows = torch.empty_like(xs)
         start = 0
-        for e, n in zip(experts.tolist(), counts.tolist()):
-            rows[start:start + n] = self._expert(xs[start:start + n], e)
+        for g, n in zip(groups.tolist(), counts.tolist()):
+            rows[start:start + n] = self._expert(xs[start:start + n], g % E)
             start += n
         # back to (token, slot) order by a gather (index_add_, a scatter, took ms per call on a busy CPU)
         o = rows[torch.argsort(order)].view(N, K, -1)                 # (N, k, H)

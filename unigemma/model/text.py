@@ -73,7 +73,8 @@ class DecoderLayer(nn.Module):
         if self.has_moe:
             flat = h.reshape(-1, h.shape[-1])  # (B·T, H): the router and the experts read the residual itself
             w, idx = self.router(flat)
-            e = self.experts(fusion.rms_norm(flat, self.pre_feedforward_layernorm_2.weight, eps), idx, w)
+            e = self.experts(fusion.rms_norm(flat, self.pre_feedforward_layernorm_2.weight, eps), idx, w,
+                             h.shape[0] if plan.separate_rows else 1)
             f = fusion.moe_combine(f, e.view(h.shape), self.post_feedforward_layernorm_1.weight,
                                    self.post_feedforward_layernorm_2.weight, eps)
         if not self.has_ple:
