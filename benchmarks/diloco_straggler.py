@@ -18,7 +18,7 @@ transfer; DDP's per-step all-reduce, DiLoCo's fragment all-reduce, decoupled pus
 Evaluation: snapshots of the global weights (DDP: the model; DiLoCo: the global parameters; decoupled: the
 syncer's fragments after merges) with their wall-clock time and tokens, evaluated after training on held-out
 sequences. Target loss = 1.01 × the highest final loss of ddp / diloco / decoupled (a loss every run reaches);
-time_to_target is the first snapshot at or below it. Wall clock starts when every worker is ready.
+time_to_target is where the loss curve first crosses it (linear between the two snapshots around the crossing). Wall clock starts when every worker is ready.
 
 decoupled-kill: the same decoupled run, learner 0 SIGKILLed when 30% of the budget is pushed and started again at
 60% (it rejoins with the global weights and its step). Reported: the longest any learner waited for the reply to
@@ -288,8 +288,8 @@ def straggler_main(argv) -> None:
     p.add_argument("--link-latency-ms", type=float, default=25.0)
     p.add_argument("--kill-at", type=float, default=0.3)
     p.add_argument("--restart-at", type=float, default=0.6)
-    p.add_argument("--snap-every", type=int, default=10, help="DDP / DiLoCo: snapshot every N steps")
-    p.add_argument("--snap-merges", type=int, default=4, help="decoupled: snapshot every N merges")
+    p.add_argument("--snap-every", type=int, default=5, help="DDP / DiLoCo: snapshot every N steps")
+    p.add_argument("--snap-merges", type=int, default=1, help="decoupled: snapshot every N merges")
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--calibration-steps", type=int, default=30)
     p.add_argument("--pace", type=float, default=2.0, help="a fast learner's step lasts ≥ this × the calibrated one")
@@ -345,7 +345,13 @@ def straggler_main(argv) -> None:
     target = 1.01 * max(base)
     reach = {}
     for impl, r in runs.items():
-        hit = next((t for t, _, loss in r["curve"] if loss <= target), None)
+        hit, prev = None, (0.0, None)
+        for t, _, loss in r["curve"]:  # the first crossing, interpolated linearly between two snapshots
+            if loss <= target:
+                t0, l0 = prev
+                hit = t if l0 is None else t0 + (t - t0) * (l0 - target) / max(l0 - loss, 1e-12)
+                break
+            prev = (t, loss)
         reach[impl] = hit
         emit(impl, "time_to_target", None if hit is None else round(hit, 2), "s", target_loss=round(target, 4))
     if reach.get("diloco") and reach.get("decoupled"):

@@ -8,10 +8,8 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,23 +20,7 @@ from unigemma.train.decoupled import (DecoupledLearner, FragmentMerger, GraceWin
                                       latest_syncer_checkpoint)
 from unigemma.train.diloco import DiLoCo
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _mlp(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 4))
-
-
-def _batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randn(6, 8, generator=g)
-    return x, torch.sin(x[:, :4] * 2)
+from test_diloco import _batch, _free_port, _mlp  # the same tiny model and data as the synchronous tests
 
 
 def _inner_step(model, opt, lid: int, step: int) -> None:
