@@ -77,6 +77,34 @@ def test_grace_window_waits_for_the_near_and_not_for_the_straggler():
     assert g.deadline(0, [0, 1], [2], quorum_at=3.1) == 3.1              # no timings: not waited for
 
 
+def test_nonblocking_learner_rebases_a_late_reply_and_defers_its_next_push():
+    """The learner's bookkeeping without a syncer: a reply that comes late is rebased on the steps taken since the
+    push (none lost), the push that fell due meanwhile goes out right after it, with only the newer steps."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    learner = DecoupledLearner(model, syncer="127.0.0.1:1", learner_id=0, inner_steps=2)
+    learner.base = [learner._flat_local(0)]           # as after join: the global weights are the local ones
+    w0 = learner.base[0].clone()
+
+    def step(change: float):
+        with torch.no_grad():
+            model.weight.add_(change)
+        return learner.after_inner_step(tokens=5)
+
+    assert step(1.0) == [] and learner.outbox.empty()   # step 1: nothing due
+    assert step(1.0) == []                               # step 2: fragment 0 pushed, Δ = base − local = −2
+    head, delta = learner.outbox.get_nowait()
+    assert head[:6].tolist() == [2, 0, 10, 2, 0, 2] and torch.allclose(delta, torch.full((2,), -2.0))
+    assert step(0.5) == []                               # step 3: in flight, training goes on
+    assert step(0.5) == [] and learner.outbox.empty()   # step 4: due again, but deferred (one in flight)
+    theta = w0 + 3.0                                     # the merged fragment the syncer sends back
+    learner.replies.put((0, 7, theta))
+    assert step(0.25) == [0]                             # step 5: rebased, then the deferred push goes out
+    assert torch.allclose(learner._flat_local(0), theta + 1.25)
+    assert torch.equal(learner.base[0], theta) and learner.version == [7]
+    head, delta = learner.outbox.get_nowait()
+    assert head[2].item() == 15 and torch.allclose(delta, torch.full((2,), -1.25))
+
+
 # --- K = all, equal speeds, no failures == synchronous DiLoCo -----------------------------------------------
 
 def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
