@@ -316,3 +316,29 @@ def test_unigemma_train_decoupled_syncer_and_learners(tmp_path):
 
     llm = unigemma.load(str(final))
     assert llm.generate("1+1=", max_tokens=2).token_ids
+
+
+def test_torchrun_one_command_rank0_is_the_syncer(tmp_path):
+    """`torchrun --nproc-per-node 3 -m unigemma.train.cli run.json` with strategy decoupled: rank 0 serves as the
+    syncer, ranks 1 and 2 as learners 0 and 1; all exit 0 and `final/` is written."""
+    import json
+    import subprocess
+    import sys
+
+    from test_train import arithmetic_jsonl, make_checkpoint, tiny_config
+
+    make_checkpoint(tmp_path / "base", tiny_config())
+    arithmetic_jsonl(tmp_path / "train.jsonl", 16)
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"checkpoint": str(tmp_path / "base")},
+           "data": {"train": str(tmp_path / "train.jsonl"), "batch_size": 2, "num_workers": 0},
+           "optim": {"steps": 8, "lr": 3e-3}, "log": {"every": 4},
+           "distributed": {"strategy": "decoupled", "inner_steps": 4, "syncer": f"127.0.0.1:{_free_port()}"}}
+    (tmp_path / "run.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m",
+                        "unigemma.train.cli", str(tmp_path / "run.json")], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "syncer on 127.0.0.1" in p.stderr and "learner 1 of 2: joined" in p.stderr
+    report = json.loads((tmp_path / "run" / "final" / "train_report.json").read_text())
+    assert sum(report["learner_steps"].values()) >= 16

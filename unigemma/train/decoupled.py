@@ -296,7 +296,8 @@ class Syncer:
         self.lock = threading.Condition()
         self.quorum_at: dict[int, float] = {}
         self.stats = SyncerStats()
-        self.stopping = False
+        self.stopping = False             # no more merges
+        self.closing = False              # no more joins
         self.threads: list[threading.Thread] = []
         self.store = None
         self.resumed_from: Path | None = None
@@ -350,10 +351,14 @@ class Syncer:
             self.stopping = True
             self.store.set("stop", "1")
         self._answer_pending_with_stop()
-        t_end = time.perf_counter() + self.stop_timeout
-        with self.lock:  # let the learners see the stop and leave (BYE or a closed connection)
-            while self.live() and time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        with self.lock:  # let the learners see the stop and leave (BYE or a closed connection); one that has not
+            # joined yet gets a little while to, so that it hears "finished" rather than finding nobody there
+            while time.perf_counter() < t0 + self.stop_timeout and (
+                    self.live() or (len(self.learners) < self.n_learners
+                                    and time.perf_counter() < t0 + min(10.0, self.stop_timeout))):
                 self.lock.wait(timeout=0.2)
+        self.closing = True
         if self.dir is not None:
             self.checkpoint()
         self._close()
@@ -375,7 +380,7 @@ class Syncer:
 
     def _watch_joins(self) -> None:
         seen = 0
-        while not self.stopping:
+        while not self.closing:
             try:
                 n = self.store.add("joins", 0)
             except Exception:
@@ -620,6 +625,8 @@ class DecoupledLearner:
         self.outbox: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.said_bye = threading.Event()
+        self.sender: threading.Thread | None = None
+        self.receiver: threading.Thread | None = None
         self.store = None
         self.pg = None
 
@@ -681,6 +688,9 @@ class DecoupledLearner:
             self.outbox.put(None)
             self.said_bye.wait(timeout=10)
             self.receiver.join(timeout=10)
+        if not any(t is not None and t.is_alive() for t in (self.sender, self.receiver)):
+            self.pg = None  # dropped now, not in interpreter teardown (a gloo pair destroyed there can abort)
+            gc.collect()
 
     # -- the schedule -------------------------------------------------------------------------------------------
     def after_inner_step(self, tokens: int = 0) -> list[int]:
