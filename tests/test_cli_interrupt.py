@@ -74,10 +74,12 @@ def test_ctrl_c_during_generate_exits_130_quietly(marker, tmp_path):
     t = time.time()
     rc, err = _interrupt_when(["generate", "--model", str(ckpt), "--device", "cpu", "--prompt", "Tell me a story",
                                "--max-tokens", "2000", "--temperature", "0", "--raw"], marker)
-    # 130 is what a shell reports for both: the CLI's own exit(130), and death by SIGINT (−2 here), which happens
-    # rarely (about one run in twenty of the torch._C case) when the signal lands inside torch's native start-up;
-    # either way nothing may be printed (checked below)
-    assert rc in (130, -signal.SIGINT), (rc, err[-3000:])
+    # torch is imported with SIGINT held back (cli._import_torch_holding_ctrl_c): a Ctrl-C inside its native start-up
+    # used to abort the process (−6, "terminate called after throwing ... pybind11::error_already_set") or kill it
+    # (−2), now it arrives after the import as a KeyboardInterrupt: the CLI's exit(130). Later, 130 is what a shell
+    # reports for both the CLI's exit(130) and death by SIGINT (−2, seen rarely right after the engine's import,
+    # cause not found); either way nothing may be printed (checked below)
+    assert rc == 130 if marker == "torch._C" else rc in (130, -signal.SIGINT), (rc, err[-3000:])
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip() == "", err
     assert time.time() - t < 120

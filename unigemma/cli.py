@@ -176,6 +176,19 @@ def _missing_extra(cmd: str, extra: str, err: Exception) -> int:
     return 2
 
 
+def _import_torch_holding_ctrl_c() -> None:
+    """Import torch with SIGINT held back. torch's native start-up cannot take a KeyboardInterrupt: a Ctrl-C landing
+    inside it aborts the process ("terminate called after throwing an instance of 'pybind11::error_already_set'",
+    status −6). Held back, a Ctrl-C meanwhile arrives right after the import, as an ordinary KeyboardInterrupt."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Ctrl-C anywhere (start-up, loading, generating) ends it quietly with status 130."""
     try:
@@ -183,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["train"]:  # its own parser (options, `train export ...`): hand over everything after it
             from .train.cli import main as train_main
 
+            _import_torch_holding_ctrl_c()
             return train_main(argv[1:]) or 0
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
+        _import_torch_holding_ctrl_c()  # every subcommand computes with torch
         try:
             return args.func(args)
         except (ValueError, FileNotFoundError, OSError) as e:
