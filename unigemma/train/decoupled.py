@@ -690,6 +690,7 @@ class DecoupledLearner:
             self.receiver.join(timeout=10)
         if not any(t is not None and t.is_alive() for t in (self.sender, self.receiver)):
             self.pg = None  # dropped now, not in interpreter teardown (a gloo pair destroyed there can abort)
+            self.store = None
             gc.collect()
 
     # -- the schedule -------------------------------------------------------------------------------------------
