@@ -188,7 +188,7 @@ def test_quorum_of_all_equal_speeds_equals_synchronous_diloco(tmp_path):
 def test_sigkilled_learner_does_not_stall_the_others_and_rejoins(tmp_path):
     """3 learners, K = 2: learner 1 is SIGKILLed, the merges go on without it (no gap longer than a grace window
     plus a round), it is restarted, rejoins with the current global weights and its step, and pushes again."""
-    syncer, t, addr = _start_syncer(learners=3, quorum=2, fragments=2, step_budget=3 * 400)
+    syncer, t, addr = _start_syncer(learners=3, quorum=2, fragments=2, step_budget=3 * 1000)
     ctx = mp.get_context("spawn")
     kw = {"inner_steps": 4, "fragments": 2}
 
@@ -205,13 +205,14 @@ def test_sigkilled_learner_does_not_stall_the_others_and_rejoins(tmp_path):
             assert time.time() < deadline, "timed out"
             time.sleep(0.05)
 
-    wait_for(lambda: syncer.progress > 0.2)
+    wait_for(lambda: {lid for _, lid, _ in syncer.stats.joins} == {0, 1, 2})  # everyone is in (start-up varies)
+    wait_for(lambda: syncer.progress > 0.1 and syncer.learner_steps.get(1, 0) > 0)
     os.kill(procs[1].pid, signal.SIGKILL)
     procs[1].join()
     killed_at = time.perf_counter()
     wait_for(lambda: any(lid == 1 for _, lid in syncer.stats.deaths))
     merges_at_death = syncer.merger.merges
-    wait_for(lambda: syncer.progress > 0.5)
+    wait_for(lambda: syncer.progress > 0.3)  # time left for the restart to join
     assert syncer.merger.merges > merges_at_death + 10  # progress went on without learner 1
     restarted_at = time.perf_counter()
     procs[1] = start(1)

@@ -476,7 +476,9 @@ class Syncer:
                 lr.pg.send([head], 1, _DOWN).wait()
                 lr.pg.send([self.merger.theta[f]], 1, _DOWN).wait()
         except Exception:
-            lr.alive = False
+            if lr.alive:  # the merge found it dead before its own thread did: record it here
+                lr.alive = False
+                self.stats.deaths.append((time.perf_counter(), lr.lid))
 
     def _merge_loop(self) -> None:
         with self.lock:
