@@ -317,3 +317,164 @@ def test_stop_strings_cut_the_text(chat_diff):
     res = llm.generate("hi", max_tokens=2 * L, seed=3, ignore_eos=True, stop=[word])
     assert res.text == full.text[: full.text.index(word)] and res.finish_reason == "stop"
     assert len(res.token_ids) < len(full.token_ids)
+
+
+# --- the denoiser with static shapes (what a CUDA graph captures) ------------------------------------------------
+
+def _encoded(model, lens: list[int], room: int, dtype=None, device="cpu"):
+    """A cache holding prompts of `lens` tokens in slots 0.. (random ids), ready for a canvas after each."""
+    cache = model.make_cache(len(lens), room + L, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(7)
+    for b, n in enumerate(lens):
+        ids = torch.randint(3, 128, (1, n), generator=g).to(device)
+        model.encode(ids, torch.arange(n, device=device)[None], cache, slots=torch.tensor([b], device=device))
+    return cache
+
+
+def test_static_denoiser_equals_the_eager_one(diff):
+    """DenoiseGraphs without capture runs the forward a CUDA graph holds — rows padded to a power of two, each
+    prefix front-padded to a fixed width, experts through F.grouped_mm — and gives the eager denoiser's logits
+    (float32; not bit-equal: one masked attention call over padded keys rounds differently from the exact layout)."""
+    from unigemma.engine.diffusion import DenoiseGraphs
+
+    _, llm, _ = diff
+    m = llm.model
+    lens = [11, 5, 14]  # past the window (8) and inside it
+    cache = _encoded(m, lens, room=64)
+    kv = torch.tensor(lens)
+    pos = kv[:, None] + torch.arange(L)[None]
+    slots = torch.arange(3)
+    canvas = torch.randint(0, 128, (3, L), generator=torch.Generator().manual_seed(1))
+    graphs = DenoiseGraphs(m, cache, max_rows=4, capture=False)
+    assert graphs.key(3, 14) == (4, 64)  # 3 rows → 4; prefix bucket 256, capped at the cache's room
+    first = m.denoise(canvas, pos, cache, kv, None, slots)
+    torch.testing.assert_close(graphs(canvas, pos, kv, None, slots, 14), first, atol=1e-4, rtol=0)
+    sc = first / 0.7  # a self-conditioning step
+    want = m.denoise(canvas, pos, cache, kv, sc, slots)
+    torch.testing.assert_close(graphs(canvas, pos, kv, sc, slots, 14), want, atol=1e-4, rtol=0)
+    # one row alone, in another bucket (1 row), and rows in another order
+    torch.testing.assert_close(graphs(canvas[1:2], pos[1:2], kv[1:2], sc[1:2], slots[1:2], 5), want[1:2],
+                               atol=1e-4, rtol=0)
+    order = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(graphs(canvas[order], pos[order], kv[order], sc[order], slots[order], 14),
+                               want[order], atol=1e-4, rtol=0)
+    assert set(graphs.buffers) == {(4, 64), (1, 64)}
+
+
+class _HostReads:
+    """A dispatch mode recording ops that read a tensor back to the host or copy one from it (each would break a
+    CUDA graph's capture, or stall it)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class Mode(TorchDispatchMode):
+            found: list
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = func.name()
+                if name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique_consecutive") or any(
+                        isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs))):
+                    self.found.append(name)
+                return func(*args, **kwargs)
+
+        mode = Mode()
+        mode.found = []
+        return mode
+
+
+def test_static_denoiser_reads_nothing_back_from_the_device(diff):
+    """The captured forward, run on the meta device in bfloat16 (where any read of a value raises) under a mode
+    that records host reads and host-to-device copies: none, at the first and a self-conditioning step. The eager
+    denoiser, by contrast, reads the prefix lengths back (so this check can fail)."""
+    import copy
+
+    from unigemma.engine.diffusion import DenoiseGraphs
+
+    _, llm, _ = diff
+    m = copy.deepcopy(llm.model).to(device="meta", dtype=torch.bfloat16)
+    cache = m.make_cache(3, 64 + L, dtype=torch.bfloat16, device="meta")
+    graphs = DenoiseGraphs(m, cache, max_rows=4, capture=False)
+    kv = torch.full((3,), 14, device="meta")
+    canvas = torch.zeros(3, L, dtype=torch.long, device="meta")
+    pos = torch.zeros(3, L, dtype=torch.long, device="meta")
+    slots = torch.arange(3, device="meta")
+    sc = torch.zeros(3, L, m.config.text.vocab_size, dtype=torch.bfloat16, device="meta")
+    graphs(canvas, pos, kv, None, slots, 14)  # warm-up, as before a capture: lazy device tables are made here
+    graphs(canvas, pos, kv, sc, slots, 14)
+    with _HostReads() as mode:
+        out = graphs(canvas, pos, kv, None, slots, 14)
+        out = graphs(canvas, pos, kv, sc, slots, 14)
+    assert out.shape == (3, L, m.config.text.vocab_size) and mode.found == []
+    with pytest.raises(RuntimeError, match="meta"):
+        m.denoise(canvas, pos, cache, kv, sc, slots)
+    with _HostReads() as mode:
+        torch.ones(2).to("meta")
+    assert mode.found  # the mode sees a host-to-device copy
+
+
+def test_engine_with_the_static_denoiser(diff):
+    """DiffusionEngine(static_shapes=True) generates through DenoiseGraphs (no capture on the CPU): seeded runs
+    repeat, batches share the padded forward, and cuda_graphs=True on the CPU is refused."""
+    from unigemma.engine.diffusion import DiffusionEngine
+    from unigemma.engine.sampling import SamplingParams
+    from unigemma.engine.scheduler import Request
+
+    _, llm, _ = diff
+
+    def run():
+        eng = DiffusionEngine(llm.model, None, llm.eos_token_ids, max_slots=4, max_model_len=64,
+                              generation_config=llm.generation_config, static_shapes=True)
+        rids = [eng.add(Request(prompt(n, s), SamplingParams(seed=s, max_tokens=2 * L, ignore_eos=True)))
+                for n, s in ((11, 0), (5, 1), (14, 2))]
+        out = eng.run_until_done()
+        return eng, [out[r].token_ids for r in rids]
+
+    eng, a = run()
+    _, b = run()
+    assert a == b and all(len(t) == 2 * L for t in a)
+    assert set(eng.graphs.buffers) == {(4, 64)}  # three rows padded to four; the prefix width capped at the room
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        DiffusionEngine(llm.model, None, llm.eos_token_ids, cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_denoiser_replays_the_static_forward(diff):
+    """On a GPU, bfloat16: each captured graph's logits equal the same static forward run without a graph, bit for
+    bit, at the first and a self-conditioning step and for a smaller batch; the engine's default (graphs) returns
+    the tokens of the engine running the same forward without capture."""
+    import copy
+
+    from unigemma.engine.diffusion import DenoiseGraphs, DiffusionEngine
+    from unigemma.engine.sampling import SamplingParams
+    from unigemma.engine.scheduler import Request
+
+    _, llm, _ = diff
+    dev = torch.device("cuda")
+    m = copy.deepcopy(llm.model).to(device=dev, dtype=torch.bfloat16)
+    lens = [11, 5, 14]
+    cache = _encoded(m, lens, room=64, dtype=torch.bfloat16, device=dev)
+    kv = torch.tensor(lens, device=dev)
+    pos = kv[:, None] + torch.arange(L, device=dev)[None]
+    slots = torch.arange(3, device=dev)
+    canvas = torch.randint(0, 128, (3, L), device=dev)
+    eager, graphs = DenoiseGraphs(m, cache, 4, capture=False), DenoiseGraphs(m, cache, 4, capture=True)
+    want = eager(canvas, pos, kv, None, slots, 14).clone()
+    assert torch.equal(graphs(canvas, pos, kv, None, slots, 14), want)
+    sc = (want / 0.7).to(torch.bfloat16)
+    want = eager(canvas, pos, kv, sc, slots, 14).clone()
+    assert torch.equal(graphs(canvas, pos, kv, sc, slots, 14), want)
+    assert torch.equal(graphs(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11),
+                       eager(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11))
+    tokens = []
+    for kw in ({}, {"cuda_graphs": False, "static_shapes": True}):
+        eng = DiffusionEngine(m, None, llm.eos_token_ids, max_slots=3, max_model_len=64,
+                              generation_config=llm.generation_config, **kw)
+        rids = [eng.add(Request(prompt(n, s), SamplingParams(seed=s, max_tokens=2 * L, ignore_eos=True)))
+                for n, s in ((11, 0), (5, 1), (14, 2))]
+        out = eng.run_until_done()
+        tokens.append([out[r].token_ids for r in rids])
+    assert tokens[0] == tokens[1]

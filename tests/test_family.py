@@ -24,6 +24,7 @@ from unigemma.config import ConfigError, UnifiedConfig
 from unigemma.engine.generate import Engine, Request
 from unigemma.engine.runner import ModelRunner
 from unigemma.engine.sampling import SamplingParams
+from unigemma.model.moe import graph_safe
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -69,7 +70,7 @@ def test_fp32_logits_mixed_batch_past_window(family, name):
     for i, r in enumerate(rows):
         ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
     expected = ref(input_ids=ids, attention_mask=mask).logits
-    paths = ["grouped", "gathered", "all"] if name == "moe" else [None]
+    paths = ["grouped", "gathered", "all", "grouped_mm"] if name == "moe" else [None]
     for p in paths:
         experts_paths(llm, p)
         ours = llm.model(ids, attention_mask=mask)
@@ -155,7 +156,8 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
     a = layer.experts._grouped(x, idx, w)
     b = layer.experts._gathered(x, idx, w)
     c = layer.experts._all(x, idx, w)
-    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
+    d = layer.experts._grouped_mm(x, idx, w)
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5 and (a - d).abs().max() < 1e-5
     # an expert no token chose may hold anything (NaN here) without touching the result
     unused = sorted(set(range(layer.experts.num_experts)) - set(idx.flatten().tolist()))
     saved = layer.experts.gate_up_proj.data.clone()
@@ -163,8 +165,11 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
     try:
         assert torch.isfinite(layer.experts._gathered(x, idx, w)).all()
         assert torch.isfinite(layer.experts._grouped(x, idx, w)).all()
+        assert torch.isfinite(layer.experts._grouped_mm(x, idx, w)).all()
         choose = layer.experts.choose_path
         assert choose(x, 2) == "grouped"  # on the CPU, whatever the size
+        with graph_safe():  # what a CUDA graph runs: static shapes, no host sync
+            assert choose(x, 2) == "grouped_mm" and choose(x.double(), 2) == "grouped_mm"
     finally:
         layer.experts.gate_up_proj.data.copy_(saved)
 
@@ -201,10 +206,10 @@ def test_family_config_errors():
     assert (c.hidden_size_per_layer_input, c.sliding_window, c.use_bidirectional_attention) == (256, 512, None)
 
 
-@pytest.mark.parametrize("path", ["grouped", "gathered", "all"])
+@pytest.mark.parametrize("path", ["grouped", "gathered", "all", "grouped_mm"])
 def test_moe_runner_decode_either_expert_path(family, path):
-    """The runner's batched decode through the cache with each expert path (gathered / all: the CUDA decode
-    paths, static shapes for CUDA graphs)."""
+    """The runner's batched decode through the cache with each expert path (gathered / all / grouped_mm: static
+    shapes for CUDA graphs)."""
     ref, llm, _ = family["moe"]
     a, b = ids_of(30, 8), ids_of(15, 9)
     experts_paths(llm, path)
@@ -413,6 +418,8 @@ def test_quantized_experts_compute_their_dequantized_weights_on_every_path(famil
     want = twin._grouped(x, idx, w)
     for run in (qe._grouped, qe._gathered, qe._all):
         torch.testing.assert_close(run(x, idx, w), want, atol=2e-5, rtol=0)
+    with graph_safe():  # F.grouped_mm takes float weights only: quantized experts take the `all` path in a graph
+        assert qe.choose_path(x, idx.numel()) == "all"
     # the quantization error of the weights themselves: int8 ≤ half a step per row, int4 ≤ half a step per group
     wf = float_layer.experts.gate_up_proj.detach()
     err = (qe.gate_up_proj.every(torch.float32) - wf).abs()

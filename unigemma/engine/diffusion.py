@@ -21,6 +21,9 @@ of every running request with the same options, batched (up to `max_slots`, each
 each drawing from its own generator), so streams get a chunk per canvas. Tokens go through the same stop checker
 (EOS, stop ids, stop strings, max_tokens) and incremental detokenizer as autoregressive ones.
 
+On a CUDA device the denoiser forward runs as CUDA graphs (`DenoiseGraphs`: static shapes per batch bucket, prefix
+width bucket and first step or not); the sampler between forwards runs eagerly.
+
 What this module does not do: structured output (grammar masks need left-to-right sampling: refused), images,
 the autoregressive sampling options (temperature, top_p, ... are refused: the schedule is t_max → t_min).
 """
@@ -33,6 +36,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..model import moe
 from .sampling import SamplingParams, make_generator
 from .scheduler import DONE, RUNNING, Request, Sequence, TokenEvent
 
@@ -140,9 +144,110 @@ class StableAndConfident:
         return stable & (entropy(logits).mean(dim=-1) < self.threshold)
 
 
+def _bucket(n: int, floor: int, cap: int) -> int:
+    """The power of two ≥ n (at least `floor`), capped at `cap` (but never below n)."""
+    b = floor
+    while b < n:
+        b *= 2
+    return max(n, min(b, cap))
+
+
+class _Buffers:
+    """A graph's fixed inputs (rows R, canvas L): what each replay copies the step's tensors into."""
+
+    def __init__(self, R: int, L: int, V: int, dtype: torch.dtype, device: torch.device):
+        self.canvas = torch.zeros(R, L, dtype=torch.long, device=device)
+        self.positions = torch.zeros(R, L, dtype=torch.long, device=device)
+        self.lens = torch.zeros(R, dtype=torch.long, device=device)
+        self.slots = torch.zeros(R, dtype=torch.long, device=device)
+        self.sc = torch.zeros(R, L, V, dtype=dtype, device=device)  # the previous step's scaled logits
+        self.graphs: dict[bool, tuple] = {}  # first step (no self-conditioning) or not → (graph, logits)
+
+
+class DenoiseGraphs:
+    """The denoiser's forward with static shapes, as CUDA graphs: one per (rows, prefix width, first step).
+
+        rows     the batch rounded up to a power of two ≤ max_slots; padding rows repeat row 0 (the cache is only
+                 read, and their logits are dropped)
+        prefix   the longest cached prefix rounded up to a power of two ≥ 256 (≤ the cache's room): shorter
+                 prefixes are front-padded with masked keys (model.denoise(prefix_len=...))
+        first    the first step of a canvas has no self-conditioning input, so no soft-embedding product
+
+    The experts take a path with no host sync (moe.graph_safe: F.grouped_mm for bfloat16 weights). A replay
+    copies the canvas, positions, prefix lengths, slots and the previous step's scaled logits into the graph's
+    buffers; the logits it returns live in the graph's output buffer until the next replay (denoise_canvas reads
+    them at once). capture=False runs exactly the same static-shape forward without a graph (the CPU tests check
+    it against the eager denoiser, and that it reads nothing back to the host).
+    """
+
+    PREFIX_FLOOR = 256
+
+    def __init__(self, model, cache, max_rows: int, capture: bool | None = None):
+        self.model = model
+        self.cache = cache
+        self.device = cache.layers[0].k.device
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {self.device}")
+        self.max_rows = max_rows
+        self.L = model.config.canvas_length
+        self.room = cache.max_len - self.L  # the longest prefix a canvas can follow
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.buffers: dict[tuple[int, int], _Buffers] = {}
+
+    def key(self, rows: int, longest_prefix: int) -> tuple[int, int]:
+        return _bucket(rows, 1, self.max_rows), _bucket(longest_prefix, self.PREFIX_FLOOR, self.room)
+
+    def _forward(self, buf: _Buffers, first: bool, prefix_len: int) -> torch.Tensor:
+        with moe.graph_safe():
+            return self.model.denoise(buf.canvas, buf.positions, self.cache, buf.lens, None if first else buf.sc,
+                                      buf.slots, prefix_len=prefix_len)
+
+    def _capture(self, buf: _Buffers, first: bool, prefix_len: int):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: cuBLAS / grouped-GEMM handles and lazy tables outside the capture
+                self._forward(buf, first, prefix_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(buf, first, prefix_len)
+        return graph, logits
+
+    def __call__(self, canvas: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor,
+                 sc: torch.Tensor | None, slots: torch.Tensor, longest_prefix: int) -> torch.Tensor:
+        """The denoiser's logits (B, L, V) float32 for canvas (B, L) at positions (B, L) after prefixes kv_len (B,)
+        (the longest: `longest_prefix`, known to the caller) in cache slots (B,); sc: the previous step's scaled
+        logits (B, L, V) in the embedding dtype, or None at a canvas's first step."""
+        B = canvas.shape[0]
+        R, P = self.key(B, longest_prefix)
+        buf = self.buffers.get((R, P))
+        if buf is None:
+            V = self.model.config.text.vocab_size
+            dtype = self.model.stack.embed_tokens.weight.dtype
+            buf = self.buffers[(R, P)] = _Buffers(R, self.L, V, dtype, self.device)
+        for dst, src in ((buf.canvas, canvas), (buf.positions, positions), (buf.lens, kv_len), (buf.slots, slots)):
+            dst[:B].copy_(src)
+            if R > B:
+                dst[B:].copy_(src[:1].expand(R - B, *src.shape[1:]))
+        first = sc is None
+        if not first:
+            buf.sc[:B].copy_(sc)
+        if not self.capture:
+            return self._forward(buf, first, P)[:B]
+        entry = buf.graphs.get(first)
+        if entry is None:
+            entry = buf.graphs[first] = self._capture(buf, first, P)
+        graph, logits = entry
+        graph.replay()
+        return logits[:B]
+
+
 @torch.inference_mode()
 def denoise_canvas(model, cache, kv_len: torch.Tensor, positions: torch.Tensor, opts: DiffusionOptions,
-                   generators: list[torch.Generator], slots: torch.Tensor | None = None
+                   generators: list[torch.Generator], slots: torch.Tensor | None = None,
+                   graphs: DenoiseGraphs | None = None, longest_prefix: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoise one canvas per row at `positions` (B, L), row b after its cached prefix [0, kv_len[b]) in cache slot
     slots[b] → (argmax canvases (B, L), denoiser passes per row (B,)).
@@ -152,7 +257,10 @@ def denoise_canvas(model, cache, kv_len: torch.Tensor, positions: torch.Tensor, 
     the CPU the forward does not depend on the batch either (attention and experts run each row apart,
     attention.build_prefix_plan; the dense products see B·L rows, and MKL rounds a row differently only when a
     product has a few rows, which a canvas of L rows is not), so a request's tokens do not depend on which requests
-    share its batch (tests/test_diffusion.py checks this on the chaotic random checkpoint)."""
+    share its batch (tests/test_diffusion.py checks this on the chaotic random checkpoint).
+
+    graphs: run the denoiser through `DenoiseGraphs` (static shapes, CUDA graphs on a GPU) instead of eagerly;
+    longest_prefix = max(kv_len), which the caller knows without reading the tensor back."""
     B, L = positions.shape
     V = model.config.text.vocab_size
     dev = positions.device
@@ -166,7 +274,11 @@ def denoise_canvas(model, cache, kv_len: torch.Tensor, positions: torch.Tensor, 
     for step in range(opts.max_denoising_steps, 0, -1):
         live = (~done).nonzero().flatten().tolist()
         passes += (~done).long()
-        logits = model.denoise(canvas, positions, cache, kv_len, sc, slots)  # (B, L, V) float32
+        if graphs is not None:
+            rows = slots if slots is not None else torch.arange(B, device=dev)
+            logits = graphs(canvas, positions, kv_len, sc, rows, longest_prefix)  # (B, L, V) float32
+        else:
+            logits = model.denoise(canvas, positions, cache, kv_len, sc, slots)  # (B, L, V) float32
         scaled = logits / temperature(step, opts).to(dev)
         probs = torch.softmax(scaled, dim=-1, dtype=torch.float32)
         sampled = canvas.clone()
@@ -231,7 +343,8 @@ class DiffusionEngine:
     """Block-diffusion requests behind the autoregressive Engine's interface (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, eos_token_ids=None, *, max_slots: int = 8,
-                 max_model_len: int = 4096, device=None, generation_config: dict | None = None):
+                 max_model_len: int = 4096, device=None, generation_config: dict | None = None,
+                 cuda_graphs: bool | None = None, static_shapes: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -244,6 +357,13 @@ class DiffusionEngine:
         self.scheduler = _Queue()
         self._counter = 0
         self.cache = None  # made at the first step: max_slots slots of max_model_len + one canvas
+        # The denoiser as CUDA graphs (DenoiseGraphs): by default on a CUDA device. static_shapes runs the same
+        # static-shape forward without capturing it (any device: what a graph computes, for checks).
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device; the model is on {self.device}")
+        self._denoiser_mode = "graphs" if use_graphs else "static" if static_shapes else "eager"
+        self.graphs: DenoiseGraphs | None = None
         self._free_slots = list(range(max_slots))
 
     # the runner attributes callers read
@@ -299,6 +419,9 @@ class DiffusionEngine:
         L = self.model.config.canvas_length
         if self.cache is None:
             self.cache = self.model.make_cache(self.max_slots, self.max_len + L, device=self.device)
+            if self._denoiser_mode != "eager":
+                self.graphs = DenoiseGraphs(self.model, self.cache, self.max_slots,
+                                            capture=self._denoiser_mode == "graphs")
         while s.waiting and len(s.slots) < self.max_slots:
             seq = s.waiting.pop(0)
             seq.status = RUNNING
@@ -321,7 +444,8 @@ class DiffusionEngine:
             positions = lens[:, None] + torch.arange(L, device=self.device)[None]
             canvas, passes = denoise_canvas(self.model, self.cache, lens, positions, batch[0].opts,
                                             [q.generator for q in batch],
-                                            torch.tensor([q.slot for q in batch], device=self.device))
+                                            torch.tensor([q.slot for q in batch], device=self.device),
+                                            self.graphs, max(q.kv_len for q in batch))
         except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
             for q in batch:
                 self._finish(q, events, "error", error=f"{type(e).__name__}: {e}")

@@ -182,7 +182,8 @@ def build_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.d
 
 
 def build_prefix_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
-                      slots: torch.Tensor | None = None, causal: bool = True) -> AttentionPlan:
+                      slots: torch.Tensor | None = None, causal: bool = True,
+                      prefix_len: int | None = None) -> AttentionPlan:
     """DiffusionGemma's two passes: each row's T tokens at positions start_b + [0, T) attend to keys laid out as the
     reference's dynamic cache lays them out, [the cached prefix the row may see, in position order | this call's T
     keys]: full layers the whole prefix [0, start_b), sliding layers its last min(start_b, W − 1) positions.
@@ -200,23 +201,35 @@ def build_prefix_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: 
     prefixes over exactly its own keys (`_attend_groups`), and `plan.separate_rows` has the experts run each row's
     tokens in products of their own (moe.Experts.forward). On CUDA one masked call serves the batch.
     Positions must be consecutive within a row (positions[b] = start_b + [0, T)).
+
+    prefix_len (the canvas's CUDA graph, engine/diffusion.py `DenoiseGraphs`): a fixed prefix width, at least
+    every row's start (sliding layers: min(prefix_len, W − 1)); the shapes then depend on it alone and the plan
+    reads nothing back to the host, so the forward can be captured. One masked call serves the batch (no
+    per-row groups): on the CPU this rounds differently from the exact layout above, within float32 error.
     """
     B, T = positions.shape
     dev = positions.device
     types = sorted(set(config.layer_types))
     W = config.sliding_window
     start = positions[:, :1]                                                          # (B, 1)
-    kv_len = int(positions.max()) + 1
+    static = prefix_len is not None
+    if static:
+        kv_len = prefix_len + T
+    else:
+        kv_len = int(positions.max()) + 1
     if kv_len > cache.max_len:
         raise ValueError(f"position {kv_len - 1} is beyond the cache's context of {cache.max_len} tokens")
     cos_sin = {t: rope(positions, t, dtype) for t in types}
     q = positions[:, :, None]                                                         # (B, T, 1)
     plan = AttentionPlan(cos_sin, {}, cache, slots=slots, kv_len=kv_len, read_only=not causal,
-                         separate_rows=dev.type != "cuda")
+                         separate_rows=dev.type != "cuda" and not static)
     plan.rows = (torch.arange(B, device=dev) if slots is None else slots.to(dev))[:, None].expand(B, T)
     for t in types:
         n = start if t == FULL else start.clamp(max=W - 1)                            # (B, 1) prefix keys per row
-        P = int(n.max())
+        if static:
+            P = prefix_len if t == FULL else min(prefix_len, W - 1)
+        else:
+            P = int(n.max())
         pp = start - P + torch.arange(P, device=dev)[None, :]                          # (B, P) prefix positions
         valid = pp >= start - n
         plan.prefix[t] = pp.clamp(min=0) if t == FULL else pp.clamp(min=0) % cache.ring
@@ -240,15 +253,17 @@ def build_prefix_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: 
 
 
 def build_canvas_plan(config: TextConfig, positions: torch.Tensor, rope, dtype: torch.dtype, cache: KVCache,
-                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None) -> AttentionPlan:
+                      kv_len: int | torch.Tensor, slots: torch.Tensor | None = None,
+                      prefix_len: int | None = None) -> AttentionPlan:
     """DiffusionGemma's denoiser: T canvas tokens at `positions` (B, T), row b right after its cached prefix
     [0, kv_len[b]) (one length, or one per row (B,)), attend with no mask among themselves and to that prefix
     (sliding layers: its last W − 1 positions, what the reference's sliding cache keeps); the cache is only read.
-    See build_prefix_plan."""
-    lens = torch.as_tensor(kv_len, device=positions.device).reshape(-1).expand(positions.shape[0])
-    if not bool((positions[:, 0] == lens).all()):
-        raise ValueError("a canvas starts right after its cached prefix: positions[:, 0] must equal kv_len")
-    return build_prefix_plan(config, positions, rope, dtype, cache, slots, causal=False)
+    See build_prefix_plan (prefix_len: the static, capturable layout; the caller has checked the positions)."""
+    if prefix_len is None:
+        lens = torch.as_tensor(kv_len, device=positions.device).reshape(-1).expand(positions.shape[0])
+        if not bool((positions[:, 0] == lens).all()):
+            raise ValueError("a canvas starts right after its cached prefix: positions[:, 0] must equal kv_len")
+    return build_prefix_plan(config, positions, rope, dtype, cache, slots, causal=False, prefix_len=prefix_len)
 
 
 def finish_plan(plan: AttentionPlan) -> None:

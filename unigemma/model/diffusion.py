@@ -98,6 +98,7 @@ class DiffusionGemma(nn.Module):
         t = config.text
         self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
         self.lm_head.weight = self.model.decoder.embed_tokens.weight  # tied (config refuses untied)
+        self._soft_scale: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def stack(self) -> Decoder:
@@ -124,21 +125,26 @@ class DiffusionGemma(nn.Module):
         """(B, L, V) logits → softmax(fp32) · E · √H (the scale rounded to E's dtype, as the reference does)."""
         w = self.stack.embed_tokens.weight
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
-        scale = torch.tensor(self.config.text.embed_scale, dtype=torch.float32).to(w.dtype)
-        return torch.matmul(probs, w) * scale.to(w.device)
+        key = (w.device, w.dtype)
+        scale = self._soft_scale.get(key)
+        if scale is None:  # made once per device and dtype: no host-to-device copy inside a CUDA graph's capture
+            scale = self._soft_scale[key] = torch.tensor(self.config.text.embed_scale,
+                                                         dtype=torch.float32).to(w.dtype).to(w.device)
+        return torch.matmul(probs, w) * scale
 
     def denoise(self, canvas_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 kv_len: int | torch.Tensor, self_conditioning_logits: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, prefix_len: int | None = None) -> torch.Tensor:
         """Canvas (B, L) at `positions` (B, L), the cache holding positions [0, kv_len) (one length, or one per row
         (B,)) in `slots` (None: rows 0..B−1) → logits (B, L, V) float32.
 
         self_conditioning_logits: the previous denoising step's (temperature-scaled) logits, None at the first
-        step of a canvas. The cache is only read."""
+        step of a canvas. The cache is only read. prefix_len: a fixed prefix width ≥ every kv_len, for a
+        static-shape forward with no host sync (a CUDA graph's; attention.build_prefix_plan)."""
         d = self.stack
         soft = None if self_conditioning_logits is None else self.soft_embeddings(self_conditioning_logits)
         x = d.self_conditioning(d.embed(canvas_ids), soft)
-        plan = build_canvas_plan(d.config, positions, d.rotary_emb, x.dtype, cache, kv_len, slots)
+        plan = build_canvas_plan(d.config, positions, d.rotary_emb, x.dtype, cache, kv_len, slots, prefix_len)
         h = d(x, positions, plan=plan)
         return softcap(self.lm_head(h).float(), self.config.text.final_logit_softcapping)
 
