@@ -348,7 +348,7 @@ def test_static_denoiser_equals_the_eager_one(diff):
     graphs = DenoiseGraphs(m, cache, max_rows=4, capture=False)
     assert graphs.key(3, 14) == (4, 64)  # 3 rows → 4; prefix bucket 256, capped at the cache's room
     first = m.denoise(canvas, pos, cache, kv, None, slots)
-    torch.testing.assert_close(graphs(canvas, pos, kv, None, slots, 14), first, atol=1e-4, rtol=0)
+    torch.testing.assert_close(graphs(canvas, pos, kv, None, slots, 14).clone(), first, atol=1e-4, rtol=0)
     sc = first / 0.7  # a self-conditioning step
     want = m.denoise(canvas, pos, cache, kv, sc, slots)
     torch.testing.assert_close(graphs(canvas, pos, kv, sc, slots, 14), want, atol=1e-4, rtol=0)
@@ -358,7 +358,7 @@ def test_static_denoiser_equals_the_eager_one(diff):
     order = torch.tensor([2, 0, 1])
     torch.testing.assert_close(graphs(canvas[order], pos[order], kv[order], sc[order], slots[order], 14),
                                want[order], atol=1e-4, rtol=0)
-    assert set(graphs.buffers) == {(4, 64), (1, 64)}
+    assert set(graphs.buffers) == {4, 1}  # buffers per row count, shared by every prefix width
 
 
 class _HostReads:
@@ -435,9 +435,37 @@ def test_engine_with_the_static_denoiser(diff):
     eng, a = run()
     _, b = run()
     assert a == b and all(len(t) == 2 * L for t in a)
-    assert set(eng.graphs.buffers) == {(4, 64)}  # three rows padded to four; the prefix width capped at the room
+    assert set(eng.graphs.buffers) == {4}  # three rows padded to four
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
         DiffusionEngine(llm.model, None, llm.eos_token_ids, cuda_graphs=True)
+
+
+def test_engine_falls_back_to_eager_when_graphs_fail(diff, monkeypatch):
+    """A graph that cannot be captured (here: one that raises) costs a warning, not the requests: the engine goes
+    on eagerly, with each request's random numbers restored, so the tokens are the eager engine's."""
+    from unigemma.engine import diffusion as dmod
+    from unigemma.engine.sampling import SamplingParams
+    from unigemma.engine.scheduler import Request
+
+    _, llm, _ = diff
+
+    def run(**kw):
+        eng = dmod.DiffusionEngine(llm.model, None, llm.eos_token_ids, max_slots=2, max_model_len=64,
+                                   generation_config=llm.generation_config, **kw)
+        rids = [eng.add(Request(prompt(n, s), SamplingParams(seed=s, max_tokens=2 * L, ignore_eos=True)))
+                for n, s in ((11, 0), (5, 1))]
+        out = eng.run_until_done()
+        return eng, [out[r].token_ids for r in rids]
+
+    _, want = run()
+
+    def broken(self, *a, **k):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(dmod.DenoiseGraphs, "__call__", broken)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs failed .*denoising eagerly"):
+        eng, got = run(static_shapes=True)
+    assert got == want and eng.graphs is None
 
 
 @pytest.mark.gpu
@@ -467,8 +495,10 @@ def test_cuda_graph_denoiser_replays_the_static_forward(diff):
     sc = (want / 0.7).to(torch.bfloat16)
     want = eager(canvas, pos, kv, sc, slots, 14).clone()
     assert torch.equal(graphs(canvas, pos, kv, sc, slots, 14), want)
-    assert torch.equal(graphs(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11),
-                       eager(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11))
+    one = eager(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11).clone()
+    assert torch.equal(graphs(canvas[:1], pos[:1], kv[:1], sc[:1], slots[:1], 11), one)
+    assert torch.equal(graphs(canvas, pos, kv, sc, slots, 14), want)  # the 4-row graph again, after the 1-row one
+    assert graphs.graph_keys == {(4, 64, True), (4, 64, False), (1, 64, False)}
     tokens = []
     for kw in ({}, {"cuda_graphs": False, "static_shapes": True}):
         eng = DiffusionEngine(m, None, llm.eos_token_ids, max_slots=3, max_model_len=64,
@@ -477,4 +507,6 @@ def test_cuda_graph_denoiser_replays_the_static_forward(diff):
                 for n, s in ((11, 0), (5, 1), (14, 2))]
         out = eng.run_until_done()
         tokens.append([out[r].token_ids for r in rids])
+        if not kw:  # the default on CUDA: graphs, captured (not fallen back to eager)
+            assert eng.graphs is not None and eng.graphs.capture and eng.graphs.graph_keys
     assert tokens[0] == tokens[1]

@@ -31,6 +31,7 @@ the autoregressive sampling options (temperature, top_p, ... are refused: the sc
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
@@ -153,7 +154,8 @@ def _bucket(n: int, floor: int, cap: int) -> int:
 
 
 class _Buffers:
-    """A graph's fixed inputs (rows R, canvas L): what each replay copies the step's tensors into."""
+    """The fixed tensors of R rows (canvas L, vocabulary V), shared by every graph of R rows (any prefix width, first
+    step or not): the inputs each replay copies the step's tensors into, and the logits every graph writes."""
 
     def __init__(self, R: int, L: int, V: int, dtype: torch.dtype, device: torch.device):
         self.canvas = torch.zeros(R, L, dtype=torch.long, device=device)
@@ -161,7 +163,8 @@ class _Buffers:
         self.lens = torch.zeros(R, dtype=torch.long, device=device)
         self.slots = torch.zeros(R, dtype=torch.long, device=device)
         self.sc = torch.zeros(R, L, V, dtype=dtype, device=device)  # the previous step's scaled logits
-        self.graphs: dict[bool, tuple] = {}  # first step (no self-conditioning) or not → (graph, logits)
+        self.logits = torch.zeros(R, L, V, dtype=torch.float32, device=device)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (prefix width, first step) → graph
 
 
 class DenoiseGraphs:
@@ -174,10 +177,11 @@ class DenoiseGraphs:
         first    the first step of a canvas has no self-conditioning input, so no soft-embedding product
 
     The experts take a path with no host sync (moe.graph_safe: F.grouped_mm for bfloat16 weights). A replay
-    copies the canvas, positions, prefix lengths, slots and the previous step's scaled logits into the graph's
-    buffers; the logits it returns live in the graph's output buffer until the next replay (denoise_canvas reads
-    them at once). capture=False runs exactly the same static-shape forward without a graph (the CPU tests check
-    it against the eager denoiser, and that it reads nothing back to the host).
+    copies the canvas, positions, prefix lengths, slots and the previous step's scaled logits into the buffers of
+    its row count; every graph of that row count writes its logits into one output buffer (a (rows, 256, 262,144)
+    float32 tensor is 268 MB a row: one per row count, not one per graph), valid until the next replay
+    (denoise_canvas reads them at once). capture=False runs exactly the same static-shape forward without a graph
+    (the CPU tests check it against the eager denoiser, and that it reads nothing back to the host).
     """
 
     PREFIX_FLOOR = 256
@@ -193,17 +197,23 @@ class DenoiseGraphs:
         self.L = model.config.canvas_length
         self.room = cache.max_len - self.L  # the longest prefix a canvas can follow
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.buffers: dict[tuple[int, int], _Buffers] = {}
+        self.buffers: dict[int, _Buffers] = {}  # rows → buffers
 
     def key(self, rows: int, longest_prefix: int) -> tuple[int, int]:
         return _bucket(rows, 1, self.max_rows), _bucket(longest_prefix, self.PREFIX_FLOOR, self.room)
 
-    def _forward(self, buf: _Buffers, first: bool, prefix_len: int) -> torch.Tensor:
-        with moe.graph_safe():
-            return self.model.denoise(buf.canvas, buf.positions, self.cache, buf.lens, None if first else buf.sc,
-                                      buf.slots, prefix_len=prefix_len)
+    @property
+    def graph_keys(self) -> set[tuple[int, int, bool]]:
+        """(rows, prefix width, first step) of every graph captured so far."""
+        return {(R, P, first) for R, buf in self.buffers.items() for P, first in buf.graphs}
 
-    def _capture(self, buf: _Buffers, first: bool, prefix_len: int):
+    def _forward(self, buf: _Buffers, first: bool, prefix_len: int) -> None:
+        with moe.graph_safe():
+            logits = self.model.denoise(buf.canvas, buf.positions, self.cache, buf.lens, None if first else buf.sc,
+                                        buf.slots, prefix_len=prefix_len)
+        buf.logits.copy_(logits)
+
+    def _capture(self, buf: _Buffers, first: bool, prefix_len: int) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -212,21 +222,22 @@ class DenoiseGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(buf, first, prefix_len)
-        return graph, logits
+            self._forward(buf, first, prefix_len)
+        return graph
 
     def __call__(self, canvas: torch.Tensor, positions: torch.Tensor, kv_len: torch.Tensor,
                  sc: torch.Tensor | None, slots: torch.Tensor, longest_prefix: int) -> torch.Tensor:
         """The denoiser's logits (B, L, V) float32 for canvas (B, L) at positions (B, L) after prefixes kv_len (B,)
         (the longest: `longest_prefix`, known to the caller) in cache slots (B,); sc: the previous step's scaled
-        logits (B, L, V) in the embedding dtype, or None at a canvas's first step."""
+        logits (B, L, V) in the embedding dtype, or None at a canvas's first step. The result is a view of the
+        output buffer: read it before the next call."""
         B = canvas.shape[0]
         R, P = self.key(B, longest_prefix)
-        buf = self.buffers.get((R, P))
+        buf = self.buffers.get(R)
         if buf is None:
             V = self.model.config.text.vocab_size
             dtype = self.model.stack.embed_tokens.weight.dtype
-            buf = self.buffers[(R, P)] = _Buffers(R, self.L, V, dtype, self.device)
+            buf = self.buffers[R] = _Buffers(R, self.L, V, dtype, self.device)
         for dst, src in ((buf.canvas, canvas), (buf.positions, positions), (buf.lens, kv_len), (buf.slots, slots)):
             dst[:B].copy_(src)
             if R > B:
@@ -235,13 +246,13 @@ class DenoiseGraphs:
         if not first:
             buf.sc[:B].copy_(sc)
         if not self.capture:
-            return self._forward(buf, first, P)[:B]
-        entry = buf.graphs.get(first)
-        if entry is None:
-            entry = buf.graphs[first] = self._capture(buf, first, P)
-        graph, logits = entry
-        graph.replay()
-        return logits[:B]
+            self._forward(buf, first, P)
+        else:
+            graph = buf.graphs.get((P, first))
+            if graph is None:
+                graph = buf.graphs[(P, first)] = self._capture(buf, first, P)
+            graph.replay()
+        return buf.logits[:B]
 
 
 @torch.inference_mode()
@@ -442,10 +453,21 @@ class DiffusionEngine:
                     q.to_encode = []
             lens = torch.tensor([q.kv_len for q in batch], device=self.device)
             positions = lens[:, None] + torch.arange(L, device=self.device)[None]
-            canvas, passes = denoise_canvas(self.model, self.cache, lens, positions, batch[0].opts,
-                                            [q.generator for q in batch],
-                                            torch.tensor([q.slot for q in batch], device=self.device),
-                                            self.graphs, max(q.kv_len for q in batch))
+            slots = torch.tensor([q.slot for q in batch], device=self.device)
+            gens = [q.generator for q in batch]
+            saved = [g.get_state() for g in gens] if self.graphs is not None else None
+            try:
+                canvas, passes = denoise_canvas(self.model, self.cache, lens, positions, batch[0].opts, gens, slots,
+                                                self.graphs, max(q.kv_len for q in batch))
+            except Exception as e:  # noqa: BLE001 - a graph that cannot be captured here: denoise eagerly
+                if self.graphs is None:
+                    raise
+                warnings.warn(f"DiffusionGemma: the denoiser's CUDA graphs failed ({type(e).__name__}: {e}); "
+                              "denoising eagerly from now on", RuntimeWarning, stacklevel=2)
+                self.graphs, self._denoiser_mode = None, "eager"
+                for g, state in zip(gens, saved):  # the same random numbers as if graphs had never been tried
+                    g.set_state(state)
+                canvas, passes = denoise_canvas(self.model, self.cache, lens, positions, batch[0].opts, gens, slots)
         except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
             for q in batch:
                 self._finish(q, events, "error", error=f"{type(e).__name__}: {e}")
