@@ -341,6 +341,12 @@ class Ctx:
 
 
 def main(argv=None):
+    """Run the sections named by argv; the JSON lines are printed (and written to --out) and returned."""
+    with torch.no_grad():  # only inside: a caller (a test) keeps its grad mode
+        return _main(argv)
+
+
+def _main(argv):
     global _OUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a small geometry (runs on the CPU)")
@@ -365,7 +371,6 @@ def main(argv=None):
         args.prompt = min(args.prompt, 96)
         args.reps = min(args.reps, 2)
         args.ar_tokens = min(args.ar_tokens, 8)
-    torch.set_grad_enabled(False)
     ctx = Ctx()
     ctx.args = args
     ctx.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

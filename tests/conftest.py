@@ -16,6 +16,19 @@ def no_grad():
         yield
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_is_left_as_found():
+    """A test (or a benchmark's main() it calls) that leaves autograd switched off breaks every training test
+    after it, far from the cause: restore the mode and fail the test that changed it."""
+    before = torch.is_grad_enabled()
+    yield
+    after = torch.is_grad_enabled()
+    if after != before:
+        torch.set_grad_enabled(before)
+        pytest.fail(f"this test left torch.is_grad_enabled() == {after} (it was {before}); "
+                    "use `with torch.no_grad():` or the no_grad fixture instead of torch.set_grad_enabled")
+
+
 @pytest.fixture()
 def one_thread():
     """Tiny matmuls gain nothing from threads, and on a busy 2-core box OpenMP barriers make them 100x slower."""

@@ -543,6 +543,7 @@ def train(cfg: TrainConfig, ctx: DistContext | None = None, stop_after: int | No
     save a checkpoint after the current step and return with `result.interrupted` set.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())  # a caller under no_grad / set_grad_enabled(False) still trains
         stopper = stack.enter_context(StopSignal()) if handle_signals else None
         if cfg.distributed.strategy == "decoupled":  # a syncer or a learner, no process group (decoupled_loop.py)
             from .decoupled_loop import train_decoupled
