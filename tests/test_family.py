@@ -14,6 +14,7 @@ identical to the reference's `generate` for 32 tokens.
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from unigemma.config import ConfigError, UnifiedConfig
 from unigemma.engine.generate import Engine, Request
 from unigemma.engine.runner import ModelRunner
 from unigemma.engine.sampling import SamplingParams
+from unigemma.model import moe as moe_module
 from unigemma.model.moe import graph_safe
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -170,6 +172,8 @@ def test_moe_paths_agree_and_read_only_chosen_experts(family):
         assert choose(x, 2) == "grouped"  # on the CPU, whatever the size
         with graph_safe():  # what a CUDA graph runs: static shapes, no host sync
             assert choose(x, 2) == "grouped_mm" and choose(x.double(), 2) == "grouped_mm"
+            with mock.patch.object(moe_module, "_GROUPED_MM", None):  # a torch without the op: the `all` path
+                assert choose(x, 2) == "all"
     finally:
         layer.experts.gate_up_proj.data.copy_(saved)
 

@@ -43,6 +43,10 @@ from . import fusion
 
 _static = threading.local()
 
+# F.grouped_mm is public in recent torch; older builds (2.8-2.9) have the same op as torch._grouped_mm. Neither:
+# graph-safe steps take the `all` path.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
 
 @contextlib.contextmanager
 def graph_safe():
@@ -97,7 +101,8 @@ class Experts(nn.Module):
             return self.path
         if _graph_safe():
             float_weights = isinstance(self.gate_up_proj, torch.Tensor) and isinstance(self.down_proj, torch.Tensor)
-            return "grouped_mm" if float_weights and (not x.is_cuda or x.dtype == torch.bfloat16) else "all"
+            ok = _GROUPED_MM is not None and float_weights and (not x.is_cuda or x.dtype == torch.bfloat16)
+            return "grouped_mm" if ok else "all"
         if not x.is_cuda:
             return "grouped"  # a host sync costs nothing here, and views avoid copying the chosen weights
         if pairs <= max(1, self.num_experts // 4):
@@ -189,8 +194,8 @@ class Experts(nn.Module):
         experts = torch.arange(1, E + 1, device=flat.device, dtype=flat.dtype)
         offs = torch.searchsorted(flat[order], experts, out_int32=True)  # (E,) end of expert e's rows
         xs = x[order // K]                                             # (N·k, H)
-        y = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)   # (N·k, 2I): (E, H, 2I) views
+        y = _GROUPED_MM(xs, self.gate_up_proj.transpose(1, 2), offs=offs)   # (N·k, 2I): (E, H, 2I) views
         gate, up = y.chunk(2, dim=-1)
-        o = F.grouped_mm(fusion.gelu_mul(gate, up), self.down_proj.transpose(1, 2), offs=offs)  # (N·k, H)
+        o = _GROUPED_MM(fusion.gelu_mul(gate, up), self.down_proj.transpose(1, 2), offs=offs)  # (N·k, H)
         o = o[torch.argsort(order)].view(N, K, -1)                     # back to (token, slot) order
         return fusion.weighted_sum(o, w)
