@@ -259,6 +259,16 @@ def test_loss_falls_and_checkpoint_loads(work):
     assert any("tokens_per_s" in m for m in metrics)
 
 
+def test_train_under_no_grad_still_trains(work):
+    """A caller inside torch.no_grad() (a notebook, a benchmark script) still gets a training run, and its own
+    grad mode is back as it was afterwards."""
+    with torch.no_grad():
+        r = train(run_cfg(work, "nograd", optim={"steps": 6}))
+        assert not torch.is_grad_enabled()
+    assert len(r.losses) == 6 and all(np.isfinite(r.losses))
+    assert np.mean(r.losses[-2:]) < r.losses[0]
+
+
 def test_gradient_checkpointing_same_gradients(work):
     from unigemma.checkpoint import build_model
 

@@ -43,8 +43,8 @@ from . import fusion
 
 _static = threading.local()
 
-# F.grouped_mm is public in recent torch; older builds (2.8-2.9) have the same op as torch._grouped_mm. Neither:
-# graph-safe steps take the `all` path.
+# F.grouped_mm is public in recent torch; older builds have only the private torch._grouped_mm (same arguments).
+# Neither: graph-safe steps take the `all` path.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
